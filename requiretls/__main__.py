@@ -1,0 +1,5 @@
+import sys
+
+from requiretls.cli import main
+
+sys.exit(main())

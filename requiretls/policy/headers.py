@@ -1,0 +1,146 @@
+"""Header-level rules: the ``TLS-Required`` field (RFC 8689 §3), Postfix 3.11's ``Require-TLS-ESMTP`` carrier,
+and the subject cookies (RFC 2047 encoded words).
+
+All functions are pure: strings in, typed results out.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import email.header
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+TLS_REQUIRED = "TLS-Required"
+REQUIRE_TLS_ESMTP = "Require-TLS-ESMTP"
+
+# RFC 5322 §3.2.2 FWS, standard and obsolete forms, as it may precede the value.  The line break of a fold is
+# CRLF on the wire; milters and queue files may give a bare LF, so both are accepted.
+_FWS = r"(?:(?:[ \t]*\r?\n)?[ \t]+|[ \t]+(?:\r?\n[ \t]+)*)"
+# RFC 8689 §3: requiretls-field = "TLS-Required:" [FWS] "No" CRLF.  ABNF literals are case-insensitive
+# (RFC 5234 §2.3); nothing may follow "No" on the line, not even white space or a comment.
+_TLS_REQUIRED_NO = re.compile(rf"{_FWS}?no", re.IGNORECASE)
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+class TlsRequiredState(enum.Enum):
+    """What the message's ``TLS-Required`` fields amount to."""
+
+    ABSENT = "absent"
+    NO = "no"
+    MALFORMED = "malformed"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsRequired:
+    state: TlsRequiredState
+    detail: str
+
+
+def unfold(value: str) -> str:
+    """Remove folding line breaks (RFC 5322 §2.2.3); the white space after each break stays."""
+    return _FOLD.sub("", value)
+
+
+def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
+    """All values of the fields called ``name`` (field names are case-insensitive, RFC 5322 §1.2.2)."""
+    lname = name.lower()
+    return [v for n, v in headers if n.lower() == lname]
+
+
+def parse_tls_required(headers: Sequence[tuple[str, str]]) -> TlsRequired:
+    """Classify the ``TLS-Required`` fields of a message by RFC 8689 §3.
+
+    Exactly one field whose value is ``[FWS] "No"`` is an opt-out.  More than one field is forbidden by §3
+    ("MUST NOT appear") and, like any other value, is treated as malformed: the normal policy applies.
+    """
+    values = header_values(headers, TLS_REQUIRED)
+    if not values:
+        return TlsRequired(TlsRequiredState.ABSENT, "no TLS-Required field")
+    if len(values) > 1:
+        return TlsRequired(
+            TlsRequiredState.DUPLICATE,
+            f"{len(values)} TLS-Required fields: more than one is malformed (RFC 8689 §3), ignored",
+        )
+    value = values[0]
+    if _TLS_REQUIRED_NO.fullmatch(value):
+        return TlsRequired(TlsRequiredState.NO, "TLS-Required: No (RFC 8689 §3)")
+    return TlsRequired(
+        TlsRequiredState.MALFORMED,
+        f"malformed TLS-Required value {unfold(value).strip()[:60]!r}: only 'No' is defined (RFC 8689 §3), ignored",
+    )
+
+
+def require_tls_esmtp(headers: Sequence[tuple[str, str]]) -> bool:
+    """True when a ``Require-TLS-ESMTP: yes`` field is present (Postfix 3.11's REQUIRETLS carrier header).
+
+    It can only upgrade a message, so any sender may use it, as Postfix 3.11 allows.
+    """
+    return any(unfold(v).strip(" \t").lower() == "yes" for v in header_values(headers, REQUIRE_TLS_ESMTP))
+
+
+def decode_subject(value: str) -> tuple[str, bool]:
+    """Decode RFC 2047 encoded words in a Subject.  Returns the text and whether any encoded word was found.
+
+    An undecodable encoded word (unknown charset, bad base64) leaves the raw text, so a cookie can still be
+    matched in the readable part and nothing is lost.
+    """
+    raw = unfold(value).strip(" \t")
+    if "=?" not in raw:
+        return raw, False
+    try:
+        parts = email.header.decode_header(raw)
+        text = str(email.header.make_header(parts))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        return raw, False
+    encoded = any(charset is not None for _, charset in parts)
+    return text, encoded
+
+
+def find_cookie(subject_text: str, cookie: str) -> int:
+    """Index of the cookie in a decoded subject (case-insensitive), or -1."""
+    if not cookie:
+        return -1
+    return subject_text.lower().find(cookie.lower())
+
+
+def remove_cookie(subject_text: str, cookie: str) -> str:
+    """The subject with the first occurrence of ``cookie`` removed and the white space around it tidied."""
+    i = find_cookie(subject_text, cookie)
+    if i < 0:
+        return subject_text
+    before, after = subject_text[:i].rstrip(" \t"), subject_text[i + len(cookie) :].lstrip(" \t")
+    return f"{before} {after}" if before and after else before + after
+
+
+def encode_subject(text: str) -> str:
+    """Render a subject for a header edit: plain when ASCII, else RFC 2047 UTF-8 encoded words."""
+    if text.isascii():
+        return text
+    return email.header.Header(text, "utf-8", maxlinelen=998).encode()
+
+
+def parse_header_block(raw: bytes) -> tuple[tuple[str, str], ...]:
+    """Split the header section of a raw RFC 5322 message into ``(name, value)`` pairs.
+
+    Values keep their folds (as LF) and lose the single space after the colon, as a milter would see them.
+    Lines that are neither fields nor continuations (broken input) are skipped.
+    """
+    text = raw.decode("utf-8", errors="replace")
+    fields: list[list[str]] = []
+    for line in text.splitlines():
+        if line == "" or line == "\r":
+            break
+        line = line.rstrip("\r")
+        if line[:1] in (" ", "\t"):
+            if fields:
+                fields[-1][1] += "\n" + line
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or not name.isprintable():
+            continue
+        fields.append([name, value[1:] if value.startswith(" ") else value])
+    return tuple((n, v) for n, v in fields)
