@@ -1,0 +1,154 @@
+"""DNSSEC state of answers from a validating resolver (RFC 7672 section 2.1, RFC 4035, RFC 8914)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from requiretls.dest.cache import Cache
+from requiretls.dest.dnssec import DnsClient, DnssecState, LookupStatus, ResolverSettings, normalize_name
+from requiretls.dest.errors import BogusDnsError, DnsLookupError
+
+from .support import FakeDns, run
+
+
+def test_answer_with_ad_bit_is_secure(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 4035 section 3.2.3 / RFC 7672 section 2.1.1: AD from the trusted resolver means secure."""
+    fake_dns.add("good.test", "MX", "10 mx.good.test.", ad=True)
+    a = run(dns_client.query("good.test", "MX"))
+    assert a.status is LookupStatus.ANSWER
+    assert a.state is DnssecState.SECURE
+    assert a.rdata == ("10 mx.good.test.",)
+    assert a.ttl == 300
+
+
+def test_answer_without_ad_bit_is_insecure(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 7672 section 2.1.1: an answer from an unsigned zone is insecure, not an error."""
+    fake_dns.add("plain.test", "MX", "10 mx.plain.test.", ad=False)
+    a = run(dns_client.query("plain.test", "MX"))
+    assert a.state is DnssecState.INSECURE
+    assert a.status is LookupStatus.ANSWER
+    a.raise_for_error()
+
+
+def test_servfail_with_dnssec_ede_is_bogus(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 8914 EDE 6 (DNSSEC Bogus) on SERVFAIL: bogus; RFC 7672 section 2.1.2: defer."""
+    fake_dns.servfail("bogus.test", "MX", ede=6)
+    a = run(dns_client.query("bogus.test", "MX"))
+    assert a.state is DnssecState.BOGUS
+    assert a.status is LookupStatus.ERROR
+    assert a.ede == (6,)
+    with pytest.raises(BogusDnsError):
+        a.raise_for_error()
+
+
+def test_servfail_without_ede_is_indeterminate(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 7672 section 2.1.1: a SERVFAIL we cannot explain is indeterminate, treated as bogus."""
+    fake_dns.servfail("fail.test", "MX")
+    a = run(dns_client.query("fail.test", "MX"))
+    assert a.state is DnssecState.INDETERMINATE
+    assert not a.state.trustworthy
+    with pytest.raises(DnsLookupError):
+        a.raise_for_error()
+
+
+def test_timeout_is_indeterminate(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """A resolver that does not answer gives no answer we may act on (RFC 7672 section 2.1.2)."""
+    fake_dns.drop("slow.test", "MX")
+    a = run(dns_client.query("slow.test", "MX"))
+    assert a.state is DnssecState.INDETERMINATE
+    assert "timeout" in a.error
+
+
+def test_refused_is_indeterminate(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.servfail("refused.test", "MX")
+    fake_dns.replies[("refused.test", "MX")].rcode = 5
+    a = run(dns_client.query("refused.test", "MX"))
+    assert a.state is DnssecState.INDETERMINATE
+
+
+def test_secure_nxdomain_is_authenticated_denial(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 7672 section 2.1.1: secure NXDOMAIN is not an error; negative TTL from the SOA (RFC 2308)."""
+    fake_dns.nxdomain("gone.test", "MX", ad=True)
+    a = run(dns_client.query("gone.test", "MX"))
+    assert a.status is LookupStatus.NXDOMAIN
+    assert a.state is DnssecState.SECURE
+    assert a.ttl == 60
+
+
+def test_nodata_is_reported_as_nodata(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.empty("nomx.test", "MX", ad=False)
+    a = run(dns_client.query("nomx.test", "MX"))
+    assert a.status is LookupStatus.NODATA
+    assert a.state is DnssecState.INSECURE
+
+
+def test_cname_chain_is_followed_to_the_canonical_name(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 7672 section 2.2.2: the CNAME-expanded name is the first TLSA base candidate."""
+    fake_dns.cname("alias.good.test", "real.good.test", "A", "127.0.0.9")
+    a = run(dns_client.query("alias.good.test", "A"))
+    assert a.canonical == "real.good.test"
+    assert a.rdata == ("127.0.0.9",)
+
+
+def test_txt_strings_are_joined_without_separator(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """RFC 8461 section 3.1: multi-string TXT records are concatenated without spaces."""
+    fake_dns.add("_mta-sts.good.test", "TXT", '"v=STSv1; " "id=20240101"')
+    a = run(dns_client.query("_mta-sts.good.test", "TXT"))
+    assert a.rdata == ("v=STSv1; id=20240101",)
+
+
+def test_answers_are_cached_for_their_ttl(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.add("good.test", "MX", "10 mx.good.test.")
+
+    async def twice() -> None:
+        await dns_client.query("good.test", "MX")
+        await dns_client.query("GOOD.test.", "MX")
+
+    run(twice())
+    assert fake_dns.queries.count(("good.test", "MX")) == 1
+
+
+def test_errors_are_not_cached(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """A SERVFAIL must not outlive its cause: the next lookup asks again."""
+    fake_dns.servfail("fail.test", "MX")
+
+    async def twice() -> None:
+        await dns_client.query("fail.test", "MX")
+        await dns_client.query("fail.test", "MX")
+
+    run(twice())
+    assert fake_dns.queries.count(("fail.test", "MX")) == 2
+
+
+def test_concurrent_lookups_are_coalesced(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    """Single flight: ten concurrent lookups of one name send one query."""
+    fake_dns.add("good.test", "MX", "10 mx.good.test.")
+
+    async def many() -> None:
+        answers = await asyncio.gather(*(dns_client.query("good.test", "MX") for _ in range(10)))
+        assert len({a.rdata for a in answers}) == 1
+
+    run(many())
+    assert fake_dns.queries.count(("good.test", "MX")) == 1
+
+
+def test_negative_answers_are_cached_in_every_backend(fake_dns: FakeDns, dns_settings: ResolverSettings,
+                                                      cache_backend: Cache) -> None:
+    fake_dns.nxdomain("gone.test", "MX")
+    client = DnsClient(dns_settings, cache_backend)
+
+    async def twice() -> None:
+        a = await client.query("gone.test", "MX")
+        b = await client.query("gone.test", "MX")
+        assert a == b
+
+    run(twice())
+    assert fake_dns.queries.count(("gone.test", "MX")) == 1
+
+
+def test_normalize_name_rejects_garbage() -> None:
+    assert normalize_name("Example.COM.") == "example.com"
+    with pytest.raises(ValueError):
+        normalize_name("a..b")
