@@ -21,16 +21,22 @@ from requiretls.policy import (
     DestinationReadiness,
     Envelope,
     MessageFacts,
+    PostfixFeatures,
+    RcptRoute,
     Readiness,
     Session,
     decide,
     parse_header_block,
+    plan_route,
+    with_route,
 )
 
 # Subcommands that live with their component: module -> (name, help).  Each module exposes
 # ``add_arguments(parser)`` and ``run(args) -> int``; a component that is not installed is simply not offered.
 _PLUGINS = {
     "requiretls.dest.check": ("check", "report what a destination offers and whether REQUIRETLS can reach it"),
+    "requiretls.milter.app": ("milter", "run the milter that tags messages and steers their delivery"),
+    "requiretls.postfix.cli": ("postfix-config", "print or apply the Postfix configuration for this version"),
 }
 
 
@@ -51,6 +57,12 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
         metavar="DOMAIN[=REASON]",
         help="pretend pre-flight found REQUIRETLS delivery to DOMAIN impossible (to try policy.preflight)",
     )
+    p.add_argument(
+        "--postfix-version",
+        default="3.7",
+        metavar="X.Y",
+        help="Postfix version whose routing to show (default 3.7); recipients are taken as remote",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("message", nargs="?", metavar="FILE", help="the message (default: standard input)")
 
@@ -69,6 +81,9 @@ def _explain(args: argparse.Namespace) -> int:
         readiness=tuple(readiness),
     )
     decision = decide(facts, settings.local_policy)
+    rcpts = [RcptRoute(r, "smtp", None) for r in args.rcpt]
+    postfix = PostfixFeatures.from_macro(args.postfix_version)
+    decision = with_route(decision, plan_route(decision, rcpts, postfix, decision.native_requiretls))
     if args.json:
         print(json.dumps(decision.to_json(), indent=2, ensure_ascii=False))
     else:

@@ -21,6 +21,7 @@ from requiretls.policy.model import (
     Rejection,
     Session,
 )
+from requiretls.policy.route import PostfixFeatures, RcptRoute, Route, plan_route, with_route
 from requiretls.policy.table import PolicyTable, TableEntry
 
 __all__ = [
@@ -35,14 +36,19 @@ __all__ = [
     "MessageFacts",
     "OptoutFrom",
     "PolicyTable",
+    "PostfixFeatures",
     "PreflightMode",
+    "RcptRoute",
     "Readiness",
     "RecipientDecision",
     "Rejection",
+    "Route",
     "Session",
     "TableEntry",
     "decide",
     "parse_header_block",
     "parse_tls_required",
+    "plan_route",
     "trust",
+    "with_route",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from requiretls.policy.headers import (
+    ORIGINAL_TLS_REQUIRED,
     TLS_REQUIRED,
     TlsRequiredState,
     decode_subject,
@@ -188,14 +189,18 @@ def decide(facts: MessageFacts, policy: LocalPolicy) -> Decision:
         for cookie in used_cookies:
             text = remove_cookie(text, cookie)
         edits.append(HeaderEdit("change", "Subject", encode_subject(text), 1))
+    originals = header_values(headers, ORIGINAL_TLS_REQUIRED)
+    edits.extend(HeaderEdit("delete", ORIGINAL_TLS_REQUIRED, "", i) for i in range(len(originals), 0, -1))
     if msg_class is MessageClass.OPTOUT and not optout_requested:
-        # The cookie becomes a real header so that later hops (and Postfix >= 3.10 on re-injection) see it;
-        # a malformed or duplicated field would make the new one a duplicate, so it goes first.
+        # The cookie becomes a real header so that later hops see it; a malformed or duplicated field would
+        # make the new one a duplicate, so it goes first.
         n = len(header_values(headers, TLS_REQUIRED))
         edits.extend(HeaderEdit("delete", TLS_REQUIRED, "", i) for i in range(n, 0, -1))
         edits.append(HeaderEdit("add", TLS_REQUIRED, "No"))
-    if msg_class is not MessageClass.DEFAULT:
-        edits.append(HeaderEdit("add", ROUTE_HEADER, str(msg_class)))
+    else:
+        # Give back what header_checks renamed on Postfix >= 3.10: the field travels on unchanged; added by a
+        # milter it is not applied by Postfix itself, so local governance stays in charge of this hop.
+        edits.extend(HeaderEdit("add", TLS_REQUIRED, v) for v in originals)
     envelope_params: tuple[str, ...] = ()
     if msg_class is MessageClass.REQUIRETLS:
         # RFC 8689 §5: a bounce of a REQUIRETLS message carries headers only, whatever RET the client gave.
@@ -204,7 +209,8 @@ def decide(facts: MessageFacts, policy: LocalPolicy) -> Decision:
     if msg_class is MessageClass.REQUIRETLS and reject is None:
         reject = _preflight(facts, policy, reasons)
 
-    return Decision(msg_class, tuple(recipients), tuple(edits), reject, tuple(reasons), envelope_params)
+    native = msg_class is MessageClass.REQUIRETLS and not null_sender and (has_param or require_tls_esmtp(headers))
+    return Decision(msg_class, tuple(recipients), tuple(edits), reject, tuple(reasons), envelope_params, native)
 
 
 def _preflight(facts: MessageFacts, policy: LocalPolicy, reasons: list[str]) -> Rejection | None:

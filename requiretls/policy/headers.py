@@ -14,6 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 TLS_REQUIRED = "TLS-Required"
+#: The name Postfix >= 3.10 is told (header_checks REPLACE) to give a received ``TLS-Required`` field, so that
+#: Postfix does not apply it natively before local governance has been applied; the milter restores it.
+ORIGINAL_TLS_REQUIRED = "X-Original-TLS-Required"
 REQUIRE_TLS_ESMTP = "Require-TLS-ESMTP"
 
 # RFC 5322 §3.2.2 FWS, standard and obsolete forms, as it may precede the value.  The line break of a fold is
@@ -57,7 +60,7 @@ def parse_tls_required(headers: Sequence[tuple[str, str]]) -> TlsRequired:
     Exactly one field whose value is ``[FWS] "No"`` is an opt-out.  More than one field is forbidden by §3
     ("MUST NOT appear") and, like any other value, is treated as malformed: the normal policy applies.
     """
-    values = header_values(headers, TLS_REQUIRED)
+    values = header_values(headers, TLS_REQUIRED) + header_values(headers, ORIGINAL_TLS_REQUIRED)
     if not values:
         return TlsRequired(TlsRequiredState.ABSENT, "no TLS-Required field")
     if len(values) > 1:

@@ -133,6 +133,9 @@ class Decision:
     reject: Rejection | None
     reasons: tuple[str, ...]
     envelope_params: tuple[str, ...] = ()
+    #: The REQUIRETLS tag came in a form Postfix 3.11 carries and enforces itself (MAIL FROM parameter or a
+    #: received ``Require-TLS-ESMTP: yes``), so 3.11 needs no re-routing for it.
+    native_requiretls: bool = False
 
     def to_json(self) -> dict[str, object]:
         """The ``requiretls explain --json`` shape."""

@@ -28,7 +28,7 @@ def test_explain_json_shape() -> None:
     assert out["class"] == "optout"
     assert out["recipients"]["b@dest.example"]["class"] == "optout"
     assert out["reject"] is None
-    assert {"action": "add", "name": "X-RequireTLS-Route", "value": "optout"} in out["header_edits"]
+    assert {"action": "add", "name": "X-RequireTLS-Route", "value": "relaxed"} in out["header_edits"]
 
 
 def test_explain_text_names_class_and_reasons() -> None:

@@ -1,0 +1,38 @@
+"""Postfix-style logging: one line per event, ``QUEUEID: key=value, key=value``, to stderr or syslog (mail)."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+
+
+def setup(component: str, target: str = "stderr", level: str = "info") -> logging.Logger:
+    """Configure the ``requiretls`` logger for one daemon (``milter``, ``policyd``, ``relay``)."""
+    logger = logging.getLogger("requiretls")
+    logger.handlers.clear()
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    handler: logging.Handler
+    if target == "syslog" and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
+        handler.setFormatter(logging.Formatter(f"requiretls/{component}[%(process)d]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s requiretls/{component}[%(process)d]: %(message)s"))
+    logger.addHandler(handler)
+    return logger
+
+
+def kv(**fields: object) -> str:
+    """``key=value, key=value`` with values that contain separators quoted, as Postfix logs do."""
+    parts = []
+    for k, v in fields.items():
+        if v is None:
+            continue
+        s = str(v)
+        if any(c in s for c in ", =\"") or s == "":
+            s = '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{k}={s}")
+    return ", ".join(parts)

@@ -1,0 +1,211 @@
+"""The milter.  One instance per SMTP connection (libmilter's threads); the decision is
+:func:`requiretls.policy.decide`, everything here is collecting facts and applying edits.
+
+Callbacks negotiated: connect, envfrom, envrcpt, header and eom; helo, eoh, body, data and unknown are
+switched off so that Postfix does not send them.  The facts come from macros: ``v`` (MTA version, connect),
+``{auth_authen}`` (envfrom), ``{tls_version}`` (read at envfrom; libmilter keeps the helo macros),
+``{rcpt_mailer}`` / ``{rcpt_host}`` (envrcpt), ``i`` (eom) -- all in Postfix's default macro lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import Milter
+
+from requiretls.log import kv
+from requiretls.policy import (
+    Decision,
+    Envelope,
+    LocalPolicy,
+    MessageFacts,
+    PostfixFeatures,
+    RcptRoute,
+    Session,
+    decide,
+    plan_route,
+    with_route,
+)
+
+log = logging.getLogger("requiretls")
+CONTINUE: int = Milter.CONTINUE
+ACCEPT: int = Milter.ACCEPT
+REJECT: int = Milter.REJECT
+
+#: Supplies the local policy for each message, so that a reload (SIGHUP) takes effect without a restart.
+PolicySource = Callable[[], LocalPolicy]
+
+
+def _strip_brackets(addr: str) -> str:
+    a = addr.strip()
+    return a[1:-1] if a.startswith("<") and a.endswith(">") else a
+
+
+class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
+    """Tags messages and steers their delivery; see the module docstring."""
+
+    policy_source: PolicySource = LocalPolicy
+    #: Overrides the ``v`` macro (``postfix_version`` setting); None: trust the macro.
+    postfix_override: PostfixFeatures | None = None
+
+    def __init__(self) -> None:
+        self.client_ip: str | None = None
+        self.postfix = PostfixFeatures()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.params: tuple[str, ...] = ()
+        self.rcpts: list[RcptRoute] = []
+        self.headers: list[tuple[str, str]] = []
+        self.sasl_user: str | None = None
+        self.tls_version: str | None = None
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
+        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+            # libmilter gives (address, port[, ...]); some harnesses give the bare address.
+            self.client_ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
+        self.postfix = self.postfix_override or PostfixFeatures.from_macro(self.getsymval("v"))
+        return CONTINUE
+
+    @Milter.nocallback  # type: ignore[untyped-decorator]
+    def hello(self, hostname: str) -> int:
+        return CONTINUE
+
+    def envfrom(self, mailfrom: str, *params: str) -> int:
+        self._reset()
+        self.sender = _strip_brackets(mailfrom)
+        self.params = tuple(params)
+        self.sasl_user = self.getsymval("{auth_authen}") or None
+        self.tls_version = self.getsymval("{tls_version}") or None
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def envrcpt(self, to: str, *params: str) -> int:
+        mailer = self.getsymval("{rcpt_mailer}")
+        host = self.getsymval("{rcpt_host}")
+        self.rcpts.append(RcptRoute(_strip_brackets(to), mailer or None, host or None))
+        return CONTINUE
+
+    @Milter.nocallback  # type: ignore[untyped-decorator]
+    def data(self) -> int:
+        return CONTINUE
+
+    @Milter.noreply  # type: ignore[untyped-decorator]
+    def header(self, name: str, value: str) -> int:
+        self.headers.append((name, value))
+        return CONTINUE
+
+    @Milter.nocallback  # type: ignore[untyped-decorator]
+    def eoh(self) -> int:
+        return CONTINUE
+
+    @Milter.nocallback  # type: ignore[untyped-decorator]
+    def body(self, chunk: bytes) -> int:
+        return CONTINUE
+
+    @Milter.nocallback  # type: ignore[untyped-decorator]
+    def unknown(self, cmd: str) -> int:
+        return CONTINUE
+
+    def eom(self) -> int:
+        queue_id = self.getsymval("i") or "NOQUEUE"
+        facts = MessageFacts(
+            Envelope(self.sender, tuple(r.address for r in self.rcpts), self.params),
+            Session(self.sasl_user, self.client_ip, self.tls_version),
+            tuple(self.headers),
+        )
+        decision = decide(facts, self.policy_source())
+        route = plan_route(decision, self.rcpts, self.postfix, decision.native_requiretls)
+        decision = with_route(decision, route)
+        self._log(queue_id, decision, route)
+        if decision.reject is not None:
+            r = decision.reject
+            self.setreply(str(r.code), r.dsn, r.text)
+            return REJECT
+        self._apply(decision)
+        return ACCEPT
+
+    def _apply(self, d: Decision) -> None:
+        for e in d.header_edits:
+            if e.action == "add":
+                self.addheader(e.name, e.value)
+            else:
+                self.chgheader(e.name, e.index, e.value if e.action == "change" else "")
+        if d.envelope_params and self.sender:
+            # Postfix honours only RET= and ENVID= here (cleanup_milter.c); the client's ENVID survives.
+            self.chgfrom(f"<{self.sender}>", " ".join(d.envelope_params))
+
+    def _log(self, queue_id: str, d: Decision, route: object) -> None:
+        log.info(
+            "%s: requiretls: %s",
+            queue_id,
+            kv(
+                **{
+                    "class": str(d.msg_class),
+                    "route": str(route) if route else "postfix",
+                    "from": f"<{self.sender}>",
+                    "nrcpt": len(self.rcpts),
+                    "client": self.client_ip or "unknown",
+                    "sasl_username": self.sasl_user,
+                    "tls": self.tls_version,
+                    "reason": "; ".join(d.reasons),
+                    "reject": f"{d.reject.code} {d.reject.dsn} {d.reject.text}" if d.reject else None,
+                }
+            ),
+        )
+        for r in d.recipients:
+            if r.msg_class is not d.msg_class:
+                log.info("%s: requiretls: %s", queue_id, kv(to=f"<{r.recipient}>", **{"class": str(r.msg_class)},
+                                                          reason="; ".join(r.reasons)))
+
+
+def _prepare_socket(spec: str) -> None:
+    """Make the directory of a ``unix:`` socket and remove a stale socket file left by a crash."""
+    if not spec.startswith(("unix:", "local:")):
+        return
+    path = spec.split(":", 1)[1]
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
+          postfix_version: str = "") -> None:
+    """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
+    RequireTLSMilter.policy_source = staticmethod(policy_source)
+    RequireTLSMilter.postfix_override = PostfixFeatures.from_macro(postfix_version) if postfix_version else None
+    Milter.factory = RequireTLSMilter
+    Milter.set_exception_policy(Milter.TEMPFAIL)
+    Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
+    _prepare_socket(socket_spec)
+    log.info("milter listening on %s", socket_spec)
+    Milter.runmilter("requiretls", socket_spec, timeout)
+    log.info("milter stopped")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="config file (default: built-in defaults)")
+    p.add_argument("--socket", metavar="SPEC", help="override milter.socket (unix:/path or inet:port@127.0.0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from requiretls.config import load
+    from requiretls.log import setup
+
+    settings = load(args.config)
+    setup("milter", settings.get("log", "target"), settings.get("log", "level"))
+    spec = args.socket or settings.get("milter", "socket")
+    serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
+          settings.get("milter", "postfix_version"))
+    return 0

@@ -1,0 +1,100 @@
+"""Where a classified message goes: the value of the private route header for a given Postfix.
+
+Postfix cannot pick a TLS policy per message, so a message is steered by *where it is delivered*: the milter
+adds ``X-RequireTLS-Route: VALUE`` and the generated ``milter_header_checks`` turns VALUE into a FILTER
+(architecture, "How each Postfix version is driven").  FILTER applies to every recipient of the message and
+bypasses transport_maps, relayhost and local delivery, which decides between the values below.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from requiretls.policy.decide import ROUTE_HEADER
+from requiretls.policy.model import Decision, HeaderEdit, MessageClass
+from requiretls.policy.table import split_address
+
+
+class Route(enum.StrEnum):
+    #: To the REQUIRETLS delivery agent (LMTP); it re-injects what Postfix must deliver itself.
+    RELAY = "relay"
+    #: To the relaxed smtp transport clone (opportunistic TLS, ``optout=no`` destinations keep their policy).
+    RELAXED = "relaxed"
+
+
+#: Postfix delivery agents that send to a recipient domain's MX themselves.
+_SMTP_MAILERS = frozenset({"smtp", "relay"})
+_VERSION = re.compile(r"(\d+)\.(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class RcptRoute:
+    """What Postfix's resolver said of one recipient: milter macros ``{rcpt_mailer}`` and ``{rcpt_host}``."""
+
+    address: str
+    mailer: str | None = None
+    host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PostfixFeatures:
+    """What the running MTA does natively."""
+
+    version: tuple[int, int] = (3, 7)
+
+    @classmethod
+    def from_macro(cls, text: str | None) -> PostfixFeatures:
+        """From the milter ``v`` macro (``Postfix 3.11.7``) or ``postconf -h mail_version``; unknown -> 3.7,
+        the version that needs the plugin for everything (safe: it never relies on a native feature)."""
+        m = _VERSION.search(text or "")
+        return cls((int(m.group(1)), int(m.group(2)))) if m else cls()
+
+    @property
+    def native_requiretls(self) -> bool:
+        """Postfix 3.11 receives MAIL FROM REQUIRETLS and enforces it on delivery."""
+        return self.version >= (3, 11)
+
+    @property
+    def native_tls_required(self) -> bool:
+        """Postfix 3.10 honours a received ``TLS-Required: No``."""
+        return self.version >= (3, 10)
+
+
+def _goes_to_mx(r: RcptRoute) -> bool:
+    """True when Postfix would send this recipient over SMTP to its own domain's MX: then a FILTER to an smtp
+    transport with an empty next hop (which uses the recipient domain) sends it to the same place."""
+    if r.mailer is None:
+        return False
+    if r.mailer.lower() not in _SMTP_MAILERS:
+        return False
+    domain = split_address(r.address)[1]
+    return r.host is None or r.host.lower().rstrip(".") == domain
+
+
+def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixFeatures, native: bool) -> Route | None:
+    """The route header value for this message, or None for Postfix's normal delivery.
+
+    ``native`` says the REQUIRETLS tag came in a form Postfix 3.11 carries itself (the MAIL FROM parameter or a
+    received ``Require-TLS-ESMTP: yes``).
+    """
+    if decision.msg_class is MessageClass.REQUIRETLS:
+        if native and postfix.native_requiretls:
+            return None
+        return Route.RELAY
+    if decision.msg_class is MessageClass.OPTOUT:
+        # The relaxed clone sends each recipient to its domain's MX; anything Postfix would route elsewhere
+        # (local, virtual, transport_maps, relayhost) goes to the agent, which hands it back to Postfix.
+        if rcpts and all(_goes_to_mx(r) for r in rcpts):
+            return Route.RELAXED
+        return Route.RELAY
+    return None
+
+
+def with_route(decision: Decision, route: Route | None) -> Decision:
+    """The decision with the route header added to its edits (nothing for Postfix's normal delivery)."""
+    if route is None:
+        return decision
+    return replace(decision, header_edits=(*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))))
