@@ -162,6 +162,21 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             _version,
         ),
     },
+    "relay": {
+        "listen": Setting(
+            str,
+            "unix:/var/spool/postfix/requiretls/relay.sock",
+            "Where the REQUIRETLS delivery agent takes LMTP from Postfix: unix:/path or inet:PORT@ADDRESS.",
+            _milter_socket,
+        ),
+        "reinject": Setting(
+            str,
+            "127.0.0.1:10026",
+            "Loopback address:port of the re-injection smtpd (no milters, no FILTER) through which the agent "
+            "hands back recipients that Postfix delivers itself (local, virtual, transport_maps, relayhost).",
+            _resolver,
+        ),
+    },
     "log": {
         "target": Setting(str, "stderr", "Where daemons log: stderr (journal) or syslog (mail facility).",
                           _choice("stderr", "syslog")),

@@ -1,0 +1,1 @@
+"""Postfix version detection and the generated main.cf / master.cf / header_checks for that version."""

@@ -1,0 +1,105 @@
+"""requiretls postfix-config: generated lines per Postfix version, and a reversible --apply on a real postconf."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from requiretls.policy import LocalPolicy, PolicyTable
+from requiretls.policy.route import PostfixFeatures
+from requiretls.postfix.cli import offline_env
+from requiretls.postfix.generate import PostfixEnv, generate, postfix_socket, relaxed_policy_table
+
+ROOT = Path(__file__).resolve().parents[2]
+MILTER = "unix:/var/spool/postfix/requiretls/milter.sock"
+RELAY = "unix:/var/spool/postfix/requiretls/relay.sock"
+REINJECT = "127.0.0.1:10026"
+
+
+def _plan(version: str, current: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    env = offline_env(version)
+    if current:
+        env = PostfixEnv(env.version, env.config_directory, env.queue_directory, {**env.current, **current})
+    plan = generate(env, LocalPolicy(), MILTER, RELAY, REINJECT)
+    return dict(plan.main), dict(plan.files)
+
+
+@pytest.mark.parametrize("version", ["3.7", "3.10", "3.11"])
+def test_every_version_gets_tempfail_milter_and_forgery_stripping(version: str) -> None:
+    main, files = _plan(version)
+    assert main["milter_default_action"] == "tempfail"
+    assert main["smtpd_milters"] == "{ unix:requiretls/milter.sock, default_action=tempfail }"
+    assert "/^X-RequireTLS-Route:/ IGNORE" in files["requiretls_header_checks"]
+    assert "FILTER lmtp:unix:requiretls/relay.sock" in files["requiretls_milter_header_checks"]
+    assert "FILTER requiretls-relaxed:" in files["requiretls_milter_header_checks"]
+
+
+def test_tls_required_is_renamed_only_where_postfix_would_apply_it_natively() -> None:
+    assert "REPLACE" not in _plan("3.7")[1]["requiretls_header_checks"]
+    for v in ("3.10", "3.11"):
+        assert "/^TLS-Required:(.*)$/ REPLACE X-Original-TLS-Required:$1" in _plan(v)[1]["requiretls_header_checks"]
+
+
+def test_existing_milters_and_header_checks_are_kept_and_ours_come_first() -> None:
+    ours = "{ unix:requiretls/milter.sock, default_action=tempfail }"
+    main, _ = _plan("3.7", {"smtpd_milters": f"inet:localhost:8891, {ours}", "header_checks": "pcre:/etc/postfix/hc"})
+    assert main["smtpd_milters"] == "{ unix:requiretls/milter.sock, default_action=tempfail }, inet:localhost:8891"
+    assert main["header_checks"] == "regexp:/etc/postfix/requiretls_header_checks, pcre:/etc/postfix/hc"
+    assert main["nested_header_checks"] == "pcre:/etc/postfix/hc"
+
+
+def test_socket_specs_are_translated_for_postfix() -> None:
+    assert postfix_socket("unix:/var/spool/postfix/x/m.sock", "/var/spool/postfix") == "unix:x/m.sock"
+    assert postfix_socket("unix:/run/m.sock", "/var/spool/postfix") == "unix:/run/m.sock"
+    assert postfix_socket("inet:8899@127.0.0.1", "/q") == "inet:127.0.0.1:8899"
+    assert postfix_socket("inet6:8899@::1", "/q") == "inet6:[::1]:8899"
+
+
+def test_relaxed_table_keeps_the_policy_of_optout_no_destinations() -> None:
+    table = PolicyTable.parse("bank.example dane-only optout=no\npartner.example optout=no\nx.example dane\n", "t")
+    text = relaxed_policy_table(LocalPolicy(table=table), "dane")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == ["bank.example\tdane-only", "partner.example\tdane"]
+
+
+@pytest.mark.parametrize("version", ["3.7", "3.10", "3.11"])
+def test_contrib_snippets_match_the_generator(version: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "requiretls", "postfix-config", "--offline", "--postfix-version", version],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout
+    assert (ROOT / "contrib" / "postfix" / f"postfix-{version}.conf").read_text() == out
+
+
+@pytest.mark.skipif(shutil.which("postconf") is None, reason="Postfix is not installed (make deps installs it)")
+def test_apply_twice_then_undo_leaves_postconf_n_and_m_unchanged(tmp_path: Path) -> None:
+    """Real postconf on a private config directory: --apply is idempotent and --undo restores exactly."""
+    shutil.copy("/usr/share/postfix/master.cf.dist", tmp_path / "master.cf")
+    (tmp_path / "main.cf").write_text(
+        "compatibility_level = 3.6\nsmtpd_milters = inet:localhost:8891\nheader_checks = regexp:/etc/postfix/hc\n"
+    )
+
+    def pc(*a: str) -> str:
+        return subprocess.run(["postconf", "-c", str(tmp_path), *a], capture_output=True, text=True,
+                              check=True).stdout
+
+    def tool(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "-c", str(tmp_path), *a],
+                              capture_output=True, text=True, timeout=60)
+
+    before_n, before_m = pc("-n"), pc("-M")
+    assert tool("--apply").returncode == 0
+    once_n, once_m = pc("-n"), pc("-M")
+    assert "requiretls/milter.sock" in pc("-h", "smtpd_milters")
+    assert pc("-M", "requiretls-relaxed/unix").startswith("requiretls-relaxed unix")
+    assert tool("--apply").returncode == 0
+    assert (pc("-n"), pc("-M")) == (once_n, once_m)
+    r = tool("--apply", "--undo")
+    assert r.returncode == 0, r.stderr
+    assert (pc("-n"), pc("-M")) == (before_n, before_m)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.cf", "master.cf"]
+    assert PostfixFeatures.from_macro(pc("-h", "mail_version")).version >= (3, 7)
