@@ -353,10 +353,16 @@ async def _http_get(host: str, address: str, settings: StsSettings, ctx: ssl.SSL
             return body.decode("utf-8")
         except UnicodeDecodeError as e:
             raise MtaStsPolicyError(f"policy is not UTF-8: {e}") from e
+    except BaseException:
+        # on any failure (cancellation by the timeout included) drop the connection at once:
+        # a graceful TLS close could wait on a stalled server far beyond our timeout
+        writer.transport.abort()
+        raise
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        if not writer.transport.is_closing():
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 2.0)
 
 
 async def fetch_policy_text(domain: str, addresses: Sequence[str], settings: StsSettings,
