@@ -1,0 +1,98 @@
+#!/bin/sh
+# Build (or reuse) the Debian chroots that give the testbed Postfix 3.10 (trixie)
+# and 3.11 (sid).  Debian 12 ships 3.7; the newer suites carry the REQUIRETLS and
+# TLS-Required code the plugin must work with, so one test run proves all three.
+#
+# Usage: sh scripts/build-chroots.sh [SUITE...]        (default: trixie sid)
+# Env:   RTLS_TESTBED_CACHE   cache dir (default /var/cache/requiretls-testbed)
+#        RTLS_DEBIAN_MIRROR   Debian mirror URL (default: taken from this host's apt sources)
+#        RTLS_REBUILD=1       rebuild even if a finished chroot exists
+#
+# A finished chroot has CACHE/SUITE/.rtls-ready holding its Postfix version.  Builds
+# go to a temporary directory first and are renamed into place, so an interrupted
+# build never leaves a half chroot that looks finished.  Runs as root without a
+# terminal: debconf is non-interactive and a policy-rc.d in the chroot keeps
+# package scripts from starting daemons.  The mirror is read from apt's own
+# configuration so that no mirror host name is hard-wired into the project.
+set -eu
+
+CACHE=${RTLS_TESTBED_CACHE:-/var/cache/requiretls-testbed}
+[ "$#" -gt 0 ] || set -- trixie sid
+
+if [ "$(id -u)" != 0 ]; then
+    echo "build-chroots: must run as root" >&2
+    exit 1
+fi
+command -v debootstrap >/dev/null || { echo "build-chroots: debootstrap missing (run scripts/install-apt.sh)" >&2; exit 1; }
+
+# The URL of the main Debian archive this host uses: the first deb822 stanza or
+# one-line entry whose suite is this host's release codename.
+host_mirror() {
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk -v cn="$codename" '
+            function flush() { if (uris != "" && suites ~ ("(^| )" cn "( |$)") && types ~ /(^| )deb( |$)/) { split(uris, u, " "); print u[1]; exit } uris=""; suites=""; types="" }
+            /^[ \t]*$/ { flush(); next }
+            /^[ \t]*#/ { next }
+            tolower($1) == "types:"  { $1=""; types=$0 }
+            tolower($1) == "uris:"   { $1=""; sub(/^ +/, ""); uris=$0 }
+            tolower($1) == "suites:" { $1=""; suites=$0 }
+            END { flush() }' "$f"
+    done
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -f "$f" ] || continue
+        sed -e 's/\[[^]]*\]//' "$f" | awk -v cn="$codename" '$1 == "deb" && $3 == cn { print $2; exit }'
+    done
+}
+
+MIRROR=${RTLS_DEBIAN_MIRROR:-$(host_mirror | head -n 1)}
+if [ -z "$MIRROR" ]; then
+    echo "build-chroots: no Debian mirror found in the apt sources; set RTLS_DEBIAN_MIRROR" >&2
+    exit 1
+fi
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock 9
+
+build_suite() {
+    suite=$1
+    dest="$CACHE/$suite"
+    if [ -f "$dest/.rtls-ready" ] && [ "${RTLS_REBUILD:-0}" != 1 ]; then
+        echo "build-chroots: $suite: cached, Postfix $(cat "$dest/.rtls-ready")"
+        return 0
+    fi
+    tmp="$CACHE/.build-$suite"
+    rm -rf "$tmp"
+    start=$(date +%s)
+    # Everything runs in a private mount namespace: the /proc and /dev mounts that
+    # the second stage makes vanish with it even if the build is interrupted.
+    unshare --mount --propagation private sh -eu -c '
+        tmp=$1; suite=$2; mirror=$3
+        debootstrap --foreign --variant=minbase --include=postfix,ca-certificates \
+            "$suite" "$tmp" "$mirror" >"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
+        printf "#!/bin/sh\nexit 101\n" >"$tmp/usr/sbin/policy-rc.d"
+        chmod 755 "$tmp/usr/sbin/policy-rc.d"
+        DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true \
+            chroot "$tmp" /debootstrap/debootstrap --second-stage >>"$tmp.log" 2>&1 \
+            || { tail -n 30 "$tmp.log" >&2; exit 1; }
+        # debootstrap removes its own policy-rc.d at the end; keep ours for later apt use.
+        printf "#!/bin/sh\nexit 101\n" >"$tmp/usr/sbin/policy-rc.d"
+        chmod 755 "$tmp/usr/sbin/policy-rc.d"
+        chroot "$tmp" apt-get clean >/dev/null 2>&1 || true
+    ' build "$tmp" "$suite" "$MIRROR"
+    version=$(chroot "$tmp" /usr/sbin/postconf -d -h mail_version)
+    # resolv.conf is bind-mounted over at run time; it must exist as a file.
+    rm -f "$tmp/etc/resolv.conf"
+    : >"$tmp/etc/resolv.conf"
+    echo "$version" >"$tmp/.rtls-ready"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+    rm -f "$tmp.log"
+    echo "build-chroots: $suite: built Postfix $version in $(( $(date +%s) - start )) s"
+}
+
+for s in "$@"; do
+    build_suite "$s"
+done

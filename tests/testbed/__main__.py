@@ -1,0 +1,76 @@
+"""``python -m tests.testbed up|down|status`` - run the bed by hand or for ``make demo``.
+
+``up`` leaves the bed (and the Postfix instances asked for) running after the command exits; ``down`` stops
+everything recorded in the state dir, from any process.  ``--state`` or ``RTLS_TESTBED_STATE`` choose the
+state dir (default ``var/testbed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .bed import DEFAULT_STATE, Bed
+from .hosts import DOMAINS, HTTPS_IP, NSD_IP, UNBOUND_IP, domain_mx_hosts
+from .postfix import available_versions
+
+
+def _print_hosts() -> None:
+    print(f"resolver {UNBOUND_IP}:53 (validating), authoritative {NSD_IP}:53, MTA-STS https {HTTPS_IP}:443")
+    for d in DOMAINS:
+        mxs = ", ".join(f"{m.hostname}={m.ip}" for m in domain_mx_hosts(d)) or "-"
+        print(f"  {d.domain:28} {d.dnssec.value:9} {mxs}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__)
+    ap.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state directory (default %(default)s)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="start the bed and leave it running")
+    up.add_argument(
+        "--postfix",
+        default="3.7",
+        help="comma-separated Postfix versions to start too (default 3.7; 'all' = every version present; "
+        "'none' = no Postfix)",
+    )
+    sub.add_parser("down", help="stop everything the state dir records")
+    sub.add_parser("status", help="print what runs (JSON)")
+    a = ap.parse_args(argv)
+    bed = Bed(a.state)
+    if a.cmd == "up":
+        t0 = time.monotonic()
+        bed.start()
+        print(f"bed up in {time.monotonic() - t0:.2f}s, state {bed.state}")
+        _print_hosts()
+        if a.postfix == "all":
+            versions = [v.version for v in available_versions()]
+        elif a.postfix == "none":
+            versions = []
+        else:
+            versions = [v for v in a.postfix.split(",") if v]
+        for v in versions:
+            t1 = time.monotonic()
+            pf = bed.postfix(v)
+            pf.reset()
+            pf.start()
+            print(
+                f"Postfix {pf.pv.full_version} up in {time.monotonic() - t1:.2f}s: "
+                f"smtp 127.0.0.1:{pf.ports.smtp}, "
+                f"submission 127.0.0.1:{pf.ports.submission}, config {pf.config_dir}, log {pf.maillog}"
+            )
+        return 0
+    if a.cmd == "down":
+        t0 = time.monotonic()
+        bed.stop()
+        print(f"bed down in {time.monotonic() - t0:.2f}s")
+        return 0
+    json.dump(bed.status(), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
