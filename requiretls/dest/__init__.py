@@ -8,6 +8,8 @@ delivery agent.  This package never imports :mod:`requiretls.policy`.
 
 from __future__ import annotations
 
+import logging
+
 from .cache import Cache, MemoryCache, RedisCache, SingleFlight, SQLiteCache, create_cache
 from .dane import DaneOutcome, DaneResult, TlsaRecord, make_tlsa, match_tlsa, usable_records
 from .destination import (
@@ -36,6 +38,9 @@ from .errors import (
 )
 from .mtasts import StsMode, StsPolicy, StsResolver, StsResult, StsSettings, StsStatus
 from .probe import Prober, ProbeResult, ProbeSettings
+
+# A library logs; the program that uses it decides where to (no "No handler" fallback to stderr).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BogusDnsError",
