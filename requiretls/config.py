@@ -80,6 +80,15 @@ def _milter_socket(v: Any) -> str | None:
     return f"must be unix:/absolute/path or inet:PORT@ADDRESS, not {v!r}"
 
 
+def _listen_list(v: Any) -> str | None:
+    for item in v:
+        if not isinstance(item, str) or not (
+            re.fullmatch(r"unix:/\S+", item) or re.fullmatch(r"inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}", item)
+        ):
+            return f"{item!r}: use unix:/absolute/path or inet:ADDRESS:PORT"
+    return None
+
+
 def _version(v: Any) -> str | None:
     return None if v == "" or re.fullmatch(r"\d+\.\d+(\.\d+)?", v) else f"must be X.Y, not {v!r}"
 
@@ -144,6 +153,40 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             _resolver,
         ),
         "timeout": Setting((int, float), 5.0, "Seconds for one DNS lookup before it fails (defer).", _positive),
+    },
+    "mta_sts": {
+        "enabled": Setting(bool, True, "Look up MTA-STS policies (RFC 8461) for destinations without DANE."),
+        "cafile": Setting(
+            str, "", "CA bundle for MTA-STS policy hosts' certificates. Empty: the system trust store."
+        ),
+        "fetch_timeout": Setting((int, float), 30.0, "Seconds for one MTA-STS policy fetch.", _positive),
+    },
+    "cache": {
+        "backend": Setting(
+            str,
+            "memory",
+            "Where DNS and MTA-STS results are cached: memory (one process), sqlite (survives restarts, one "
+            "host) or redis (shared by several MTAs). A cache failure falls back to a fresh lookup.",
+            _choice("memory", "sqlite", "redis"),
+        ),
+        "sqlite_path": Setting(str, "/var/lib/requiretls/cache.sqlite", "SQLite cache file (backend = sqlite)."),
+        "redis_url": Setting(str, "redis://127.0.0.1:6379/0", "Redis URL (backend = redis)."),
+    },
+    "policyd": {
+        "listen": Setting(
+            list,
+            ["unix:/var/spool/postfix/requiretls/policyd.sock"],
+            "Where the socketmap service listens: unix:/path and/or inet:127.0.0.1:PORT. Under Postfix's "
+            "queue directory a unix socket is reachable from the chrooted smtp client.",
+            _listen_list,
+        ),
+        "metrics": Setting(str, "", "Prometheus metrics address HOST:PORT (loopback). Empty: off.", _resolver),
+        "answer_ttl": Setting(
+            (int, float), 60.0, "Seconds a ready answer is reused (never longer than the DNS TTL).", _positive
+        ),
+        "lookup_timeout": Setting(
+            (int, float), 30.0, "Seconds a destination lookup may take before the answer is TEMP.", _positive
+        ),
     },
     "milter": {
         "socket": Setting(

@@ -1,0 +1,178 @@
+"""Destination facts + local table + zone -> the answer for a Postfix TLS policy lookup (socketmap).
+
+One daemon serves several transports; the socketmap *name* selects the zone:
+
+* ``default``: the destination's normal policy (table, else DANE, else MTA-STS enforce, else NOTFOUND);
+* ``relaxed``: opt-out messages: ``may``, except ``optout=no`` destinations, which get their ``default`` answer;
+* ``strict``: REQUIRETLS through Postfix's own smtp client: never below an authenticated level, TEMP otherwise;
+* ``requiretls``: Postfix 3.11 ``smtp_requiretls_policy``: ``enforce`` unless the table says ``requiretls=no``.
+
+Answers use exact Postfix syntax; ``optout=`` and ``requiretls=`` never reach Postfix.  Trouble is TEMP
+(Postfix defers), never a weaker level.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from requiretls.dest import Destination, TlsRequirement
+from requiretls.policy.table import PolicyTable, TableEntry
+
+
+class Zone(enum.StrEnum):
+    DEFAULT = "default"
+    RELAXED = "relaxed"
+    STRICT = "strict"
+    REQUIRETLS = "requiretls"
+
+
+class Status(enum.StrEnum):
+    """socketmap_table(5) reply status words."""
+
+    OK = "OK"
+    NOTFOUND = "NOTFOUND"
+    TEMP = "TEMP"
+    PERM = "PERM"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: Status
+    data: str = ""
+
+    def wire(self) -> str:
+        """The reply text, without netstring framing."""
+        return f"{self.status} {self.data}" if self.data or self.status is not Status.NOTFOUND else "NOTFOUND "
+
+
+#: Levels that authenticate the server (RFC 8689 §4.2.1 step 4; Postfix REQUIRETLS_README "enforce").
+AUTHENTICATED_LEVELS = frozenset({"dane-only", "fingerprint", "verify", "secure"})
+_LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
+_DOMAIN_KEY = re.compile(rf"\.?{_LABEL}(?:\.{_LABEL})*\.?")
+_NEXTHOP_KEY = re.compile(r"\[[0-9a-z_.:-]{1,255}\](?::\d{1,5})?|[0-9a-z_.-]{1,255}:\d{1,5}")
+MAX_KEY = 300
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A parsed lookup key: ``domain`` for MX-style next hops, None for ``[host]`` / ``host:port`` forms."""
+
+    key: str
+    domain: str | None
+    parent: bool
+
+
+def parse_key(raw: str) -> Query | Answer:
+    """Validate a lookup key; a bad one gets PERM (a malformed request is a client bug, not trouble)."""
+    if not raw or len(raw) > MAX_KEY or not raw.isascii() or not raw.isprintable() or " " in raw:
+        return Answer(Status.PERM, "invalid lookup key")
+    key = raw.lower()
+    if _NEXTHOP_KEY.fullmatch(key):
+        return Query(key, None, False)
+    if _DOMAIN_KEY.fullmatch(key):
+        return Query(key, key.strip("."), key.startswith("."))
+    return Answer(Status.PERM, "invalid lookup key")
+
+
+def needs_destination(zone: Zone, query: Query, table: PolicyTable) -> bool:
+    """Whether answering takes a DNS/MTA-STS lookup (the daemon then calls :func:`answer` with it)."""
+    if query.domain is None or query.parent or zone is Zone.REQUIRETLS:
+        return False
+    entry = table.lookup_domain(query.domain)
+    if zone is Zone.RELAXED:
+        return entry is not None and entry.optout is False and entry.level is None
+    if zone is Zone.STRICT:
+        return entry is None or entry.level not in AUTHENTICATED_LEVELS
+    return entry is None or entry.level is None
+
+
+def _sts_match(dest: Destination) -> str | None:
+    """``secure`` match list from MTA-STS ``mx`` patterns: ``*.example.net`` -> ``.example.net``.
+
+    Postfix's ``.domain`` form also accepts deeper names than RFC 8461 §4.1's one-label wildcard; the
+    certificate must still carry a name within the domain the policy owner published.
+    """
+    if dest.sts is None or dest.sts.policy is None:
+        return None
+    pats = [p[1:] if p.startswith("*.") else p for p in dest.sts.policy.mx]
+    return ":".join(dict.fromkeys(p.lower() for p in pats)) or None
+
+
+def _dane(dest: Destination) -> str:
+    usable = [h for h in dest.hosts if h.usable]
+    # dane-only when every MX has usable TLSA; otherwise Postfix's per-MX 'dane' (RFC 7672 §2.2).
+    return "dane-only" if usable and all(h.usable_tlsa for h in usable) else "dane"
+
+
+def _from_destination(dest: Destination) -> Answer:
+    req = dest.requirement
+    if req is TlsRequirement.DEFER:
+        return Answer(Status.TEMP, dest.reason[:200])
+    if req is TlsRequirement.DANE:
+        return Answer(Status.OK, _dane(dest))
+    if req is TlsRequirement.STS_ENFORCE:
+        match = _sts_match(dest)
+        if match:
+            return Answer(Status.OK, f"secure match={match} servername=hostname")
+        return Answer(Status.TEMP, "MTA-STS enforce policy without mx patterns")
+    return Answer(Status.NOTFOUND)
+
+
+def _table(entry: TableEntry | None) -> Answer | None:
+    if entry is None or entry.postfix_policy() is None:
+        return None
+    return Answer(Status.OK, entry.postfix_policy() or "")
+
+
+def answer(zone: Zone, query: Query, table: PolicyTable, dest: Destination | None = None,
+           error: str | None = None) -> Answer:
+    """The reply for one lookup.  ``dest`` is the lookup result when :func:`needs_destination` said so;
+    ``error`` says that lookup failed (then the answer is TEMP wherever the destination mattered)."""
+    entry = table.lookup_nexthop(query.key) if query.domain is None else (
+        None if query.parent else table.lookup_domain(query.domain)
+    )
+    if query.parent:
+        # The exact key was answered already (table parents included); Postfix asks .parent only after NOTFOUND.
+        return Answer(Status.NOTFOUND)
+    if zone is Zone.REQUIRETLS:
+        if entry is not None and entry.requiretls is False:
+            return Answer(Status.OK, "opportunistic")
+        return Answer(Status.OK, "enforce")
+    if zone is Zone.RELAXED:
+        if entry is None or entry.optout is not False:
+            return Answer(Status.OK, "may")
+        return _table(entry) or _need(dest, error, _from_destination)
+    if zone is Zone.STRICT:
+        if entry is not None and entry.level in AUTHENTICATED_LEVELS:
+            return _table(entry) or Answer(Status.TEMP, "table")
+        if query.domain is None:
+            return Answer(Status.OK, "secure")
+        return _need(dest, error, _strict)
+    if query.domain is None:
+        return _table(entry) or Answer(Status.NOTFOUND)
+    return _table(entry) or _need(dest, error, _from_destination)
+
+
+def _need(dest: Destination | None, error: str | None, f: Callable[[Destination], Answer]) -> Answer:
+    if error is not None or dest is None:
+        return Answer(Status.TEMP, (error or "destination lookup missing")[:200])
+    return f(dest)
+
+
+def _strict(dest: Destination) -> Answer:
+    """REQUIRETLS through Postfix's smtp client: an authenticated level or TEMP (never ``may``)."""
+    if dest.requirement is TlsRequirement.DEFER:
+        return Answer(Status.TEMP, dest.reason[:200])
+    if dest.requirement is TlsRequirement.DANE:
+        return Answer(Status.OK, "dane-only")
+    if dest.sts is not None and dest.sts.validates_mx:
+        match = _sts_match(dest)
+        if match:
+            return Answer(Status.OK, f"secure match={match} servername=hostname")
+    if dest.mx_secure:
+        # RFC 8689 §2: a DNSSEC-validated MX name with a PKIX certificate for that name also qualifies.
+        return Answer(Status.OK, "secure match=hostname")
+    return Answer(Status.TEMP, "no authenticated TLS: MX neither DNSSEC-signed with TLSA nor listed by MTA-STS")

@@ -1,0 +1,52 @@
+"""``requiretls policyd``: run the socketmap TLS policy service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+
+from requiretls.config import load
+from requiretls.errors import ConfigError
+from requiretls.log import kv, setup
+from requiretls.policyd.metrics import Metrics
+from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings, serve_forever
+from requiretls.runtime import destination_resolver
+
+log = logging.getLogger("requiretls")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="config file (default: built-in defaults)")
+    p.add_argument("--listen", action="append", metavar="SPEC", help="override policyd.listen (repeat)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    setup("policyd", settings.get("log", "target"), settings.get("log", "level"))
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    metrics = Metrics()
+    service = PolicyService(
+        settings.local_policy.table,
+        destination_resolver(settings),
+        metrics,
+        ServiceSettings(float(settings.get("policyd", "answer_ttl")), float(settings.get("policyd", "lookup_timeout"))),
+    )
+    if settings.get("policyd", "metrics"):
+        metrics.serve(settings.get("policyd", "metrics"))
+
+    def reload() -> None:
+        try:
+            fresh = load(args.config)
+        except ConfigError as e:
+            log.error("%s", kv(reload="failed, keeping the old configuration", error=str(e)))
+            return
+        service.set_table(fresh.local_policy.table)
+        log.info("%s", kv(reload="done", table_entries=len(fresh.local_policy.table)))
+
+    asyncio.run(serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"), reload))
+    return 0

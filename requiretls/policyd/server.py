@@ -1,0 +1,264 @@
+"""The socketmap server Postfix's ``smtp_tls_policy_maps`` (and 3.11's ``smtp_requiretls_policy``) query.
+
+One asyncio process, unix and/or loopback TCP listeners, many connections, several requests per connection.
+Replies on a connection keep the order of its requests.  The hot path is a dictionary of ready-made reply
+bytes per (zone, key): a warm answer costs a dict lookup and a write, no allocation storm.  A miss runs the
+destination lookup (DNS, MTA-STS; coalesced per domain by :mod:`requiretls.dest`) in a task; DNS or MTA-STS
+trouble answers TEMP, so Postfix defers instead of using a weaker level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from requiretls.dest import DestinationResolver
+from requiretls.log import kv
+from requiretls.policy.table import PolicyTable
+from requiretls.policy.tlsmap import Answer, Query, Status, Zone, answer, needs_destination, parse_key
+from requiretls.policyd.metrics import Metrics
+from requiretls.policyd.netstring import Decoder, NetstringError, TooLong, encode
+
+log = logging.getLogger("requiretls")
+
+MAX_REQUEST = 1024
+MAX_PENDING = 256
+_ZONES = {z.value.encode(): z for z in Zone}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    answer_ttl: float = 60.0
+    lookup_timeout: float = 30.0
+
+
+class PolicyService:
+    """Answers (zone, key) lookups; shared by every connection."""
+
+    def __init__(self, table: PolicyTable, resolver: DestinationResolver | None, metrics: Metrics,
+                 settings: ServiceSettings | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.table = table
+        self.resolver = resolver
+        self.metrics = metrics
+        self.settings = settings or ServiceSettings()
+        self.clock = clock
+        self._cache: dict[bytes, tuple[float, bytes, Callable[[], None]]] = {}
+
+    def set_table(self, table: PolicyTable) -> None:
+        self.table = table
+        self._cache.clear()
+
+    def cached(self, request: bytes) -> bytes | None:
+        hit = self._cache.get(request)
+        if hit is not None and hit[0] > self.clock():
+            hit[2]()
+            return hit[1]
+        return None
+
+    async def reply(self, request: bytes) -> bytes:
+        """The framed reply for one framed-off request payload (``name key``)."""
+        hit = self.cached(request)
+        if hit is not None:
+            return hit
+        name, sep, rawkey = request.partition(b" ")
+        zone = _ZONES.get(name)
+        if zone is None or not sep:
+            self.metrics.error("unknown_zone" if sep else "malformed")
+            return self._frame(Answer(Status.PERM, "unknown map name" if sep else "malformed request"), "-")
+        try:
+            key_text = rawkey.decode("ascii")
+        except UnicodeDecodeError:
+            self.metrics.error("bad_key")
+            return self._frame(Answer(Status.PERM, "invalid lookup key"), zone)
+        query = parse_key(key_text)
+        if isinstance(query, Answer):
+            self.metrics.error("bad_key")
+            return self._frame(query, zone)
+        ans, ttl = await self._answer(zone, query)
+        wire = self._frame(ans, zone)
+        if ans.status is not Status.TEMP and ttl > 0:
+            self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(str(zone), ans.status.value))
+        return wire
+
+    async def _answer(self, zone: Zone, query: Query) -> tuple[Answer, float]:
+        if not needs_destination(zone, query, self.table) or query.domain is None:
+            return answer(zone, query, self.table), self.settings.answer_ttl
+        if self.resolver is None:
+            return answer(zone, query, self.table, None, "no destination resolver configured"), 0.0
+        started = self.clock()
+        try:
+            dest = await asyncio.wait_for(self.resolver.lookup(query.domain), self.settings.lookup_timeout)
+        except TimeoutError:
+            self.metrics.error("lookup_timeout")
+            return answer(zone, query, self.table, None, "destination lookup timed out"), 0.0
+        except Exception as e:  # any lookup failure must become TEMP: never a crash or a weaker answer
+            self.metrics.error("lookup_failed")
+            log.warning("%s", kv(zone=str(zone), key=query.key, lookup_error=f"{type(e).__name__}: {e}"))
+            return answer(zone, query, self.table, None, f"destination lookup failed: {type(e).__name__}"), 0.0
+        finally:
+            self.metrics.lookup_seconds(self.clock() - started)
+        ttl = max(0.0, min(float(dest.ttl), self.settings.answer_ttl))
+        return answer(zone, query, self.table, dest), ttl
+
+    def _frame(self, ans: Answer, zone: Zone | str) -> bytes:
+        self.metrics.request(str(zone), ans.status.value)
+        return encode(ans.wire().encode("ascii", "replace"))
+
+
+class SocketmapProtocol(asyncio.Protocol):
+    """One Postfix connection."""
+
+    def __init__(self, service: PolicyService, server: PolicyServer) -> None:
+        self.service = service
+        self.server = server
+        self.decoder = Decoder(MAX_REQUEST)
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.worker: asyncio.Task[None] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
+        self.transport = cast(asyncio.Transport, transport)
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        try:
+            requests = self.decoder.feed(data)
+        except TooLong as e:
+            self.service.metrics.error("too_long")
+            transport.write(encode(f"PERM {e}".encode()))
+            transport.close()
+            return
+        except NetstringError:
+            self.service.metrics.error("bad_netstring")
+            transport.close()
+            return
+        for req in requests:
+            # A hit is written at once only when nothing is waiting before it: replies keep request order.
+            if self.worker is None and not self.queue:
+                hit = self.service.cached(req)
+                if hit is not None:
+                    transport.write(hit)
+                    continue
+            self.queue.append(req)
+        if len(self.queue) > MAX_PENDING:
+            self.service.metrics.error("too_many_pending")
+            transport.close()
+            return
+        if self.queue and self.worker is None:
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def _work(self) -> None:
+        try:
+            while self.queue:
+                req = self.queue.popleft()
+                wire = await self.service.reply(req)
+                if self.transport is None:
+                    return
+                self.transport.write(wire)
+        finally:
+            self.worker = None
+
+
+class PolicyServer:
+    """Listeners plus graceful shutdown: stop accepting, finish answers in progress, flush, close."""
+
+    def __init__(self, service: PolicyService) -> None:
+        self.service = service
+        self.connections: set[SocketmapProtocol] = set()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.unix_paths: list[str] = []
+
+    async def listen(self, specs: Sequence[str], socket_mode: int = 0o666) -> None:
+        loop = asyncio.get_running_loop()
+        for spec in specs:
+            kind, _, rest = spec.partition(":")
+            if kind == "unix":
+                _prepare_unix(rest)
+                srv = await loop.create_unix_server(lambda: SocketmapProtocol(self.service, self), rest, backlog=512)
+                os.chmod(rest, socket_mode)
+                self.unix_paths.append(rest)
+            elif kind == "inet":
+                host, _, port = rest.rpartition(":")
+                srv = await loop.create_server(lambda: SocketmapProtocol(self.service, self),
+                                               host.strip("[]") or "127.0.0.1", int(port), backlog=512,
+                                               reuse_address=True)
+            else:
+                raise ValueError(f"listen address {spec!r}: use unix:/path or inet:HOST:PORT")
+            self.servers.append(srv)
+            log.info("%s", kv(listening=spec))
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        for srv in self.servers:
+            srv.close()
+        deadline = time.monotonic() + grace
+        while any(c.worker is not None for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for c in list(self.connections):
+            if c.transport is not None:
+                c.transport.close()  # asyncio flushes what was written before closing
+        for srv in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(srv.wait_closed(), 1.0)
+        for path in self.unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _prepare_unix(path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify(3) without libsystemd: a datagram to $NOTIFY_SOCKET, if systemd gave one."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(state.encode())
+
+
+async def serve_forever(server: PolicyServer, specs: Sequence[str], reload: Callable[[], None] | None = None,
+                        ready: Callable[[], None] | None = None) -> None:
+    """Listen, tell systemd, and run until SIGTERM/SIGINT; SIGHUP calls ``reload``."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    await server.listen(specs)
+    notify_systemd("READY=1")
+    if ready is not None:
+        ready()
+    await stop.wait()
+    notify_systemd("STOPPING=1")
+    log.info("%s", kv(shutdown="SIGTERM", connections=len(server.connections)))
+    await server.shutdown()
