@@ -89,6 +89,12 @@ def _listen_list(v: Any) -> str | None:
     return None
 
 
+def _relayhost(v: Any) -> str | None:
+    if v == "" or re.fullmatch(r"\[[A-Za-z0-9.-]+\](:\d{1,5})?|[A-Za-z0-9.-]+(:\d{1,5})?", v):
+        return None
+    return f"must be [host]:port or host, not {v!r}"
+
+
 def _version(v: Any) -> str | None:
     return None if v == "" or re.fullmatch(r"\d+\.\d+(\.\d+)?", v) else f"must be X.Y, not {v!r}"
 
@@ -211,6 +217,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "unix:/var/spool/postfix/requiretls/relay.sock",
             "Where the REQUIRETLS delivery agent takes LMTP from Postfix: unix:/path or inet:PORT@ADDRESS.",
             _milter_socket,
+        ),
+        "relayhost": Setting(
+            str,
+            "",
+            "Postfix's relayhost ([host]:port) when it has one: the agent sends REQUIRETLS mail there, under the "
+            "same rules as to an MX (the relay's name is the MTA-STS policy domain). Empty: MX lookups.",
+            _relayhost,
         ),
         "reinject": Setting(
             str,

@@ -32,6 +32,7 @@ from requiretls.policy import (
     plan_route,
     with_route,
 )
+from requiretls.policy.route import handback
 
 log = logging.getLogger("requiretls")
 CONTINUE: int = Milter.CONTINUE
@@ -53,6 +54,8 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
     policy_source: PolicySource = LocalPolicy
     #: Overrides the ``v`` macro (``postfix_version`` setting); None: trust the macro.
     postfix_override: PostfixFeatures | None = None
+    #: Postfix's relayhost as the agent sees it (``relay.relayhost``): recipients routed there are not handed back.
+    relayhost: str = ""
 
     def __init__(self) -> None:
         self.client_ip: str | None = None
@@ -124,7 +127,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
         )
         decision = decide(facts, self.policy_source())
         route = plan_route(decision, self.rcpts, self.postfix, decision.native_requiretls)
-        decision = with_route(decision, route)
+        decision = with_route(decision, route, handback(self.rcpts, self.relayhost))
         self._log(queue_id, decision, route)
         if decision.reject is not None:
             r = decision.reject
@@ -181,10 +184,11 @@ def _prepare_socket(spec: str) -> None:
 
 
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
-          postfix_version: str = "") -> None:
+          postfix_version: str = "", relayhost: str = "") -> None:
     """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
     RequireTLSMilter.policy_source = staticmethod(policy_source)
     RequireTLSMilter.postfix_override = PostfixFeatures.from_macro(postfix_version) if postfix_version else None
+    RequireTLSMilter.relayhost = relayhost
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
@@ -207,5 +211,5 @@ def run(args: argparse.Namespace) -> int:
     setup("milter", settings.get("log", "target"), settings.get("log", "level"))
     spec = args.socket or settings.get("milter", "socket")
     serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
-          settings.get("milter", "postfix_version"))
+          settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"))
     return 0

@@ -32,7 +32,9 @@ from requiretls.policy.table import TableEntry, split_address
 #: Private header the milter adds to steer delivery; ``milter_header_checks`` turns it into FILTER.  Inbound
 #: copies are forgeries and are removed (by header_checks IGNORE first, and by the milter as well).
 ROUTE_HEADER = "X-RequireTLS-Route"
-PRIVATE_HEADERS = (ROUTE_HEADER,)
+#: Private header listing the recipients the delivery agent hands back to Postfix (local, transport_maps).
+HANDBACK_HEADER = "X-RequireTLS-Handback"
+PRIVATE_HEADERS = (ROUTE_HEADER, HANDBACK_HEADER)
 
 
 def _where(entry: TableEntry) -> str:

@@ -13,14 +13,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from requiretls.policy.decide import ROUTE_HEADER
+from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
 from requiretls.policy.model import Decision, HeaderEdit, MessageClass
 from requiretls.policy.table import split_address
 
 
 class Route(enum.StrEnum):
-    #: To the REQUIRETLS delivery agent (LMTP); it re-injects what Postfix must deliver itself.
+    #: REQUIRETLS: to the delivery agent (LMTP), which hands back what Postfix must deliver itself.
     RELAY = "relay"
+    #: Opt-out with recipients Postfix routes itself (local, transport_maps, relayhost): to the agent, which
+    #: delivers the rest opportunistically.
+    RELAY_OPTOUT = "relay-optout"
+    #: Postfix >= 3.11, REQUIRETLS tagged by a local rule: the agent re-injects the message with
+    #: ``Require-TLS-ESMTP: yes`` so that Postfix's native REQUIRETLS enforces it.
+    REINJECT = "reinject"
     #: To the relaxed smtp transport clone (opportunistic TLS, ``optout=no`` destinations keep their policy).
     RELAXED = "relaxed"
 
@@ -81,20 +87,37 @@ def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixF
     received ``Require-TLS-ESMTP: yes``).
     """
     if decision.msg_class is MessageClass.REQUIRETLS:
-        if native and postfix.native_requiretls:
-            return None
+        if postfix.native_requiretls:
+            return None if native else Route.REINJECT
         return Route.RELAY
     if decision.msg_class is MessageClass.OPTOUT:
         # The relaxed clone sends each recipient to its domain's MX; anything Postfix would route elsewhere
         # (local, virtual, transport_maps, relayhost) goes to the agent, which hands it back to Postfix.
         if rcpts and all(_goes_to_mx(r) for r in rcpts):
             return Route.RELAXED
-        return Route.RELAY
+        return Route.RELAY_OPTOUT
     return None
 
 
-def with_route(decision: Decision, route: Route | None) -> Decision:
-    """The decision with the route header added to its edits (nothing for Postfix's normal delivery)."""
+def handback(rcpts: Sequence[RcptRoute], relayhost: str = "") -> tuple[str, ...]:
+    """Recipients the agent must give back to Postfix (it would not send them to their domain's MX itself):
+    local/virtual/pipe delivery and transport_maps routes.  The relayhost is not among them: the agent sends
+    REQUIRETLS mail to it under the same rules as to an MX."""
+    out = []
+    for r in rcpts:
+        if _goes_to_mx(r):
+            continue
+        if relayhost and r.mailer and r.mailer.lower() in _SMTP_MAILERS and (r.host or "").lower() == relayhost.lower():
+            continue
+        out.append(r.address)
+    return tuple(out)
+
+
+def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence[str] = ()) -> Decision:
+    """The decision with the route header (and, for the agent, the hand-back list) added to its edits."""
     if route is None:
         return decision
-    return replace(decision, header_edits=(*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))))
+    edits = [*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))]
+    if handback_rcpts and route in (Route.RELAY, Route.RELAY_OPTOUT):
+        edits.append(HeaderEdit("add", HANDBACK_HEADER, ", ".join(f"<{a}>" for a in handback_rcpts)))
+    return replace(decision, header_edits=tuple(edits))

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from requiretls.policy import LocalPolicy
-from requiretls.policy.decide import ROUTE_HEADER
+from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
 from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, TLS_REQUIRED
 from requiretls.policy.route import PostfixFeatures, Route
 
@@ -158,8 +158,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
             main.append((name, env.current.get("header_checks", "")))
 
     header_rules = [
-        "# requiretls: inbound copies of the private route header are forgeries.",
-        f"/^{ROUTE_HEADER}:/ IGNORE",
+        "# requiretls: inbound copies of the private headers are forgeries.",
+        f"/^({ROUTE_HEADER}|{HANDBACK_HEADER}):/ IGNORE",
     ]
     if env.version.native_tls_required:
         header_rules += [
@@ -169,12 +169,12 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
         ]
     milter_rules = [
         "# requiretls: the milter's route header selects the delivery path (FILTER covers every recipient).",
-        f"/^{ROUTE_HEADER}: {Route.RELAY}$/ FILTER lmtp:{relay}",
+        f"/^{ROUTE_HEADER}: ({Route.RELAY}|{Route.RELAY_OPTOUT}|{Route.REINJECT})$/ FILTER lmtp:{relay}",
         f"/^{ROUTE_HEADER}: {Route.RELAXED}$/ FILTER {RELAXED_SERVICE}:",
     ]
     reinject_rules = [
-        "# requiretls re-injection: only the private route header goes; TLS-Required and Require-TLS-ESMTP stay.",
-        f"/^{ROUTE_HEADER}:/ IGNORE",
+        "# requiretls re-injection: only the private headers go; TLS-Required and Require-TLS-ESMTP stay.",
+        f"/^({ROUTE_HEADER}|{HANDBACK_HEADER}):/ IGNORE",
     ]
     files = (
         (HEADER_CHECKS, "\n".join(header_rules) + "\n"),

@@ -78,7 +78,8 @@ def test_optout_with_a_local_recipient_goes_to_the_agent(ctx: TestCtx) -> None:
     """FILTER would send a local recipient over SMTP to its own domain; the agent hands it back instead."""
     ctx._setsymval("{rcpt_mailer}", "local")
     _feed(ctx, b"From: a@corp.example\nTLS-Required: No\nSubject: hi\n\nbody\n")
-    assert ctx._msg["X-RequireTLS-Route"] == "relay"
+    assert ctx.edits == [("add", "X-RequireTLS-Route", "relay-optout"),
+                         ("add", "X-RequireTLS-Handback", "<bob@friend.example>")]
 
 
 def test_native_requiretls_on_postfix_3_11_is_left_to_postfix(ctx: TestCtx) -> None:
