@@ -1,17 +1,13 @@
 """``requiretls check`` against the real testbed: NSD + validating Unbound with signed, unsigned,
 bogus and lame zones, the test CA, aiosmtpd MXs, and the MTA-STS HTTPS server.
 
-Uses a running bed when there is one (``python -m tests.testbed up``), else starts its own in a
-temporary state directory and stops it afterwards.
+Uses the session's ``bed`` fixture (tests/conftest.py): a running bed, or one started for the session.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,30 +30,9 @@ RESOLVER = "127.0.53.53"
 
 
 @pytest.fixture(scope="module")
-def bed_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The CA file of a running testbed; starts a private one when none runs."""
-    for tool in ("nsd", "unbound"):
-        if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists():
-            pytest.skip(f"testbed needs {tool} (scripts/install-apt.sh installs it)")
-    try:
-        from tests.testbed.bed import DEFAULT_STATE, Bed
-    except (ImportError, AttributeError) as e:  # e.g. Debian 12's dnspython 2.3 lacks dns.dnssec.sign_zone
-        pytest.skip(f"testbed package not importable here: {type(e).__name__}: {e}")
-    shared = Bed(DEFAULT_STATE)
-    if shared.running:
-        yield str(shared.pki.ca_cert)
-        return
-    bed = Bed(tmp_path_factory.mktemp("bed"))
-    try:
-        bed.start()
-    except RuntimeError as e:
-        if "already" in str(e) or "in use" in str(e):
-            pytest.skip(f"another testbed holds the bed addresses: {e}")
-        raise
-    try:
-        yield str(bed.pki.ca_cert)
-    finally:
-        bed.stop()
+def bed_ca(bed: Any) -> str:
+    """The CA file of the session's testbed (``bed`` fixture of tests/conftest.py)."""
+    return str(bed.pki.ca_cert)
 
 
 def _check(ca: str, domain: str, *extra: str) -> tuple[int, str]:

@@ -152,3 +152,13 @@ def test_normalize_name_rejects_garbage() -> None:
     assert normalize_name("Example.COM.") == "example.com"
     with pytest.raises(ValueError):
         normalize_name("a..b")
+
+
+def test_broken_cache_degrades_to_a_fresh_lookup(fake_dns: FakeDns, dns_settings: ResolverSettings) -> None:
+    """A cache failure costs a lookup, never the answer."""
+    from requiretls.dest.cache import RedisCache
+
+    fake_dns.add("good.test", "MX", "10 mx.good.test.")
+    client = DnsClient(dns_settings, RedisCache("redis://127.0.0.1:1/0", timeout=0.3))
+    a = run(client.query("good.test", "MX"))
+    assert a.state is DnssecState.SECURE and a.rdata == ("10 mx.good.test.",)
