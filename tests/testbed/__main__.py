@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated Postfix versions to start too (default 3.7; 'all' = every version present; "
         "'none' = no Postfix)",
     )
-    sub.add_parser("down", help="stop everything the state dir records")
+    down = sub.add_parser("down", help="stop everything the state dir records")
+    down.add_argument(
+        "--any", action="store_true", help="stop the machine's running bed, whatever its state dir"
+    )
     sub.add_parser("status", help="print what runs (JSON)")
     a = ap.parse_args(argv)
     bed = Bed(a.state)
@@ -64,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.cmd == "down":
         t0 = time.monotonic()
+        current = Bed.current()
+        if a.any and current is not None and not bed.running:
+            bed = Bed(current.state)
         bed.stop()
         print(f"bed down in {time.monotonic() - t0:.2f}s")
         return 0
-    json.dump(bed.status(), sys.stdout, indent=1)
+    current = Bed.current()
+    json.dump({**bed.status(), "machine_bed": str(current.state) if current else None}, sys.stdout, indent=1)
     print()
     return 0
 

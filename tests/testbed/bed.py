@@ -26,6 +26,9 @@ from .records import MxRecorder, recorder
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = Path(os.environ.get("RTLS_TESTBED_STATE", str(REPO / "var" / "testbed")))
 ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+REGISTRY = Path("/run/requiretls-testbed.state")
+"""Which state dir the machine's running bed uses.  The bed's addresses are machine-wide, so at most one
+bed runs at a time; the registry lets any process (another pytest run, ``status``) find and reuse it."""
 
 
 def listening_sockets() -> list[str]:
@@ -50,6 +53,7 @@ class Bed:
     """Handle on a bed state directory; ``start()``/``stop()`` are idempotent-safe and restartable."""
 
     state: Path = field(default_factory=lambda: DEFAULT_STATE)
+    owned: bool = True  # False: someone else started it (``up``); tests must not stop it
 
     def __post_init__(self) -> None:
         self.state = Path(self.state).resolve()
@@ -75,16 +79,36 @@ class Bed:
         ps = self._procs()
         return bool(ps) and all(procs.alive(p) for p in ps)
 
+    @classmethod
+    def current(cls) -> Bed | None:
+        """The bed running on this machine (whoever started it), or None."""
+        try:
+            state = Path(REGISTRY.read_text().strip())
+        except OSError:
+            return None
+        b = cls(state, owned=False)
+        return b if b.running else None
+
     # --- life cycle ---------------------------------------------------------------------------------
 
     def start(self, timeout: float = 20.0) -> None:
         """Fresh CA, freshly signed zones, then NSD, the lame NSD, Unbound and the services process."""
         if any(procs.alive(p) for p in self._procs()):
             raise RuntimeError(f"bed already running in {self.state} (python -m tests.testbed down)")
+        other = Bed.current()
+        if other is not None:
+            raise RuntimeError(f"bed addresses already in use by the bed in {other.state}")
         busy = [s for s in listening_sockets() if "127.0.0.1:" not in s.split()[4]]
         if busy:
             raise RuntimeError("bed addresses already in use:\n" + "\n".join(busy))
         self.state.mkdir(parents=True, exist_ok=True)
+        self.state.chmod(0o755)
+        for parent in self.state.parents:
+            if not parent.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{parent} is not searchable by other users: Postfix (running as 'postfix') could not "
+                    f"reach its data directory under {self.state}; choose another RTLS_TESTBED_STATE"
+                )
         for sub in ("pki", "dns", "mx", "https", "logs"):
             shutil.rmtree(self.state / sub, ignore_errors=True)
         (self.state / "services.ready").unlink(missing_ok=True)
@@ -140,6 +164,7 @@ class Bed:
                     )
                 time.sleep(0.05)
             bdns.wait_ready(timeout)
+            REGISTRY.write_text(f"{self.state}\n")
         except BaseException:
             self._stop_procs(started)
             self._state_file.unlink(missing_ok=True)
@@ -167,6 +192,11 @@ class Bed:
             errors.append("still alive: " + ", ".join(f"{p.name}[{p.pid}]" for p in ps if procs.alive(p)))
         else:
             self._state_file.unlink(missing_ok=True)
+            try:
+                if Path(REGISTRY.read_text().strip()) == self.state:
+                    REGISTRY.unlink()
+            except OSError:
+                pass
         (self.state / "services.ready").unlink(missing_ok=True)
         try:
             for m in MX_HOSTS:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import smtplib
 import ssl
 import subprocess
@@ -218,9 +219,38 @@ class Postfix:
         }
 
     def reset(self) -> None:
-        """Fresh config, empty queue and log: the instance as a test gets it.  Must not be running."""
+        """Fresh config, empty queue and log: the instance as a test gets it.  Must not be running.
+
+        The first start of an empty instance spends ~2.5 s in post-install creating the queue; so the first
+        reset of a version starts and stops it once and keeps the empty queue and data directories as a
+        template, which later resets copy (ownerships included), bringing a start down to ~0.3 s.
+        """
         if self.running:
             raise RuntimeError("reset() on a running Postfix")
+        self._wipe()
+        tmpl = self._template_dir()
+        if (tmpl / "done").exists():
+            for sub in ("spool", "data"):
+                subprocess.run(["cp", "-a", str(tmpl / sub), str(self.dir / sub)], check=True, timeout=60)
+        else:
+            self.start()
+            self.stop()
+            shutil.rmtree(tmpl, ignore_errors=True)
+            tmpl.mkdir(parents=True)
+            for sub in ("spool", "data"):
+                subprocess.run(["cp", "-a", str(self.dir / sub), str(tmpl / sub)], check=True, timeout=60)
+            for leftover in ("spool/pid/master.pid", "data/master.lock"):
+                (tmpl / leftover).unlink(missing_ok=True)
+            (tmpl / "done").touch()
+            self._wipe()
+            self.reset()
+
+    def _template_dir(self) -> Path:
+        stamp = (self.pv.root / ".rtls-ready") if self.pv.root else Path("/usr/sbin/postfix")
+        key = f"{self.pv.full_version}-{stamp.stat().st_mtime_ns}"
+        return self.state / ".postfix-templates" / self.version / key
+
+    def _wipe(self) -> None:
         for sub in ("etc", "spool", "data", "mail"):
             p = self.dir / sub
             if p.exists():
@@ -339,6 +369,14 @@ class Postfix:
             raise RuntimeError(f"Postfix {self.version} already running")
         if not (self.config_dir / "main.cf").exists():
             self.reset()
+        if not self.queue_dir.exists():
+            self.queue_dir.mkdir(parents=True)
+        # Postfix start-up waits ~2 s when main.cf was modified within the last seconds (measured: 2.3 s
+        # versus 0.2 s); the tests rewrite it right before every start, so date it back.
+        past = time.time() - 10
+        for f in self.config_dir.iterdir():
+            if f.is_file() and f.stat().st_mtime > past:
+                os.utime(f, (past, past))
         script = self._ns_script(["/usr/sbin/postfix", "-c", str(self.config_dir), "start-fg"])
         launcher = procs.spawn(
             f"postfix-{self.version}-unshare",
