@@ -85,7 +85,7 @@ class _PinnedSMTP(smtplib.SMTP):
                                         self.source_address)
 
 
-def _peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
+def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
     """The chain the server sent (leaf first).  Python < 3.13 has it only privately."""
     getter = getattr(sock, "get_unverified_chain", None)
     if getter is None:
@@ -170,7 +170,7 @@ def _session(client: _PinnedSMTP, host: str, address: str, settings: ProbeSettin
             return _with(base, error=f"STARTTLS failed: {e}")
         sock = client.sock
         assert isinstance(sock, ssl.SSLSocket)
-        chain = _peer_chain(sock)
+        chain = peer_chain(sock)
         cert: dict[str, str] = {}
         try:
             cert = leaf_summary(chain[0]) if chain else {}
