@@ -25,6 +25,51 @@ def _print_hosts() -> None:
         print(f"  {d.domain:28} {d.dnssec.value:9} {mxs}")
 
 
+def _demo(a: argparse.Namespace) -> int:
+    """One message end to end, for ``make demo``: prints Postfix's log lines for it and what the MX got."""
+    from .hosts import DOMAIN_BY_NAME
+
+    bed = Bed.current()
+    own = bed is None
+    if bed is None:
+        bed = Bed(a.state)
+        bed.start()
+    pf = bed.postfix(a.postfix)
+    try:
+        pf.stop()
+        pf.reset()
+        if a.setup:
+            print(pf.run_host(["sh", "-c", a.setup]).stdout, end="")
+        pf.start()
+        headers = dict(h.split(":", 1) for h in a.header)
+        q = pf.submit(
+            "alice@sender.test",
+            [a.to],
+            mail_options=a.mail_option,
+            starttls=bool(a.mail_option),
+            headers={k.strip(): v.strip() for k, v in headers.items()},
+        )
+        print(f"submitted to Postfix {pf.pv.full_version}: queue id {q.queue_id}")
+        status = pf.wait_log(rf"{q.queue_id}: to=<{a.to}>.*status=", timeout=60)
+        for line in pf.log().splitlines():
+            if q.queue_id in line or "TLS connection established" in line:
+                print("  log:", line.split(": ", 1)[-1] if ": " in line else line)
+        domain = DOMAIN_BY_NAME.get(a.to.rsplit("@", 1)[1])
+        if domain is not None and "status=sent" in status.line:
+            for _, key in domain.mx:
+                for d in bed.mx(key).deliveries():
+                    print(
+                        f"  MX {key}: from=<{d.mail_from}> params={' '.join(d.mail_options)} "
+                        f"to={','.join(d.rcpt_tos)} tls={d.tls_version or 'none'} "
+                        f"cipher={d.tls_cipher or '-'} requiretls={d.requiretls}"
+                    )
+        return 0 if "status=sent" in status.line else 1
+    finally:
+        pf.stop()
+        if own:
+            bed.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.testbed", description=__doc__)
     ap.add_argument("--state", type=Path, default=DEFAULT_STATE, help="state directory (default %(default)s)")
@@ -41,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         "--any", action="store_true", help="stop the machine's running bed, whatever its state dir"
     )
     sub.add_parser("status", help="print what runs (JSON)")
+    demo = sub.add_parser(
+        "demo", help="bed up, one message through Postfix, show where it went and how, down"
+    )
+    demo.add_argument("--postfix", default="3.7", help="Postfix version (default %(default)s)")
+    demo.add_argument("--to", default="bob@dane.test", help="recipient (default %(default)s)")
+    demo.add_argument("--mail-option", action="append", default=[], help="MAIL FROM parameter, repeatable")
+    demo.add_argument("--header", action="append", default=[], help="'Name: value' header, repeatable")
+    demo.add_argument(
+        "--setup",
+        help="shell command run on the host against the instance before start (MAIL_CONFIG set), "
+        "e.g. 'requiretls postfix-config --apply'",
+    )
     a = ap.parse_args(argv)
     bed = Bed(a.state)
     if a.cmd == "up":
@@ -73,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         bed.stop()
         print(f"bed down in {time.monotonic() - t0:.2f}s")
         return 0
+    if a.cmd == "demo":
+        return _demo(a)
     current = Bed.current()
     json.dump({**bed.status(), "machine_bed": str(current.state) if current else None}, sys.stdout, indent=1)
     print()

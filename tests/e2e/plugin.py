@@ -1,0 +1,125 @@
+"""The plugin wired into a testbed Postfix exactly as an admin would: ``requiretls postfix-config --apply``,
+then the milter, the delivery agent and (optionally) policyd started as separate processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.testbed.bed import Bed
+from tests.testbed.hosts import UNBOUND_IP
+from tests.testbed.postfix import Postfix
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Plugin:
+    bed: Bed
+    pf: Postfix
+    table: str = ""
+    senders: str = ""
+    policy: str = ""  # extra [policy] lines
+    extra: str = ""  # extra TOML sections
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dir = self.pf.dir / "requiretls"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        q = self.pf.queue_dir
+        self.milter_sock = q / "requiretls" / "milter.sock"
+        self.relay_sock = q / "requiretls" / "relay.sock"
+        self.policyd_sock = q / "requiretls" / "policyd.sock"
+        self.reinject_port = self.pf.ports.extra[0]
+        self.config = self.dir / "requiretls.toml"
+
+    def write_config(self) -> None:
+        (self.dir / "policy").write_text(self.table)
+        (self.dir / "senders").write_text(self.senders)
+        ca = self.bed.pki.ca_cert
+        self.config.write_text(
+            f"""[policy]
+table = "policy"
+sender_table = "senders"
+{self.policy}
+[dns]
+resolver = "{UNBOUND_IP}:53"
+timeout = 3
+[mta_sts]
+cafile = "{ca}"
+fetch_timeout = 5
+[milter]
+socket = "unix:{self.milter_sock}"
+[relay]
+listen = "unix:{self.relay_sock}"
+reinject = "127.0.0.1:{self.reinject_port}"
+cafile = "{ca}"
+helo_name = "relay.local.test"
+timeout = 10
+[policyd]
+listen = ["unix:{self.policyd_sock}"]
+{self.extra}
+"""
+        )
+
+    def apply(self) -> None:
+        self.write_config()
+        r = subprocess.run(
+            [sys.executable, "-m", "requiretls", "postfix-config", "--config", str(self.config),
+             "-c", str(self.pf.config_dir), "--postfix-version", self.pf.version, "--apply"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 0, r.stderr + r.stdout
+
+    def start_daemon(self, name: str) -> None:
+        sock = {"milter": self.milter_sock, "relay": self.relay_sock, "policyd": self.policyd_sock}[name]
+        if sock.exists():
+            sock.unlink()
+        logf = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "requiretls", name, "--config", str(self.config)],
+            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+        end = time.monotonic() + 15
+        while not sock.exists():
+            if self.procs[name].poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"{name} did not start:\n{self.log(name)[-3000:]}")
+            time.sleep(0.05)
+
+    def stop_daemon(self, name: str, sig: int = signal.SIGTERM) -> None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+    def log(self, name: str) -> str:
+        path = self.dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def start(self, daemons: tuple[str, ...] = ("milter", "relay")) -> None:
+        self.apply()
+        for d in daemons:
+            self.start_daemon(d)
+        self.pf.start()
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_daemon(name)
+
+    def wait_mx(self, key: str, n: int = 1, timeout: float = 30) -> list:  # type: ignore[type-arg]
+        return self.bed.mx(key).wait_for(n, timeout=timeout)
+
+
+def env_note() -> str:
+    return os.environ.get("RTLS_POSTFIX_VERSIONS", "")
