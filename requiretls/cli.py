@@ -38,6 +38,7 @@ _PLUGINS = {
     "requiretls.milter.app": ("milter", "run the milter that tags messages and steers their delivery"),
     "requiretls.postfix.cli": ("postfix-config", "print or apply the Postfix configuration for this version"),
     "requiretls.policyd.cli": ("policyd", "run the socketmap TLS policy service for smtp_tls_policy_maps"),
+    "requiretls.relay.cli": ("relay", "run the REQUIRETLS delivery agent (LMTP in from Postfix, SMTP out)"),
 }
 
 

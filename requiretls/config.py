@@ -225,6 +225,9 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "same rules as to an MX (the relay's name is the MTA-STS policy domain). Empty: MX lookups.",
             _relayhost,
         ),
+        "cafile": Setting(str, "", "CA bundle for MX certificates (PKIX). Empty: the system trust store."),
+        "helo_name": Setting(str, "", "Name the agent gives in EHLO. Empty: this host's FQDN."),
+        "timeout": Setting((int, float), 60.0, "Seconds for each SMTP step with an MX.", _positive),
         "reinject": Setting(
             str,
             "127.0.0.1:10026",

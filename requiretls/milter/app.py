@@ -10,6 +10,8 @@ switched off so that Postfix does not send them.  The facts come from macros: ``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import grp
 import logging
 import os
 import socket
@@ -171,16 +173,29 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
 
 def _prepare_socket(spec: str) -> None:
-    """Make the directory of a ``unix:`` socket and remove a stale socket file left by a crash."""
+    """Make the directory of a ``unix:`` socket and remove a stale socket file left by a crash.
+
+    Postfix's smtpd and cleanup run as ``postfix``: the directory is made setgid group ``postfix`` and the
+    umask 007, so the socket libmilter creates is group-writable for Postfix and closed to everyone else.
+    """
     if not spec.startswith(("unix:", "local:")):
         return
     path = spec.split(":", 1)[1]
-    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
     try:
+        gid = grp.getgrnam("postfix").gr_gid
+    except KeyError:
+        gid = -1
+    if os.geteuid() == 0 and gid >= 0:
+        os.chown(directory, -1, gid)
+        os.chmod(directory, 0o2755)
+        os.umask(0o007)
+    else:
+        os.umask(0o000)
+    with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,

@@ -28,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apply", action="store_true", help="change the live configuration (postconf -e / -M)")
     p.add_argument("--undo", action="store_true", help="with --apply: restore the configuration from the backup")
     p.add_argument(
+        "--policyd",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wire in the policy service (smtp_tls_policy_maps, relaxed zone; 3.11: smtp_requiretls_policy); "
+        "default: on for Postfix 3.11+, which needs it to authenticate MTA-STS destinations",
+    )
+    p.add_argument(
         "--offline",
         action="store_true",
         help="do not ask postconf: assume Debian's layout and no existing milters or header_checks",
@@ -45,12 +52,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         env = offline_env(args.postfix_version) if args.offline else read_env(args.postfix_config_dir,
                                                                              args.postfix_version)
+        use_policyd = env.version.native_requiretls if args.policyd is None else args.policyd
         plan = generate(
             env,
             settings.local_policy,
             settings.get("milter", "socket"),
             settings.get("relay", "listen"),
             settings.get("relay", "reinject"),
+            settings.get("policyd", "listen")[0] if use_policyd else None,
         )
         if not args.apply:
             sys.stdout.write(render(plan, env))

@@ -47,6 +47,7 @@ READ_PARAMS = (
     "nested_header_checks",
     "milter_header_checks",
     "smtp_tls_security_level",
+    "smtp_tls_policy_maps",
 )
 
 
@@ -136,8 +137,12 @@ def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_socket: str, reinject: str) -> Plan:
+def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_socket: str, reinject: str,
+             policyd_socket: str | None = None) -> Plan:
+    """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
+    opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only."""
     cdir = env.config_directory.rstrip("/")
+    sockmap = f"socketmap:{postfix_socket(policyd_socket, env.queue_directory)}" if policyd_socket else ""
     milter = f"{{ {postfix_socket(milter_socket, env.queue_directory)}, default_action=tempfail }}"
     relay = postfix_socket(relay_socket, env.queue_directory)
     hc = f"regexp:{cdir}/{HEADER_CHECKS}"
@@ -151,6 +156,11 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
             _prepend(env.current.get("milter_header_checks", ""), f"regexp:{cdir}/{MILTER_HEADER_CHECKS}"),
         ),
     ]
+    if sockmap:
+        current_maps = env.current.get("smtp_tls_policy_maps", "")
+        main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
+        if env.version.native_requiretls:
+            main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
     # mime_ and nested_header_checks default to $header_checks: keep them on the admin's own tables so that
     # attached messages' headers are left alone.
     for name in ("mime_header_checks", "nested_header_checks"):
@@ -187,7 +197,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
             RELAXED_SERVICE,
             "unix",
             f"{RELAXED_SERVICE} unix - - n - - smtp -o syslog_name=postfix/{RELAXED_SERVICE} "
-            f"-o smtp_tls_security_level=may -o smtp_tls_policy_maps=texthash:{cdir}/{RELAXED_POLICY}",
+            "-o smtp_tls_security_level=may -o smtp_tls_policy_maps="
+            + (f"{sockmap}:relaxed" if sockmap else f"texthash:{cdir}/{RELAXED_POLICY}"),
         ),
         MasterEntry(
             CLEANUP_SERVICE,

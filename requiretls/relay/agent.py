@@ -1,0 +1,277 @@
+"""The REQUIRETLS delivery agent: LMTP in from Postfix (FILTER from the milter's route header), SMTP out.
+
+Per recipient it answers only after the real outcome, so Postfix keeps the queue, the retries and the bounces:
+250 delivered, 4xx deferred, 5xx bounced with the enhanced code (RFC 2033 §4.2: one reply per recipient after
+DATA).  Recipients Postfix delivers itself (the milter lists them in ``X-RequireTLS-Handback``) go back
+through the re-injection smtpd, which has no milters and no FILTER, so nothing loops.  On Postfix 3.11 a
+message tagged by a local rule is re-injected whole with ``Require-TLS-ESMTP: yes`` so that Postfix's native
+REQUIRETLS enforces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import smtplib
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+
+from requiretls.dest import DestinationResolver, TlsRequirement
+from requiretls.log import kv
+from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
+from requiretls.policy.headers import REQUIRE_TLS_ESMTP, parse_header_block
+from requiretls.policy.route import Route
+from requiretls.policy.table import split_address
+from requiretls.relay.deliver import (
+    Envelope,
+    Outcome,
+    SendSettings,
+    Status,
+    deliver_opportunistic,
+    deliver_requiretls,
+)
+
+log = logging.getLogger("requiretls")
+
+_PRIVATE = (ROUTE_HEADER.lower(), HANDBACK_HEADER.lower())
+_ADDR = re.compile(r"<([^<>]*)>")
+_QUEUE_ID = re.compile(r"\bid ([0-9A-Za-z]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    reinject: tuple[str, int] = ("127.0.0.1", 10026)
+    relayhost: str = ""
+    send: SendSettings = field(default_factory=SendSettings)
+    max_parallel: int = 32
+
+
+def strip_private(message: bytes) -> bytes:
+    """Drop our private header fields (with their continuation lines) from the header section."""
+    end = message.find(b"\r\n\r\n")
+    sep = b"\r\n"
+    if end < 0:
+        end = message.find(b"\n\n")
+        sep = b"\n"
+    if end < 0:
+        return message
+    head, body = message[:end], message[end:]
+    out: list[bytes] = []
+    skipping = False
+    for line in head.split(sep):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                out.append(line)
+            continue
+        name = line.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+        skipping = name in _PRIVATE
+        if not skipping:
+            out.append(line)
+    return sep.join(out) + body
+
+
+def add_header(message: bytes, name: str, value: str) -> bytes:
+    sep = b"\r\n" if b"\r\n" in message[:2000] else b"\n"
+    return f"{name}: {value}".encode() + sep + message
+
+
+class AgentLMTP(LMTP):
+    """aiosmtpd's LMTP plus the DSN parameters Postfix sends when DSN is advertised (RET, ENVID, NOTIFY,
+    ORCPT), kept for the onward MAIL/RCPT instead of being refused."""
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        arg, params = _take_params(arg, ("RET", "ENVID"))
+        self._dsn_mail = params
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg2, params = _take_params(arg, ("NOTIFY", "ORCPT"))
+        m = _ADDR.search(arg or "")
+        if m and params:
+            self._dsn_rcpt = getattr(self, "_dsn_rcpt", {})
+            self._dsn_rcpt[m.group(1)] = params
+        await super().smtp_RCPT(arg2)
+
+
+def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dict[str, str]]:
+    if not arg:
+        return arg, {}
+    close = arg.rfind(">")
+    if close < 0:
+        return arg, {}
+    head, tail = arg[: close + 1], arg[close + 1 :].split()
+    taken: dict[str, str] = {}
+    rest = []
+    for tok in tail:
+        k, eq, v = tok.partition("=")
+        if k.upper() in names and eq:
+            taken[k.upper()] = v
+        else:
+            rest.append(tok)
+    return " ".join([head, *rest]), taken
+
+
+class AgentHandler:
+    def __init__(self, resolver: DestinationResolver, settings: AgentSettings) -> None:
+        self.resolver = resolver
+        self.settings = settings
+        self._slots = asyncio.Semaphore(settings.max_parallel)
+
+    async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        # Advertise DSN so that Postfix passes RET/ENVID/NOTIFY/ORCPT, which go on to the MX.
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message: bytes = envelope.original_content
+        headers = parse_header_block(message)
+        route = next((v.strip() for n, v in headers if n.lower() == ROUTE_HEADER.lower()), str(Route.RELAY))
+        back_raw = " ".join(v for n, v in headers if n.lower() == HANDBACK_HEADER.lower())
+        back = {a.lower() for a in _ADDR.findall(back_raw)}
+        received = next((v for n, v in headers if n.lower() == "received"), "")
+        m = _QUEUE_ID.search(received)
+        qid = m.group(1) if m else "NOQUEUE"
+        mail_params = _params(envelope.mail_options)
+        mail_params.update(getattr(server, "_dsn_mail", {}) or {})
+        env = Envelope(envelope.mail_from, mail_params, tuple(envelope.rcpt_tos),
+                       dict(getattr(server, "_dsn_rcpt", {}) or {}))
+        server._dsn_rcpt = {}
+        clean = strip_private(message)
+        outcomes: dict[str, Outcome] = {}
+        if route == Route.REINJECT:
+            carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
+            outcomes.update(await self._reinject(env, env.rcpts, carried))
+        else:
+            mine = [r for r in env.rcpts if r.lower() not in back]
+            handed = [r for r in env.rcpts if r.lower() in back]
+            jobs = []
+            if handed:
+                jobs.append(self._reinject(env, handed, clean))
+            by_domain: dict[str, list[str]] = {}
+            for r in mine:
+                by_domain.setdefault(split_address(r)[1], []).append(r)
+            optout = route == Route.RELAY_OPTOUT
+            jobs += [self._deliver(domain, env, rcpts, clean, optout) for domain, rcpts in by_domain.items()]
+            for result in await asyncio.gather(*jobs):
+                outcomes.update(result)
+        replies = []
+        for r in env.rcpts:
+            o = outcomes.get(r) or Outcome(Status.DEFERRED, 451, "4.3.0", "internal error: no outcome")
+            log.info("%s: %s", qid, kv(to=f"<{r}>", route=route, relay=o.mx or None, tls=o.tls or None,
+                                       verify=o.verify or None,
+                                       requiretls=None if o.requiretls is None else ("yes" if o.requiretls else "no"),
+                                       dsn=o.dsn, status=str(o.status), reply=o.text))
+            replies.append(o.lmtp_reply())
+        return "\r\n".join(replies)
+
+    async def _deliver(self, domain: str, env: Envelope, rcpts: list[str], message: bytes,
+                       optout: bool) -> dict[str, Outcome]:
+        async with self._slots:
+            if self.settings.relayhost:
+                # Not implemented yet: deferring keeps the mail safe in Postfix's queue (never sent weaker).
+                return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.3.5",
+                                                    "REQUIRETLS delivery via a relayhost is not supported yet"))
+            try:
+                dest = await self.resolver.lookup(domain)
+            except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
+                return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
+            if optout:
+                if dest.requirement is TlsRequirement.DEFER:
+                    return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}"))
+                hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
+                return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, self.settings.send)
+            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, self.settings.send)
+
+    async def _reinject(self, env: Envelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
+        return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)
+
+    def _reinject_sync(self, env: Envelope, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
+        host, port = self.settings.reinject
+        where = f"reinject[{host}]:{port}"
+        base = Outcome(Status.DEFERRED, 451, "4.3.0", "", where, "none", "none", None)
+        try:
+            with smtplib.SMTP(host, port, timeout=self.settings.send.timeout,
+                              local_hostname="requiretls-relay") as client:
+                client.ehlo()
+                opts = [f"{k}={v}" for k, v in env.mail_params.items() if k in ("SIZE", "RET", "ENVID")]
+                if env.mail_params.get("BODY", "").upper() == "8BITMIME":
+                    opts.append("BODY=8BITMIME")
+                if "SMTPUTF8" in env.mail_params:
+                    opts.append("SMTPUTF8")
+                code, msg = client.mail(env.sender, opts)
+                if code != 250:
+                    return dict.fromkeys(rcpts, _smtp(code, msg, base))
+                results: dict[str, Outcome] = {}
+                ok = []
+                for r in rcpts:
+                    rp = [f"{k}={v}" for k, v in env.rcpt_params.get(r, {}).items()]
+                    code, msg = client.rcpt(r, rp)
+                    if code in (250, 251):
+                        ok.append(r)
+                    else:
+                        results[r] = _smtp(code, msg, base)
+                if ok:
+                    code, msg = client.data(message)
+                    for r in ok:
+                        results[r] = _smtp(code, msg, base, handed_back=True)
+                return results
+        except (smtplib.SMTPException, OSError) as e:
+            return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+
+
+def _smtp(code: int, msg: bytes, base: Outcome, handed_back: bool = False) -> Outcome:
+    text = msg.decode("utf-8", "replace")
+    if 200 <= code < 300:
+        return Outcome(Status.SENT, 250, "2.0.0", f"handed back to Postfix: {text}", base.mx, "none", "none")
+    status = Status.DEFERRED if code < 500 else Status.BOUNCED
+    dsn = text.split()[0] if text[:2] in ("4.", "5.") else ("4.0.0" if code < 500 else "5.0.0")
+    return Outcome(status, code, dsn, f"{base.mx} said: {text}", base.mx)
+
+
+def _params(options: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for o in options:
+        k, _, v = o.partition("=")
+        out[k.upper()] = v
+    return out
+
+
+async def serve(listen: str, resolver: DestinationResolver, settings: AgentSettings,
+                stop: asyncio.Event | None = None) -> None:
+    """Run the LMTP listener (``unix:/path`` or ``inet:PORT@HOST``) until ``stop`` is set."""
+    loop = asyncio.get_running_loop()
+    handler = AgentHandler(resolver, settings)
+
+    def factory() -> AgentLMTP:
+        return AgentLMTP(handler, enable_SMTPUTF8=True, decode_data=False, ident="requiretls relay",
+                         data_size_limit=0, timeout=600)
+
+    kind, _, rest = listen.partition(":")
+    if kind == "unix":
+        os.makedirs(os.path.dirname(rest) or ".", mode=0o755, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.stat(rest).st_mode):
+                os.unlink(rest)
+        server = await loop.create_unix_server(factory, rest)
+        os.chmod(rest, 0o666)
+    else:
+        port, _, host = rest.partition("@")
+        server = await loop.create_server(factory, host or "127.0.0.1", int(port), reuse_address=True)
+    log.info("%s", kv(listening=listen))
+    stop = stop or asyncio.Event()
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
+        if kind == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(rest)
