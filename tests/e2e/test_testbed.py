@@ -258,8 +258,11 @@ def test_postfix_config_hooks_and_namespace(bed: Bed, postfix: Postfix) -> None:
     out = postfix.run_host(["sh", "-c", 'echo "$MAIL_CONFIG"']).stdout.strip()
     assert out == str(postfix.config_dir)
     postfix.start()
-    with smtplib.SMTP("127.0.0.1", extra, timeout=10) as s:
-        assert b"testbed-hook" in s.ehlo()[1] or s.noop()[0] == 250
+    procs.wait_tcp("127.0.0.1", extra, timeout=10)
+    with smtplib.SMTP(timeout=10) as s:
+        code, greeting = s.connect("127.0.0.1", extra)
+        assert code == 220 and b"testbed-hook" in greeting
+    assert postfix.wait_log(r"postfix/extra/smtpd\[\d+\]: (dis)?connect from", timeout=10)
     resolv = postfix.run(["cat", "/etc/resolv.conf"]).stdout
     assert "127.0.53.53" in resolv
     assert "127.0.53.53" not in HOST_RESOLV.read_text()

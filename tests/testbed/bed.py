@@ -42,7 +42,7 @@ def listening_sockets() -> list[str]:
         local = cols[4]
         host, _, port = local.rpartition(":")
         if host.startswith(("127.0.2.", "127.0.3.", "127.0.53.")) or (
-            host == "127.0.0.1" and port.isdigit() and 40000 <= int(port) < 40300
+            host == "127.0.0.1" and port.isdigit() and 20000 <= int(port) < 20300
         ):
             keep.append(line)
     return keep

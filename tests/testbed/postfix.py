@@ -36,7 +36,8 @@ from .pki import POSTFIX_HOSTNAME
 
 CHROOT_CACHE = Path(os.environ.get("RTLS_TESTBED_CACHE", "/var/cache/requiretls-testbed"))
 CHROOT_SUITES = {"3.10": "trixie", "3.11": "sid"}
-PORT_BASE = {"3.7": 40000, "3.10": 40100, "3.11": 40200}
+PORT_BASE = {"3.7": 20000, "3.10": 20100, "3.11": 20200}
+"""Below Linux's ephemeral range (32768-60999), so a test server bound to port 0 never takes them."""
 VERSIONS_ENV = "RTLS_POSTFIX_VERSIONS"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
