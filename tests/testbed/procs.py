@@ -84,17 +84,23 @@ def _reap(pid: int) -> None:
 
 
 def stop(p: Proc, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """SIGTERM (or ``sig``), wait, then SIGKILL; a no-op if the PID no longer is ours."""
+    """``sig`` (SIGTERM), repeated every 0.5 s, then SIGKILL after ``timeout``; a no-op if the PID is not
+    ours any more.  Repeating matters for a namespace's PID 1 (the Postfix master): the kernel drops
+    signals it has no handler for yet, so a SIGTERM sent during its start-up is silently lost."""
     if not alive(p):
         _reap(p.pid)
         return
-    os.kill(p.pid, sig)
     end = time.monotonic() + timeout
+    next_signal = 0.0
     while time.monotonic() < end:
+        if time.monotonic() >= next_signal:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, sig)
+            next_signal = time.monotonic() + 0.5
         _reap(p.pid)
         if not alive(p):
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
     if alive(p):
         os.kill(p.pid, signal.SIGKILL)
         end = time.monotonic() + 5
