@@ -57,7 +57,8 @@ class Bed:
 
     def __post_init__(self) -> None:
         self.state = Path(self.state).resolve()
-        os.environ["PATH"] = ENV_PATH + ":" + os.environ.get("PATH", "")
+        if "/usr/sbin" not in os.environ.get("PATH", "").split(":"):
+            os.environ["PATH"] = ENV_PATH + ":" + os.environ.get("PATH", "")
         self.dns_files = bdns.DnsFiles(self.state / "dns")
         self.dns = bdns.Resolver(self.dns_files)
         self.pki = Pki(self.state / "pki")
