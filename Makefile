@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all deps venv lint typecheck unit test demo clean
+.PHONY: all deps venv chroots lint test demo clean
 
 all: test
 
@@ -20,12 +20,16 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml | deps
 
 venv: $(STAMP)
 
+# Postfix 3.10 (trixie) and 3.11 (sid) for the e2e tests; cached under /var/cache/requiretls-testbed.
+chroots: deps
+	sh scripts/build-chroots.sh
+
 lint: venv
 	$(VENV)/bin/ruff check requiretls tests
 	$(VENV)/bin/mypy requiretls
-	$(VENV)/bin/mypy --strict requiretls/policy
+	$(VENV)/bin/mypy --strict requiretls/policy requiretls/dest
 
-test: venv lint
+test: venv lint chroots
 	$(PY) -m pytest -q
 
 demo: venv

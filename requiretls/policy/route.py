@@ -118,6 +118,6 @@ def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence
     if route is None:
         return decision
     edits = [*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))]
-    if handback_rcpts and route in (Route.RELAY, Route.RELAY_OPTOUT):
+    if handback_rcpts and route in (Route.RELAY, Route.RELAY_OPTOUT, Route.REINJECT):
         edits.append(HeaderEdit("add", HANDBACK_HEADER, ", ".join(f"<{a}>" for a in handback_rcpts)))
     return replace(decision, header_edits=tuple(edits))

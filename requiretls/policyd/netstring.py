@@ -30,6 +30,16 @@ class Decoder:
         self._max_digits = len(str(max_length))
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buf and len(data) > 2:
+            # Fast path for a read that holds exactly one whole netstring, which is what a client with one
+            # request in flight (Postfix) sends: no copy into the buffer.  Anything else takes the general path.
+            colon = data.find(b":", 0, self._max_digits + 1)
+            end = len(data) - 1
+            if colon > 0 and data[end] == 0x2C:
+                digits = data[:colon]
+                if (digits.isdigit() and (colon == 1 or data[0] != 0x30) and end - colon - 1 <= self._max
+                        and int(digits) == end - colon - 1):
+                    return [data[colon + 1 : end]]
         buf = self._buf
         buf += data
         out: list[bytes] = []

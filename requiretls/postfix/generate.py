@@ -183,7 +183,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
         f"/^{ROUTE_HEADER}: {Route.RELAXED}$/ FILTER {RELAXED_SERVICE}:",
     ]
     reinject_rules = [
-        "# requiretls re-injection: only the private headers go; TLS-Required and Require-TLS-ESMTP stay.",
+        "# requiretls re-injection and relaxed delivery: only the private headers go; TLS-Required and",
+        "# Require-TLS-ESMTP stay.",
         f"/^({ROUTE_HEADER}|{HANDBACK_HEADER}):/ IGNORE",
     ]
     files = (
@@ -198,7 +199,9 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
             "unix",
             f"{RELAXED_SERVICE} unix - - n - - smtp -o syslog_name=postfix/{RELAXED_SERVICE} "
             "-o smtp_tls_security_level=may -o smtp_tls_policy_maps="
-            + (f"{sockmap}:relaxed" if sockmap else f"texthash:{cdir}/{RELAXED_POLICY}"),
+            + (f"{sockmap}:relaxed" if sockmap else f"texthash:{cdir}/{RELAXED_POLICY}")
+            # the route header served its purpose: it does not go to the next hop
+            + f" -o smtp_header_checks=regexp:{cdir}/{REINJECT_HEADER_CHECKS}",
         ),
         MasterEntry(
             CLEANUP_SERVICE,

@@ -147,8 +147,16 @@ class AgentHandler:
         clean = strip_private(message)
         outcomes: dict[str, Outcome] = {}
         if route == Route.REINJECT:
-            carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
-            outcomes.update(await self._reinject(env, env.rcpts, carried))
+            # Postfix 3.11 enforces REQUIRETLS itself; the agent only refuses what can never qualify (no MX
+            # validated by DNSSEC or MTA-STS: 3.11 would defer that for days as a TLS-level problem) and DNS
+            # trouble, then re-injects the rest with the carrier header.
+            checks = await asyncio.gather(*(self._precheck(r) for r in env.rcpts if r.lower() not in back))
+            refused = {r: o for r, o in checks if o is not None}
+            outcomes.update(refused)
+            rest = [r for r in env.rcpts if r not in refused]
+            if rest:
+                carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
+                outcomes.update(await self._reinject(env, rest, carried))
         else:
             mine = [r for r in env.rcpts if r.lower() not in back]
             handed = [r for r in env.rcpts if r.lower() in back]
@@ -189,6 +197,23 @@ class AgentHandler:
                 hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
                 return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, self.settings.send)
             return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, self.settings.send)
+
+    async def _precheck(self, rcpt: str) -> tuple[str, Outcome | None]:
+        domain = split_address(rcpt)[1]
+        try:
+            dest = await self.resolver.lookup(domain)
+        except Exception as e:  # trouble defers
+            return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"lookup failed: {e}")
+        if dest.requirement is TlsRequirement.DEFER:
+            return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}")
+        if dest.requirement is TlsRequirement.NO_MAIL:
+            return rcpt, Outcome(Status.BOUNCED, 550, "5.1.2", f"{domain}: {dest.reason}")
+        if not dest.requiretls_candidates():
+            if any("lookup" in h.problem for h in dest.hosts):
+                return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble for the MX of {domain}")
+            return rcpt, Outcome(Status.BOUNCED, 550, "5.7.10",
+                                 f"Encryption needed: no MX of {domain} is validated by DNSSEC or MTA-STS")
+        return rcpt, None
 
     async def _reinject(self, env: Envelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
         return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)
