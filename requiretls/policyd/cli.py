@@ -48,5 +48,24 @@ def run(args: argparse.Namespace) -> int:
         service.set_table(fresh.local_policy.table)
         log.info("%s", kv(reload="done", table_entries=len(fresh.local_policy.table)))
 
-    asyncio.run(serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"), reload))
+    resolver = service.resolver
+
+    async def refresh_sts() -> None:
+        """RFC 8461 §3.3: refresh cached policies before they expire, so a fetch failure near expiry does not
+        leave a domain without its policy."""
+        while resolver is not None and resolver.sts is not None:
+            await asyncio.sleep(3600)
+            try:
+                await resolver.sts.refresh_all()
+            except Exception as e:  # a failed refresh keeps the cached policies; log and try again later
+                log.warning("%s", kv(mta_sts_refresh="failed", error=f"{type(e).__name__}: {e}"))
+
+    async def main() -> None:
+        refresher = asyncio.create_task(refresh_sts())
+        try:
+            await serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"), reload)
+        finally:
+            refresher.cancel()
+
+    asyncio.run(main())
     return 0
