@@ -1,8 +1,11 @@
 """Shared fixtures: the testbed (session scoped) and a fresh Postfix instance per test and version.
 
 * ``bed``: the running :class:`tests.testbed.bed.Bed`.  If a bed is already up on this machine
-  (``python -m tests.testbed up``, or another test run), the session uses it and leaves it running;
-  otherwise it starts one in ``var/testbed`` (or ``RTLS_TESTBED_STATE``) and stops it at the end.
+  (``python -m tests.testbed up``, or another test session), the session uses it; otherwise it starts one
+  in ``var/testbed`` (or ``RTLS_TESTBED_STATE``).  Test sessions on one machine take turns (a lock in
+  /run; a second session waits up to ``RTLS_TESTBED_LOCK_WAIT`` = 900 s), and each gets its own Postfix
+  slot (dirs and ports), so a hand-started ``up`` Postfix (slot 0) is never touched.  A bed a session
+  started is stopped at its end; a bed started by ``up`` stays up.
 * ``postfix``: parametrised over the Postfix versions present (``RTLS_POSTFIX_VERSIONS=3.7,3.11`` restricts
   them); a freshly reset, *not yet started* instance, so the test can add settings first, then
   ``postfix.start()``.  It is stopped afterwards.  MX records and the resolver cache are cleared before.
@@ -14,9 +17,12 @@ touch it (its Postfix sees the test resolver through a bind mount in a private n
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,23 +68,51 @@ def _bed_unavailable() -> str | None:
     return None
 
 
+SESSION_LOCK = Path("/run/requiretls-testbed.session.lock")
+SESSION_LOCK_WAIT = float(os.environ.get("RTLS_TESTBED_LOCK_WAIT", "900"))
+
+
+@contextlib.contextmanager
+def _one_session_at_a_time() -> Iterator[None]:
+    """Test sessions on one machine take turns with the bed: they share its MX servers and resolver, so
+    one session's deliveries, MX clears and SERVFAIL toggles would break another's assertions."""
+    with open(SESSION_LOCK, "w") as f:
+        end = time.monotonic() + SESSION_LOCK_WAIT
+        said = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > end:
+                    pytest.fail(f"another test session held the testbed over {SESSION_LOCK_WAIT:.0f}s")
+                if not said:
+                    print(f"\nwaiting for another test session to finish with the testbed ({SESSION_LOCK})")
+                    said = True
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def bed() -> Iterator[Bed]:
     reason = _bed_unavailable()
     if reason:
         pytest.skip(reason)
-    shared = Bed.current()
-    if shared is not None:
-        yield shared
-        return
-    # Not a pytest tmp dir: Postfix opens files in its data directory as the ``postfix`` user, who cannot
-    # traverse pytest's 0700 /tmp/pytest-of-root.
-    b = Bed(DEFAULT_STATE)
-    b.start()
-    try:
-        yield b
-    finally:
-        b.stop()
+    with _one_session_at_a_time():
+        b = Bed.current()
+        if b is None:
+            b = Bed(DEFAULT_STATE)
+            b.start(origin="pytest")
+        b.acquire()
+        try:
+            yield b
+        finally:
+            last = b.release()
+            if last and b.origin == "pytest":
+                b.stop()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -27,8 +27,12 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = Path(os.environ.get("RTLS_TESTBED_STATE", str(REPO / "var" / "testbed")))
 ENV_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 REGISTRY = Path("/run/requiretls-testbed.state")
-"""Which state dir the machine's running bed uses.  The bed's addresses are machine-wide, so at most one
-bed runs at a time; the registry lets any process (another pytest run, ``status``) find and reuse it."""
+"""Which state dir the machine's running bed uses, and who started it (``up`` or a test session).  The
+bed's addresses are machine-wide, so at most one bed runs at a time; the registry lets any process
+(another pytest run, ``status``) find and reuse it."""
+USERS = Path("/run/requiretls-testbed.users")
+"""One file per test session using the bed, named by its slot (1-9): the slot gives the session its own
+Postfix instances and ports, and the last session out stops a bed that a test session started."""
 
 
 def listening_sockets() -> list[str]:
@@ -42,7 +46,7 @@ def listening_sockets() -> list[str]:
         local = cols[4]
         host, _, port = local.rpartition(":")
         if host.startswith(("127.0.2.", "127.0.3.", "127.0.53.")) or (
-            host == "127.0.0.1" and port.isdigit() and 20000 <= int(port) < 20300
+            host == "127.0.0.1" and port.isdigit() and 20000 <= int(port) < 30000
         ):
             keep.append(line)
     return keep
@@ -54,6 +58,8 @@ class Bed:
 
     state: Path = field(default_factory=lambda: DEFAULT_STATE)
     owned: bool = True  # False: someone else started it (``up``); tests must not stop it
+    origin: str = "up"  # who started it: "up" (by hand, left running) or "pytest"
+    slot: int = 0  # this process's Postfix slot (see USERS); 0 for ``up``/demo
 
     def __post_init__(self) -> None:
         self.state = Path(self.state).resolve()
@@ -84,15 +90,58 @@ class Bed:
     def current(cls) -> Bed | None:
         """The bed running on this machine (whoever started it), or None."""
         try:
-            state = Path(REGISTRY.read_text().strip())
-        except OSError:
+            reg = json.loads(REGISTRY.read_text())
+        except (OSError, ValueError):
             return None
-        b = cls(state, owned=False)
+        b = cls(Path(reg["state"]), owned=False, origin=reg.get("origin", "up"))
         return b if b.running else None
+
+    # --- sharing between concurrent test sessions ------------------------------------------------
+
+    @staticmethod
+    def _live_users() -> dict[int, procs.Proc]:
+        users: dict[int, procs.Proc] = {}
+        for f in USERS.glob("*") if USERS.is_dir() else []:
+            try:
+                p = procs.Proc(**json.loads(f.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if procs.alive(p):
+                users[int(f.name)] = p
+            else:
+                f.unlink(missing_ok=True)
+        return users
+
+    def acquire(self) -> int:
+        """Register this process as a user of the bed; take the lowest free Postfix slot (1-9)."""
+        USERS.mkdir(exist_ok=True)
+        me = procs.adopt("user", os.getpid(), "")
+        for slot in range(1, 10):
+            try:
+                with open(USERS / str(slot), "x") as f:
+                    f.write(json.dumps(me.__dict__))
+            except FileExistsError:
+                if slot in self._live_users():
+                    continue
+                (USERS / str(slot)).unlink(missing_ok=True)
+                return self.acquire()
+            self.slot = slot
+            self._postfix.clear()
+            return slot
+        raise RuntimeError("more than 9 test sessions share the bed")
+
+    def release(self) -> bool:
+        """Unregister; True if no other session still uses the bed."""
+        if self.slot:
+            (USERS / str(self.slot)).unlink(missing_ok=True)
+        return not self._live_users()
+
+    def other_users(self) -> list[int]:
+        return [s for s in self._live_users() if s != self.slot]
 
     # --- life cycle ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 20.0, origin: str | None = None) -> None:
         """Fresh CA, freshly signed zones, then NSD, the lame NSD, Unbound and the services process."""
         if any(procs.alive(p) for p in self._procs()):
             raise RuntimeError(f"bed already running in {self.state} (python -m tests.testbed down)")
@@ -165,7 +214,8 @@ class Bed:
                     )
                 time.sleep(0.05)
             bdns.wait_ready(timeout)
-            REGISTRY.write_text(f"{self.state}\n")
+            self.origin = origin or self.origin
+            REGISTRY.write_text(json.dumps({"state": str(self.state), "origin": self.origin}) + "\n")
         except BaseException:
             self._stop_procs(started)
             self._state_file.unlink(missing_ok=True)
@@ -194,9 +244,9 @@ class Bed:
         else:
             self._state_file.unlink(missing_ok=True)
             try:
-                if Path(REGISTRY.read_text().strip()) == self.state:
+                if Path(json.loads(REGISTRY.read_text())["state"]) == self.state:
                     REGISTRY.unlink()
-            except OSError:
+            except (OSError, ValueError, KeyError):
                 pass
         (self.state / "services.ready").unlink(missing_ok=True)
         try:
@@ -223,16 +273,17 @@ class Bed:
         """The (single) Postfix instance of that version in this bed; not started."""
         pv = version if isinstance(version, PostfixVersion) else postfix_version(version)
         if pv.version not in self._postfix:
-            self._postfix[pv.version] = Postfix(self.state, pv)
+            self._postfix[pv.version] = Postfix(self.state, pv, slot=self.slot)
         return self._postfix[pv.version]
 
     def postfix_instances(self) -> list[Postfix]:
-        """Every instance with a pid file here, including ones started by another process."""
+        """Every instance with a pid file here (any slot), including ones started by another process."""
         out = []
         for pv in available_versions(["3.7", "3.10", "3.11"]):
-            pf = self._postfix.get(pv.version) or Postfix(self.state, pv)
-            if (pf.dir / "instance.json").exists():
-                out.append(pf)
+            for slot in range(10):
+                pf = Postfix(self.state, pv, slot=slot)
+                if (pf.dir / "instance.json").exists():
+                    out.append(pf)
         return out
 
     def status(self) -> dict[str, object]:
@@ -240,8 +291,9 @@ class Bed:
             "state": str(self.state),
             "procs": {p.name: {"pid": p.pid, "alive": procs.alive(p)} for p in self._procs()},
             "postfix": {
-                pf.version: {"running": pf.running, "ports": pf.ports.__dict__}
+                f"{pf.version}/slot{pf.slot}": {"running": pf.running, "ports": pf.ports.__dict__}
                 for pf in self.postfix_instances()
             },
+            "test_sessions": {slot: p.pid for slot, p in self._live_users().items()},
             "listening": listening_sockets(),
         }

@@ -159,15 +159,16 @@ class Postfix:
     state: Path  # the bed's state dir
     pv: PostfixVersion
     base_settings: dict[str, str] = field(default_factory=dict)
+    slot: int = 0  # 0: `up`/demo; 1-9: one per concurrent test session (own dirs and ports)
 
     def __post_init__(self) -> None:
-        self.dir = self.state / f"postfix-{self.pv.version}"
+        self.dir = self.state / (f"postfix-{self.pv.version}" + (f"-s{self.slot}" if self.slot else ""))
         self.config_dir = self.dir / "etc"
         self.queue_dir = self.dir / "spool"
         self.data_dir = self.dir / "data"
         self.maillog = self.dir / "maillog"
         self.console_log = self.dir / "console.log"
-        b = self.pv.port_base
+        b = self.pv.port_base + 1000 * self.slot
         self.ports = Ports(smtp=b + 25, submission=b + 87, extra=tuple(range(b + 30, b + 40)))
         self._proc: procs.Proc | None = None
 
@@ -236,13 +237,20 @@ class Postfix:
         else:
             self.start()
             self.stop()
-            shutil.rmtree(tmpl, ignore_errors=True)
-            tmpl.mkdir(parents=True)
+            # Built aside and renamed into place: concurrent sessions may race to make the same template.
+            tmp = tmpl.with_name(f"{tmpl.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             for sub in ("spool", "data"):
-                subprocess.run(["cp", "-a", str(self.dir / sub), str(tmpl / sub)], check=True, timeout=60)
+                subprocess.run(["cp", "-a", str(self.dir / sub), str(tmp / sub)], check=True, timeout=60)
             for leftover in ("spool/pid/master.pid", "data/master.lock"):
-                (tmpl / leftover).unlink(missing_ok=True)
-            (tmpl / "done").touch()
+                (tmp / leftover).unlink(missing_ok=True)
+            (tmp / "done").touch()
+            shutil.rmtree(tmpl, ignore_errors=True)
+            try:
+                tmp.rename(tmpl)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
             self._wipe()
             self.reset()
 
