@@ -89,6 +89,10 @@ def _listen_list(v: Any) -> str | None:
     return None
 
 
+def _octal_mode(v: Any) -> str | None:
+    return None if re.fullmatch(r"0?[0-7]{3}", v) else f"must be an octal mode such as 0660, not {v!r}"
+
+
 def _relayhost(v: Any) -> str | None:
     if v == "" or re.fullmatch(r"\[[A-Za-z0-9.-]+\](:\d{1,5})?|[A-Za-z0-9.-]+(:\d{1,5})?", v):
         return None
@@ -202,6 +206,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "avoids the ~40 ms Nagle stalls of TCP; under Postfix's queue directory it is reachable from the "
             "chrooted smtpd.",
             _milter_socket,
+        ),
+        "socket_group": Setting(
+            str, "postfix", "Group that owns the unix socket's directory (setgid), so that Postfix can connect."
+        ),
+        "socket_mode": Setting(
+            str, "0660", "Octal mode of the unix socket. 0666 for a Postfix whose ids differ (a chroot).", _octal_mode
         ),
         "timeout": Setting(int, 30, "Seconds libmilter waits for the MTA before dropping a connection.", _positive),
         "postfix_version": Setting(

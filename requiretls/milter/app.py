@@ -172,11 +172,12 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                                                           reason="; ".join(r.reasons)))
 
 
-def _prepare_socket(spec: str) -> None:
+def _prepare_socket(spec: str, group: str = "postfix", mode: int = 0o660) -> None:
     """Make the directory of a ``unix:`` socket and remove a stale socket file left by a crash.
 
-    Postfix's smtpd and cleanup run as ``postfix``: the directory is made setgid group ``postfix`` and the
-    umask 007, so the socket libmilter creates is group-writable for Postfix and closed to everyone else.
+    Postfix's smtpd and cleanup run as ``postfix``: the directory is made setgid ``group`` and the umask is set
+    so that the socket libmilter creates gets ``mode`` (group-writable for Postfix, closed to everyone else by
+    default; a Postfix in a chroot with other ids needs 0666).
     """
     if not spec.startswith(("unix:", "local:")):
         return
@@ -184,22 +185,21 @@ def _prepare_socket(spec: str) -> None:
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     try:
-        gid = grp.getgrnam("postfix").gr_gid
+        gid = grp.getgrnam(group).gr_gid if group else -1
     except KeyError:
         gid = -1
     if os.geteuid() == 0 and gid >= 0:
         os.chown(directory, -1, gid)
         os.chmod(directory, 0o2755)
-        os.umask(0o007)
-    else:
-        os.umask(0o000)
+    os.umask(0o777 & ~mode)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.stat(path).st_mode):
             os.unlink(path)
 
 
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
-          postfix_version: str = "", relayhost: str = "") -> None:
+          postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
+          socket_mode: int = 0o660) -> None:
     """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
     RequireTLSMilter.policy_source = staticmethod(policy_source)
     RequireTLSMilter.postfix_override = PostfixFeatures.from_macro(postfix_version) if postfix_version else None
@@ -207,7 +207,7 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
-    _prepare_socket(socket_spec)
+    _prepare_socket(socket_spec, socket_group, socket_mode)
     log.info("milter listening on %s", socket_spec)
     Milter.runmilter("requiretls", socket_spec, timeout)
     log.info("milter stopped")
@@ -226,5 +226,6 @@ def run(args: argparse.Namespace) -> int:
     setup("milter", settings.get("log", "target"), settings.get("log", "level"))
     spec = args.socket or settings.get("milter", "socket")
     serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
-          settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"))
+          settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"),
+          settings.get("milter", "socket_group"), int(settings.get("milter", "socket_mode"), 8))
     return 0

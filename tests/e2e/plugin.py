@@ -55,6 +55,7 @@ cafile = "{ca}"
 fetch_timeout = 5
 [milter]
 socket = "unix:{self.milter_sock}"
+socket_mode = "0666"
 [relay]
 listen = "unix:{self.relay_sock}"
 reinject = "127.0.0.1:{self.reinject_port}"
