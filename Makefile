@@ -37,3 +37,12 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+
+# The Debian package (packaging/debian): build/deb/requiretls_VERSION_all.deb, checked with lintian.
+# deb-test installs it into a clean Debian 12 chroot and runs it from the installed files.
+.PHONY: deb deb-test
+deb:
+	sh scripts/build-deb.sh --lint
+
+deb-test: venv
+	$(PY) -m pytest -q tests/packaging

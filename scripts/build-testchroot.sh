@@ -3,7 +3,8 @@
 # Postfix chroots (scripts/build-chroots.sh).
 #
 # Usage: sh scripts/build-testchroot.sh NAME
-#   bookworm-base       clean Debian 12 with Postfix and systemd; the requiretls package's dependencies
+#   bookworm-base       clean Debian 12 with Postfix, systemd and man-db (systemd-analyze verify reads
+#                       the units' Documentation= pages); the requiretls package's dependencies
 #                       are downloaded into its apt cache (not installed), so that installing the .deb
 #                       into a copy works from the cache
 #   bookworm-sendmail   Debian 12 with Debian's sendmail (sendmail-bin, sendmail-cf, m4)
@@ -22,10 +23,10 @@ CACHE=${RTLS_TESTBED_CACHE:-/var/cache/requiretls-testbed}
 name=${1:?usage: build-testchroot.sh NAME}
 suite=bookworm
 # What the requiretls package needs from Debian (packaging/debian/control), fetched into the base's cache.
-PKG_DEPS="adduser python3 python3-aiosmtpd python3-cryptography python3-dnspython python3-milter
+PKG_DEPS="adduser procps python3 python3-aiosmtpd python3-cryptography python3-dnspython python3-milter
 python3-prometheus-client python3-uvloop"
 case "$name" in
-    bookworm-base) include=postfix,systemd,ca-certificates ;;
+    bookworm-base) include=postfix,systemd,man-db,ca-certificates ;;
     bookworm-sendmail) include=sendmail-bin,sendmail-cf,m4,ca-certificates ;;
     *) echo "build-testchroot: unknown chroot $name" >&2; exit 2 ;;
 esac
