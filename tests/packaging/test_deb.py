@@ -5,8 +5,8 @@ its apt cache, not installed) is cached under /var/cache/requiretls-testbed/book
 scripts/build-testchroot.sh; each test session installs the .deb into a fresh copy of it.  Everything after
 the install runs from the installed files only (``/usr/bin/requiretls``, ``/usr/lib/python3/dist-packages``).
 
-Cost: about 40 s with the chroot cached (build 5 s, lintian 3 s, copy and install 12 s, tests 20 s); the
-first run builds the chroot (about 80 s) and installs the build dependencies.  ``RTLS_DEB_TESTS=0`` skips
+Cost: about 30 s with the chroot cached (build 5 s, lintian 3 s, copy and install 10 s, the rest 12 s); the
+first run also builds the chroot (50-80 s) and installs the build dependencies with apt.  ``RTLS_DEB_TESTS=0`` skips
 them.  Skipped with the reason when not root or when the chroot cannot be built.
 """
 
