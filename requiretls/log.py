@@ -18,6 +18,10 @@ def setup(component: str, target: str = "stderr", level: str = "info") -> loggin
     if target == "syslog" and os.path.exists("/dev/log"):
         handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_MAIL)
         handler.setFormatter(logging.Formatter(f"requiretls/{component}[%(process)d]: %(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):
+        # Under systemd the journal adds time, identifier and pid itself (SyslogIdentifier in the unit).
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(f"%(asctime)s requiretls/{component}[%(process)d]: %(message)s"))

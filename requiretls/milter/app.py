@@ -17,6 +17,7 @@ import os
 import socket
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import Milter
@@ -26,9 +27,11 @@ from requiretls.policy import (
     Decision,
     Envelope,
     LocalPolicy,
+    MessageClass,
     MessageFacts,
     PostfixFeatures,
     RcptRoute,
+    Rejection,
     Session,
     decide,
     plan_route,
@@ -128,6 +131,10 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
             tuple(self.headers),
         )
         decision = decide(facts, self.policy_source())
+        if not self.postfix.postfix and decision.msg_class is MessageClass.REQUIRETLS and decision.reject is None:
+            # Nothing on this MTA can enforce REQUIRETLS on delivery: refuse rather than send weaker.
+            decision = replace(decision, reject=Rejection(
+                550, "5.7.30", "REQUIRETLS cannot be enforced by this MTA; send through a REQUIRETLS-capable relay"))
         route = plan_route(decision, self.rcpts, self.postfix, decision.native_requiretls)
         decision = with_route(decision, route, handback(self.rcpts, self.relayhost))
         self._log(queue_id, decision, route)

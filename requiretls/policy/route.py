@@ -47,26 +47,32 @@ class RcptRoute:
 
 @dataclass(frozen=True, slots=True)
 class PostfixFeatures:
-    """What the running MTA does natively."""
+    """What the running MTA does natively.  ``postfix=False``: another MTA (Sendmail), which has neither the
+    route-header FILTER nor a way to enforce REQUIRETLS on delivery."""
 
     version: tuple[int, int] = (3, 7)
+    postfix: bool = True
 
     @classmethod
     def from_macro(cls, text: str | None) -> PostfixFeatures:
-        """From the milter ``v`` macro (``Postfix 3.11.7``) or ``postconf -h mail_version``; unknown -> 3.7,
-        the version that needs the plugin for everything (safe: it never relies on a native feature)."""
-        m = _VERSION.search(text or "")
+        """From the milter ``v`` macro (``Postfix 3.11.7``; Sendmail sends its bare version, ``8.17.1.9``) or
+        ``postconf -h mail_version``; unknown -> Postfix 3.7, which needs the plugin for everything (safe: it
+        never relies on a native feature)."""
+        t = (text or "").strip()
+        m = _VERSION.search(t)
+        if t and not t.lower().startswith("postfix") and not re.fullmatch(r"[3-7]\.\d+(\.\d+)?", t):
+            return cls((int(m.group(1)), int(m.group(2))) if m else (0, 0), postfix=False)
         return cls((int(m.group(1)), int(m.group(2)))) if m else cls()
 
     @property
     def native_requiretls(self) -> bool:
         """Postfix 3.11 receives MAIL FROM REQUIRETLS and enforces it on delivery."""
-        return self.version >= (3, 11)
+        return self.postfix and self.version >= (3, 11)
 
     @property
     def native_tls_required(self) -> bool:
         """Postfix 3.10 honours a received ``TLS-Required: No``."""
-        return self.version >= (3, 10)
+        return self.postfix and self.version >= (3, 10)
 
 
 def _goes_to_mx(r: RcptRoute) -> bool:
@@ -86,6 +92,8 @@ def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixF
     ``native`` says the REQUIRETLS tag came in a form Postfix 3.11 carries itself (the MAIL FROM parameter or a
     received ``Require-TLS-ESMTP: yes``).
     """
+    if not postfix.postfix:
+        return None
     if decision.msg_class is MessageClass.REQUIRETLS:
         if postfix.native_requiretls:
             return None if native else Route.REINJECT

@@ -17,7 +17,7 @@ import os
 import re
 import smtplib
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,7 +270,7 @@ def _params(options: Sequence[str]) -> dict[str, str]:
 
 
 async def serve(listen: str, resolver: DestinationResolver, settings: AgentSettings,
-                stop: asyncio.Event | None = None) -> None:
+                stop: asyncio.Event | None = None, ready: Callable[[], None] | None = None) -> None:
     """Run the LMTP listener (``unix:/path`` or ``inet:PORT@HOST``) until ``stop`` is set."""
     loop = asyncio.get_running_loop()
     handler = AgentHandler(resolver, settings)
@@ -291,6 +291,8 @@ async def serve(listen: str, resolver: DestinationResolver, settings: AgentSetti
         port, _, host = rest.partition("@")
         server = await loop.create_server(factory, host or "127.0.0.1", int(port), reuse_address=True)
     log.info("%s", kv(listening=listen))
+    if ready is not None:
+        ready()
     stop = stop or asyncio.Event()
     try:
         await stop.wait()

@@ -38,8 +38,8 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.call_soon(notify_systemd, "READY=1")
-        await serve(args.listen or settings.get("relay", "listen"), destination_resolver(settings), agent, stop)
+        await serve(args.listen or settings.get("relay", "listen"), destination_resolver(settings), agent, stop,
+                    ready=lambda: notify_systemd("READY=1"))
 
     asyncio.run(main())
     return 0

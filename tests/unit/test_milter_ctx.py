@@ -101,3 +101,16 @@ def test_requiretls_with_value_is_rejected_501(ctx: TestCtx) -> None:
     ctx._msg = __import__("email").message_from_bytes(b"Subject: hi\n\nbody\n")
     assert ctx._eom() == Milter.REJECT
     assert ctx._reply[:2] == ("501", "5.5.4")
+
+
+def test_sendmail_gets_no_route_headers_and_requiretls_is_refused(ctx: TestCtx) -> None:
+    """Sendmail's ``v`` macro is its bare version: no FILTER exists there and nothing enforces REQUIRETLS."""
+    ctx._setsymval("v", "8.17.1.9")
+    rc = _feed(ctx, b"From: a@corp.example\nSubject: [tls-optout] status\nX-RequireTLS-Route: relay\n\nbody\n")
+    assert rc == Milter.ACCEPT
+    assert ("chg", "X-RequireTLS-Route", 1, "") in ctx.edits
+    assert not [e for e in ctx.edits if e[0] == "add" and e[1].startswith("X-RequireTLS")]
+    assert ("add", "TLS-Required", "No") in ctx.edits
+    ctx2 = ctx
+    rc = _feed(ctx2, b"From: a@corp.example\nSubject: [requiretls] secret\n\nbody\n")
+    assert rc == Milter.REJECT and ctx2._reply[:2] == ("550", "5.7.30")

@@ -1,0 +1,53 @@
+"""Route planning per MTA and Postfix version (architecture: "How each Postfix version is driven")."""
+
+from __future__ import annotations
+
+import pytest
+
+from requiretls.policy import Envelope, LocalPolicy, MessageFacts, PostfixFeatures, RcptRoute, Route, decide
+from requiretls.policy.route import handback, plan_route
+
+
+@pytest.mark.parametrize(
+    ("macro", "version", "postfix"),
+    [("Postfix 3.11.7", (3, 11), True), ("3.10.13", (3, 10), True), ("8.17.1.9", (8, 17), False),
+     ("", (3, 7), True), (None, (3, 7), True)],
+)
+def test_mta_detection_from_the_v_macro(macro: str | None, version: tuple[int, int], postfix: bool) -> None:
+    f = PostfixFeatures.from_macro(macro)
+    assert (f.version, f.postfix) == (version, postfix)
+
+
+def _decision(params: tuple[str, ...] = (), headers: tuple[tuple[str, str], ...] = ()) -> object:
+    return decide(MessageFacts(Envelope("a@s.example", ("b@d.example",), params), headers=headers), LocalPolicy())
+
+
+REMOTE = [RcptRoute("b@d.example", "smtp", "d.example")]
+LOCAL = [RcptRoute("b@d.example", "smtp", "d.example"), RcptRoute("u@me.example", "local", "me.example")]
+
+
+@pytest.mark.parametrize(
+    ("version", "params", "expected"),
+    [("3.7", ("REQUIRETLS",), Route.RELAY), ("3.10", ("REQUIRETLS",), Route.RELAY),
+     ("3.11", ("REQUIRETLS",), None), ("3.11", (), Route.REINJECT)],
+)
+def test_requiretls_route_by_version(version: str, params: tuple[str, ...], expected: Route | None) -> None:
+    headers = () if params else (("Require-TLS-ESMTP", "no"), ("Subject", "x"))
+    d = decide(MessageFacts(Envelope("a@s.example", ("b@d.example",), params), headers=headers),
+               LocalPolicy(table=__import__("requiretls.policy", fromlist=["PolicyTable"]).PolicyTable.parse(
+                   "d.example requiretls=yes\n", "t")))
+    assert plan_route(d, REMOTE, PostfixFeatures.from_macro(version), d.native_requiretls) == expected
+
+
+def test_optout_goes_to_the_relaxed_clone_only_when_every_recipient_goes_to_its_mx() -> None:
+    d = _decision(headers=(("TLS-Required", "No"),))
+    assert plan_route(d, REMOTE, PostfixFeatures(), False) == Route.RELAXED  # type: ignore[arg-type]
+    assert plan_route(d, LOCAL, PostfixFeatures(), False) == Route.RELAY_OPTOUT  # type: ignore[arg-type]
+    relayed = [RcptRoute("b@d.example", "smtp", "[relay.example]:587")]
+    assert plan_route(d, relayed, PostfixFeatures(), False) == Route.RELAY_OPTOUT  # type: ignore[arg-type]
+
+
+def test_handback_lists_local_and_transport_routed_recipients_but_not_the_relayhost() -> None:
+    rcpts = [*LOCAL, RcptRoute("c@t.example", "smtp", "[internal.example]"),
+             RcptRoute("e@x.example", "relay", "[relay.example]:587")]
+    assert handback(rcpts, "[relay.example]:587") == ("u@me.example", "c@t.example")
