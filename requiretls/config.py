@@ -214,6 +214,14 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             str, "0660", "Octal mode of the unix socket. 0666 for a Postfix whose ids differ (a chroot).", _octal_mode
         ),
         "timeout": Setting(int, 30, "Seconds libmilter waits for the MTA before dropping a connection.", _positive),
+        "mta": Setting(
+            str,
+            "auto",
+            "Which MTA runs the milter: auto (from the v macro, which Postfix sends; none means Postfix), postfix "
+            "or sendmail. On Sendmail no route headers are added and REQUIRETLS-tagged mail is refused (550 "
+            "5.7.30): nothing there could enforce it.",
+            _choice("auto", "postfix", "sendmail"),
+        ),
         "postfix_version": Setting(
             str,
             "",

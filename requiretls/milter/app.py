@@ -206,10 +206,15 @@ def _prepare_socket(spec: str, group: str = "postfix", mode: int = 0o660) -> Non
 
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
-          socket_mode: int = 0o660) -> None:
+          socket_mode: int = 0o660, mta: str = "auto") -> None:
     """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
     RequireTLSMilter.policy_source = staticmethod(policy_source)
-    RequireTLSMilter.postfix_override = PostfixFeatures.from_macro(postfix_version) if postfix_version else None
+    if mta == "sendmail":
+        RequireTLSMilter.postfix_override = PostfixFeatures((0, 0), postfix=False)
+    elif postfix_version:
+        RequireTLSMilter.postfix_override = PostfixFeatures.from_macro(f"Postfix {postfix_version}")
+    else:
+        RequireTLSMilter.postfix_override = None
     RequireTLSMilter.relayhost = relayhost
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
@@ -234,5 +239,6 @@ def run(args: argparse.Namespace) -> int:
     spec = args.socket or settings.get("milter", "socket")
     serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
           settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"),
-          settings.get("milter", "socket_group"), int(settings.get("milter", "socket_mode"), 8))
+          settings.get("milter", "socket_group"), int(settings.get("milter", "socket_mode"), 8),
+          settings.get("milter", "mta"))
     return 0
