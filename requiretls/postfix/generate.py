@@ -13,7 +13,9 @@ What every version gets:
   ``relaxed`` to the opportunistic smtp clone;
 * the relaxed smtp clone, whose TLS policy table keeps the normal policy for ``optout=no`` destinations;
 * the re-injection smtpd (loopback, no milters, its own cleanup without the public header_checks) through
-  which the agent hands back what Postfix delivers itself.
+  which the agent hands back what Postfix delivers itself, and (3.11) re-injects rule-tagged REQUIRETLS mail
+  with ``Require-TLS-ESMTP: yes``.  It must accept Internet recipients for the latter, so it admits loopback
+  clients (``mynetworks = 127.0.0.0/8``); the agent only hands back what the milter listed.
 
 Postfix 3.10+ also gets a ``header_checks`` REPLACE that renames a received ``TLS-Required`` so that Postfix
 does not apply it before local governance has; the milter restores the field (postfix-verified.md §5).
@@ -217,7 +219,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_soc
             f"-o cleanup_service_name={CLEANUP_SERVICE} -o smtpd_milters= -o non_smtpd_milters= "
             "-o content_filter= -o receive_override_options=no_address_mappings,no_milters "
             "-o smtpd_client_restrictions= -o smtpd_helo_restrictions= -o smtpd_sender_restrictions= "
-            "-o smtpd_relay_restrictions= -o smtpd_recipient_restrictions=permit_auth_destination,reject "
+            "-o smtpd_relay_restrictions= -o smtpd_recipient_restrictions=permit_mynetworks,reject "
             "-o smtpd_data_restrictions= -o smtpd_end_of_data_restrictions= -o mynetworks=127.0.0.0/8 "
             "-o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
         ),
