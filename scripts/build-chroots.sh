@@ -93,6 +93,55 @@ build_suite() {
     echo "build-chroots: $suite: built Postfix $version in $(( $(date +%s) - start )) s"
 }
 
+# The chroot's postfix/postdrop ids must equal the host's: sockets and files that host-side processes
+# (milter, delivery agent, tests) create for Postfix are checked by numeric id inside the chroot.
+align_ids() {
+    root=$1
+    h_uid=$(id -u postfix) h_gid=$(getent group postfix | cut -d: -f3) h_pd=$(getent group postdrop | cut -d: -f3)
+    want="$h_uid:$h_gid:$h_pd"
+    [ "$(cat "$root/.rtls-ids" 2>/dev/null)" = "$want" ] && return 0
+    o_uid=$(chroot "$root" id -u postfix) o_gid=$(chroot "$root" getent group postfix | cut -d: -f3)
+    o_pd=$(chroot "$root" getent group postdrop | cut -d: -f3)
+    if [ "$o_uid:$o_gid:$o_pd" != "$want" ]; then
+        for id in "$h_uid"; do
+            other=$(chroot "$root" getent passwd "$id" | cut -d: -f1)
+            [ -z "$other" ] || [ "$other" = postfix ] || { echo "build-chroots: uid $id taken by $other in $root" >&2; exit 1; }
+        done
+        for id in "$h_gid" "$h_pd"; do
+            other=$(chroot "$root" getent group "$id" | cut -d: -f1)
+            case "$other" in ""|postfix|postdrop) ;; *) echo "build-chroots: gid $id taken by $other in $root" >&2; exit 1;; esac
+        done
+        lists=$(mktemp -d)
+        find "$root" -xdev -uid "$o_uid" -print0 >"$lists/u"
+        find "$root" -xdev -gid "$o_gid" -print0 >"$lists/g"
+        find "$root" -xdev -gid "$o_pd" -print0 >"$lists/p"
+        # Move both groups out of the way first: the new id of one may be the old id of the other.
+        chroot "$root" groupmod -g 59998 postdrop
+        chroot "$root" groupmod -g 59999 postfix
+        chroot "$root" groupmod -g "$h_pd" postdrop
+        chroot "$root" groupmod -g "$h_gid" postfix
+        chroot "$root" usermod -u "$h_uid" -g "$h_gid" postfix 2>/dev/null || true
+        xargs -0 -r chown -h "$h_uid" <"$lists/u"
+        xargs -0 -r chgrp -h "$h_gid" <"$lists/g"
+        xargs -0 -r chgrp -h "$h_pd" <"$lists/p"
+        rm -rf "$lists"
+        # chgrp cleared the set-gid bits of postdrop/postqueue: let Postfix restore its own modes.
+        chroot "$root" /usr/sbin/postfix set-permissions >/dev/null 2>&1 || {
+            echo "build-chroots: postfix set-permissions failed in $root" >&2; exit 1; }
+        echo "build-chroots: $(basename "$root"): postfix ids $o_uid:$o_gid:$o_pd -> $want"
+    fi
+    echo "$want" >"$root/.rtls-ids"
+    touch "$root/.rtls-ready"  # invalidates the testbed's cached Postfix queue templates
+}
+
 for s in "$@"; do
     build_suite "$s"
+    # A running test session may be using the chroot: hold the testbed's session lock while changing ids
+    # (not needed for a private cache dir, which no bed uses).
+    if [ "$CACHE" = /var/cache/requiretls-testbed ]; then
+        exec 8>/run/requiretls-testbed.session.lock
+        flock 8
+    fi
+    align_ids "$CACHE/$s"
+    [ "$CACHE" != /var/cache/requiretls-testbed ] || flock -u 8
 done
