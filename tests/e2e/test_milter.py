@@ -148,7 +148,11 @@ def test_milter_down_tempfails_and_the_retry_is_delivered_once(plugin: Plugin) -
 def test_postfix_config_apply_then_undo_restores_postconf(bed: Bed, postfix: Postfix) -> None:
     p = Plugin(bed, postfix)
     p.write_config()
+    # The first postconf run in a fresh chroot instance differs from the next ones (it reports
+    # config_directory only from the second run on): warm it up before taking the reference.
+    postfix.postconf("-n")
     before = (postfix.postconf("-n"), postfix.postconf("-M"))
+    files = {f: (postfix.config_dir / f).read_bytes() for f in ("main.cf", "master.cf")}
 
     def tool(*a: str) -> None:
         r = subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "--config", str(p.config), "-c",
@@ -163,6 +167,8 @@ def test_postfix_config_apply_then_undo_restores_postconf(bed: Bed, postfix: Pos
     assert (postfix.postconf("-n"), postfix.postconf("-M")) == applied
     tool("--apply", "--undo")
     assert (postfix.postconf("-n"), postfix.postconf("-M")) == before
+    assert {f: (postfix.config_dir / f).read_bytes() for f in files} == files
+    assert sorted(f.name for f in postfix.config_dir.iterdir()) == ["main.cf", "master.cf"]
 
 
 def test_postfix_3_11_requiretls_over_starttls_is_seen_by_the_milter(plugin: Plugin) -> None:
