@@ -108,7 +108,7 @@ listen = ["unix:{self.policyd_sock}"]
         path = self.dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def start(self, daemons: tuple[str, ...] = ("milter", "relay")) -> None:
+    def start(self, daemons: tuple[str, ...] = ("milter", "relay", "policyd")) -> None:
         self.apply()
         for d in daemons:
             self.start_daemon(d)

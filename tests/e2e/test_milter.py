@@ -91,8 +91,8 @@ def test_optout_cookie_from_sasl_authenticated_sender_opts_out_and_is_removed(pl
         plugin.apply()
         plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
                       smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}")
-        plugin.start_daemon("milter")
-        plugin.start_daemon("relay")
+        for daemon in ("milter", "relay", "policyd"):
+            plugin.start_daemon(daemon)
         plugin.pf.start()
         with smtplib.SMTP("127.0.0.1", plugin.pf.ports.submission, timeout=30) as s:
             s.ehlo("client.local.test")
@@ -132,7 +132,7 @@ def test_local_and_remote_recipient_of_an_optout_message_each_delivered_once(plu
 
 
 def test_milter_down_tempfails_and_the_retry_is_delivered_once(plugin: Plugin) -> None:
-    plugin.start(daemons=("relay",))  # no milter running: its socket is absent
+    plugin.start(daemons=("relay", "policyd"))  # no milter running: its socket is absent
     with pytest.raises(smtplib.SMTPResponseException) as exc:
         plugin.pf.submit(SENDER, ["bob@dane.test"])
     assert 400 <= exc.value.smtp_code < 500
