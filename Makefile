@@ -34,6 +34,8 @@ test: venv lint chroots
 
 demo: venv
 	$(PY) scripts/demo_explain.py
+	@echo
+	$(PY) scripts/demo.py --postfix 3.7
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -27,6 +27,7 @@ class Plugin:
     policy: str = ""  # extra [policy] lines
     extra: str = ""  # extra TOML sections
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    apply_args: tuple[str, ...] = ()  # extra postfix-config arguments, e.g. ("--policyd",)
 
     def __post_init__(self) -> None:
         self.dir = self.pf.dir / "requiretls"
@@ -72,7 +73,7 @@ listen = ["unix:{self.policyd_sock}"]
         self.write_config()
         r = subprocess.run(
             [sys.executable, "-m", "requiretls", "postfix-config", "--config", str(self.config),
-             "-c", str(self.pf.config_dir), "--postfix-version", self.pf.version, "--apply"],
+             "-c", str(self.pf.config_dir), "--postfix-version", self.pf.version, "--apply", *self.apply_args],
             capture_output=True, text=True, timeout=60,
         )
         assert r.returncode == 0, r.stderr + r.stdout
