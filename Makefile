@@ -48,3 +48,14 @@ deb:
 
 deb-test: venv
 	$(PY) -m pytest -q tests/packaging
+
+# Fuzzing (issue 9): every parser that reads outside input, >= 100,000 hypothesis cases per test
+# (RTLS_FUZZ_EXAMPLES), then the atheris harnesses (installed here, not in requirements-dev.txt) with as many runs.
+# `make test` runs the same hypothesis tests briefly.  Crash inputs go to var/fuzz/.
+FUZZ_EXAMPLES ?= 100000
+.PHONY: fuzz
+fuzz: venv
+	$(PY) -m pip install -q --disable-pip-version-check atheris
+	mkdir -p var/fuzz
+	RTLS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
+	$(PY) tests/fuzz/atheris_harness.py all -runs=$(FUZZ_EXAMPLES) -timeout=10 -artifact_prefix=var/fuzz/

@@ -41,6 +41,7 @@ from requiretls.relay.deliver import (
 log = logging.getLogger("requiretls")
 
 _PRIVATE = (ROUTE_HEADER.lower(), HANDBACK_HEADER.lower())
+_BLANK_LINE = re.compile(rb"\n\r?\n")
 _ADDR = re.compile(r"<([^<>]*)>")
 _QUEUE_ID = re.compile(r"\bid ([0-9A-Za-z]+)")
 
@@ -55,17 +56,15 @@ class AgentSettings:
 
 def strip_private(message: bytes) -> bytes:
     """Drop our private header fields (with their continuation lines) from the header section."""
-    end = message.find(b"\r\n\r\n")
-    sep = b"\r\n"
-    if end < 0:
-        end = message.find(b"\n\n")
-        sep = b"\n"
-    if end < 0:
+    # The header section ends at the first empty line, whatever the line endings (a bare LF before a CRLF
+    # used to hide a private field from the split, found by tests/fuzz); lines are split at LF, each keeps its CR.
+    m = _BLANK_LINE.search(message)
+    if m is None:
         return message
-    head, body = message[:end], message[end:]
+    head, body = message[: m.start()], message[m.start() :]
     out: list[bytes] = []
     skipping = False
-    for line in head.split(sep):
+    for line in head.split(b"\n"):
         if line[:1] in (b" ", b"\t"):
             if not skipping:
                 out.append(line)
@@ -74,7 +73,9 @@ def strip_private(message: bytes) -> bytes:
         skipping = name in _PRIVATE
         if not skipping:
             out.append(line)
-    return sep.join(out) + body
+    if not out:
+        return body[1:]
+    return b"\n".join(out) + body
 
 
 def add_header(message: bytes, name: str, value: str) -> bytes:
