@@ -27,6 +27,7 @@ EXPECTED = [
     ("bogus.test", "default", "TEMP"),
     ("servfail.test", "default", "TEMP"),
     ("sts-badcert.test", "default", None),  # fetch failed, nothing cached: no policy (RFC 8461 §5)
+    ("sts-wrongmx.test", "default", "secure match=mx.elsewhere.test servername=hostname"),
     ("dane.test", "relaxed", "may"),
     ("sts.test", "relaxed", "may"),
     ("tabled.test", "relaxed", "dane-only"),
@@ -87,6 +88,18 @@ def test_smtp_client_uses_the_default_zone_to_verify_an_mta_sts_mx(plugin: Plugi
     assert d.tls
     plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@sts.test>.*status=sent")
     assert plugin.pf.find_log(r"Verified TLS connection established to mx\.sts\.test") is not None
+
+
+def test_smtp_client_refuses_the_mx_that_is_not_in_the_mta_sts_policy(plugin: Plugin) -> None:
+    """RFC 8461 §4.1: an MX the policy does not list is not used: deferred, never sent."""
+    plugin.write_config()
+    plugin.start_daemon("policyd")
+    plugin.pf.set(smtp_tls_policy_maps=f"socketmap:unix:{plugin.policyd_sock}:default")
+    plugin.pf.start()
+    q = plugin.pf.submit("alice@sender.test", ["bob@sts-wrongmx.test"])
+    m = plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@sts-wrongmx.test>.*status=deferred")
+    assert "not verified" in m.line or "verification failed" in m.line, m.line
+    assert plugin.bed.mx("sts-wrongmx").deliveries() == []
 
 
 def test_smtp_client_refuses_an_mta_sts_mx_whose_certificate_fails(plugin: Plugin) -> None:

@@ -128,6 +128,7 @@ MX_HOSTS: tuple[MxHost, ...] = (
     _mx(22, "sts-norequiretls", "mx.sts-norequiretls.test.", requiretls=False),
     _mx(23, "dane-mismatch", "mx.dane-mismatch.test."),
     _mx(24, "insecure-norequiretls", "mx.insecure-norequiretls.test.", requiretls=False),
+    _mx(25, "sts-wrongmx", "mx.sts-wrongmx.test."),
 )
 
 MX_BY_KEY: dict[str, MxHost] = {m.key: m for m in MX_HOSTS}
@@ -272,6 +273,13 @@ DOMAINS: tuple[Domain, ...] = (
         ((10, "sts-twotxt"),),
         sts=StsPolicy(txt=("v=STSv1; id=20261123T000001;", "v=STSv1; id=20261123T000002;")),
         purpose="two v=STSv1 TXT records (RFC 8461 3.1: treat as no policy)",
+    ),
+    Domain(
+        "sts-wrongmx.test.",
+        _I,
+        ((10, "sts-wrongmx"),),
+        sts=StsPolicy(mx=("mx.elsewhere.test",)),
+        purpose="MTA-STS enforce whose policy does not list the domain's MX (RFC 8461 4.1: refuse it)",
     ),
     Domain(
         "toggle.test.",
