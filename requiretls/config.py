@@ -214,6 +214,15 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             str, "0660", "Octal mode of the unix socket. 0666 for a Postfix whose ids differ (a chroot).", _octal_mode
         ),
         "timeout": Setting(int, 30, "Seconds libmilter waits for the MTA before dropping a connection.", _positive),
+        "preflight_probe": Setting(
+            bool,
+            False,
+            "With policy.preflight: also connect to the MX (STARTTLS, certificate, REQUIRETLS after STARTTLS), "
+            "so that a missing REQUIRETLS is refused at submission (5.7.30), not only an unvalidated MX (5.7.10).",
+        ),
+        "preflight_timeout": Setting(
+            (int, float), 10.0, "Seconds the pre-flight may take; after that the message is accepted.", _positive
+        ),
         "mta": Setting(
             str,
             "auto",

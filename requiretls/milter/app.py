@@ -23,6 +23,7 @@ from typing import Any
 import Milter
 
 from requiretls.log import kv
+from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
     Decision,
     Envelope,
@@ -30,6 +31,7 @@ from requiretls.policy import (
     MessageClass,
     MessageFacts,
     PostfixFeatures,
+    PreflightMode,
     RcptRoute,
     Rejection,
     Session,
@@ -38,6 +40,7 @@ from requiretls.policy import (
     with_route,
 )
 from requiretls.policy.route import handback
+from requiretls.policy.table import split_address
 
 log = logging.getLogger("requiretls")
 CONTINUE: int = Milter.CONTINUE
@@ -61,6 +64,8 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
     postfix_override: PostfixFeatures | None = None
     #: Postfix's relayhost as the agent sees it (``relay.relayhost``): recipients routed there are not handed back.
     relayhost: str = ""
+    #: Destination pre-flight (``policy.preflight`` warn/reject); None when off.
+    preflight: Preflight | None = None
 
     def __init__(self) -> None:
         self.client_ip: str | None = None
@@ -130,7 +135,16 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
             Session(self.sasl_user, self.client_ip, self.tls_version),
             tuple(self.headers),
         )
-        decision = decide(facts, self.policy_source())
+        policy = self.policy_source()
+        decision = decide(facts, policy)
+        if self.preflight is not None and decision.msg_class is MessageClass.REQUIRETLS and decision.reject is None:
+            # Only the recipients that leave through the REQUIRETLS path: local and transport_maps routes
+            # are handed back to Postfix and have nothing to check.
+            back = set(handback(self.rcpts, self.relayhost))
+            domains = {split_address(r.address)[1] for r in self.rcpts if r.address not in back}
+            readiness = self.preflight.readiness(d for d in domains if d)
+            if readiness:
+                decision = decide(replace(facts, readiness=readiness), policy)
         if not self.postfix.postfix and decision.msg_class is MessageClass.REQUIRETLS and decision.reject is None:
             # Nothing on this MTA can enforce REQUIRETLS on delivery: refuse rather than send weaker.
             decision = replace(decision, reject=Rejection(
@@ -206,7 +220,7 @@ def _prepare_socket(spec: str, group: str = "postfix", mode: int = 0o660) -> Non
 
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
-          socket_mode: int = 0o660, mta: str = "auto") -> None:
+          socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None) -> None:
     """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
     RequireTLSMilter.policy_source = staticmethod(policy_source)
     if mta == "sendmail":
@@ -216,6 +230,7 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     else:
         RequireTLSMilter.postfix_override = None
     RequireTLSMilter.relayhost = relayhost
+    RequireTLSMilter.preflight = preflight
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
@@ -237,8 +252,19 @@ def run(args: argparse.Namespace) -> int:
     settings = load(args.config)
     setup("milter", settings.get("log", "target"), settings.get("log", "level"))
     spec = args.socket or settings.get("milter", "socket")
+    preflight = None
+    if settings.local_policy.preflight is not PreflightMode.OFF:
+        from requiretls.dest import Prober, ProbeSettings
+        from requiretls.runtime import destination_resolver
+
+        prober = None
+        if settings.get("milter", "preflight_probe"):
+            prober = Prober(ProbeSettings(cafile=settings.get("relay", "cafile") or None,
+                                          helo_name=settings.get("relay", "helo_name") or None))
+        preflight = Preflight(destination_resolver(settings), prober,
+                              float(settings.get("milter", "preflight_timeout")))
     serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
           settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"),
           settings.get("milter", "socket_group"), int(settings.get("milter", "socket_mode"), 8),
-          settings.get("milter", "mta"))
+          settings.get("milter", "mta"), preflight)
     return 0

@@ -26,6 +26,7 @@ class Plugin:
     senders: str = ""
     policy: str = ""  # extra [policy] lines
     extra: str = ""  # extra TOML sections
+    milter_extra: str = ""  # extra [milter] lines
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apply_args: tuple[str, ...] = ()  # extra postfix-config arguments, e.g. ("--policyd",)
 
@@ -57,6 +58,7 @@ fetch_timeout = 5
 [milter]
 socket = "unix:{self.milter_sock}"
 socket_mode = "0666"
+{self.milter_extra}
 [relay]
 listen = "unix:{self.relay_sock}"
 reinject = "127.0.0.1:{self.reinject_port}"

@@ -181,3 +181,29 @@ def test_postfix_3_11_requiretls_over_starttls_is_seen_by_the_milter(plugin: Plu
     log = plugin.log("milter")
     assert f"{q.queue_id}: requiretls: class=requiretls, route=postfix" in log
     assert "MAIL FROM REQUIRETLS" in log
+
+
+def test_preflight_reject_refuses_requiretls_to_an_unvalidated_mx_at_submission(plugin: Plugin) -> None:
+    """Tell the user at once (550 5.7.10) instead of a bounce later; the local recipient is not checked."""
+    plugin.table = "insecure.test requiretls=yes\n"
+    plugin.policy = 'preflight = "reject"'
+    plugin.start()
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        plugin.pf.submit(SENDER, [LOCAL, "bob@insecure.test"])
+    assert exc.value.smtp_code == 550 and exc.value.smtp_error.startswith(b"5.7.10"), exc.value
+    assert "pre-flight: REQUIRETLS delivery to insecure.test is not possible" in plugin.log("milter")
+    _no_delivery(plugin.bed, "insecure", 1)
+
+
+def test_preflight_probe_refuses_an_mx_without_requiretls_and_accepts_a_capable_one(plugin: Plugin) -> None:
+    plugin.table = "dane-norequiretls.test requiretls=yes\ndane.test requiretls=yes\n"
+    plugin.policy = 'preflight = "reject"'
+    plugin.milter_extra = "preflight_probe = true"
+    plugin.start()
+    with pytest.raises(smtplib.SMTPDataError) as exc:
+        plugin.pf.submit(SENDER, ["bob@dane-norequiretls.test"])
+    assert exc.value.smtp_code == 550 and exc.value.smtp_error.startswith(b"5.7.30"), exc.value
+    plugin.bed.mx("dane").clear()  # the probe's own connections are not deliveries, but start clean
+    plugin.pf.submit(SENDER, ["bob@dane.test"])
+    (d,) = plugin.wait_mx("dane")
+    assert d.requiretls and d.tls
