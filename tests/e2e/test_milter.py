@@ -10,7 +10,6 @@ import smtplib
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -23,15 +22,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
 
 SENDER = "alice@sender.test"
 LOCAL = "nobody@postfix.local.test"
-
-
-@pytest.fixture
-def plugin(bed: Bed, postfix: Postfix) -> Iterator[Plugin]:
-    p = Plugin(bed, postfix)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _no_delivery(bed: Bed, key: str, seconds: float = 3.0) -> None:

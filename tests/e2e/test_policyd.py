@@ -4,12 +4,10 @@ Postfix's smtp client delivering to an MTA-STS domain through the ``default`` zo
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.plugin import Plugin
-from tests.testbed.bed import Bed
 from tests.testbed.postfix import Postfix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
@@ -43,12 +41,17 @@ EXPECTED = [
 
 
 @pytest.fixture
-def plugin(bed: Bed, postfix: Postfix) -> Iterator[Plugin]:
-    p = Plugin(bed, postfix, table=TABLE)
-    try:
-        yield p
-    finally:
-        p.stop()
+def plugin(plugin: Plugin) -> Plugin:
+    plugin.table = TABLE
+    return plugin
+
+
+def _postfix_with_default_zone(plugin: Plugin) -> None:
+    """Postfix's own smtp client asks policyd's ``default`` zone for every next hop."""
+    plugin.write_config()
+    plugin.start_daemon("policyd")
+    plugin.pf.set(smtp_tls_policy_maps=f"socketmap:unix:{plugin.policyd_sock}:default")
+    plugin.pf.start()
 
 
 def _postmap(pf: Postfix, sock: str, key: str, zone: str) -> tuple[int, str]:
@@ -79,10 +82,7 @@ def test_postmap_answers_every_zone(plugin: Plugin) -> None:
 
 def test_smtp_client_uses_the_default_zone_to_verify_an_mta_sts_mx(plugin: Plugin) -> None:
     """smtp_tls_policy_maps = the policy service: MTA-STS enforce -> verified certificate (RFC 8461 §4.2)."""
-    plugin.write_config()
-    plugin.start_daemon("policyd")
-    plugin.pf.set(smtp_tls_policy_maps=f"socketmap:unix:{plugin.policyd_sock}:default")
-    plugin.pf.start()
+    _postfix_with_default_zone(plugin)
     q = plugin.pf.submit("alice@sender.test", ["bob@sts.test"])
     (d,) = plugin.wait_mx("sts")
     assert d.tls
@@ -92,10 +92,7 @@ def test_smtp_client_uses_the_default_zone_to_verify_an_mta_sts_mx(plugin: Plugi
 
 def test_smtp_client_refuses_the_mx_that_is_not_in_the_mta_sts_policy(plugin: Plugin) -> None:
     """RFC 8461 §4.1: an MX the policy does not list is not used: deferred, never sent."""
-    plugin.write_config()
-    plugin.start_daemon("policyd")
-    plugin.pf.set(smtp_tls_policy_maps=f"socketmap:unix:{plugin.policyd_sock}:default")
-    plugin.pf.start()
+    _postfix_with_default_zone(plugin)
     q = plugin.pf.submit("alice@sender.test", ["bob@sts-wrongmx.test"])
     m = plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@sts-wrongmx.test>.*status=deferred")
     assert "not verified" in m.line or "verification failed" in m.line, m.line
@@ -104,10 +101,7 @@ def test_smtp_client_refuses_the_mx_that_is_not_in_the_mta_sts_policy(plugin: Pl
 
 def test_smtp_client_refuses_an_mta_sts_mx_whose_certificate_fails(plugin: Plugin) -> None:
     """The same through the default zone for a domain whose MX certificate has expired: deferred, never sent."""
-    plugin.write_config()
-    plugin.start_daemon("policyd")
-    plugin.pf.set(smtp_tls_policy_maps=f"socketmap:unix:{plugin.policyd_sock}:default")
-    plugin.pf.start()
+    _postfix_with_default_zone(plugin)
     q = plugin.pf.submit("alice@sender.test", ["bob@expired.test"])
     plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@expired.test>.*status=deferred")
     assert plugin.bed.mx("expired").deliveries() == []

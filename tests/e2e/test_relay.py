@@ -9,13 +9,10 @@ import email.policy
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from tests.e2e.plugin import Plugin
-from tests.testbed.bed import Bed
-from tests.testbed.postfix import Postfix
 from tests.testbed.records import Delivery
 
 pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
@@ -23,15 +20,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
 SENDER = "alice@sender.test"
 LOCAL = "nobody@postfix.local.test"
 SECRET = "SECRET-BODY-LINE-7f3a"
-
-
-@pytest.fixture
-def plugin(bed: Bed, postfix: Postfix) -> Iterator[Plugin]:
-    p = Plugin(bed, postfix)
-    try:
-        yield p
-    finally:
-        p.stop()
 
 
 def _start(plugin: Plugin, *domains: str) -> None:
