@@ -37,26 +37,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 command -v debootstrap >/dev/null || { echo "build-testchroot: debootstrap missing" >&2; exit 1; }
 
-host_mirror() {
-    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        awk -v cn="$codename" '
-            function flush() { if (uris != "" && suites ~ ("(^| )" cn "( |$)") && types ~ /(^| )deb( |$)/) { split(uris, u, " "); print u[1]; exit } uris=""; suites=""; types="" }
-            /^[ \t]*$/ { flush(); next }
-            /^[ \t]*#/ { next }
-            tolower($1) == "types:"  { $1=""; types=$0 }
-            tolower($1) == "uris:"   { $1=""; sub(/^ +/, ""); uris=$0 }
-            tolower($1) == "suites:" { $1=""; suites=$0 }
-            END { flush() }' "$f"
-    done
-    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-        [ -f "$f" ] || continue
-        sed -e 's/\[[^]]*\]//' "$f" | awk -v cn="$codename" '$1 == "deb" && $3 == cn { print $2; exit }'
-    done
-}
-
-MIRROR=${RTLS_DEBIAN_MIRROR:-$(host_mirror | head -n 1)}
+MIRROR=${RTLS_DEBIAN_MIRROR:-$(sh "$(dirname "$0")/debian-mirror.sh")}
 if [ -z "$MIRROR" ]; then
     echo "build-testchroot: no Debian mirror found in the apt sources; set RTLS_DEBIAN_MIRROR" >&2
     exit 1
