@@ -206,6 +206,18 @@ class DestinationResolver:
             raise ValueError(f"{domain} is an address literal; no MX, DANE or MTA-STS apply")
         return await self._flight.run(domain, lambda: self._lookup(domain))
 
+    async def nexthop(self, host: str) -> Destination:
+        """A next hop configured by the admin (Postfix's ``relayhost = [host]:port``), not found through MX
+        records: its name needs no DNSSEC or MTA-STS validation (RFC 8689 section 4.2.1 step 2 is about MX
+        lookups), only authenticated TLS: DANE when its addresses and TLSA are DNSSEC-secure, else PKIX."""
+        name = normalize_name(host)
+        h = await self._host(name, name, 0, True, None)
+        if not h.usable and "lookup" in h.problem:
+            return Destination(name, MxSource.ERROR, h.address_state, (h,), None, TlsRequirement.DEFER,
+                               f"next hop {name}: {h.problem}", 0)
+        req = TlsRequirement.DANE if h.usable_tlsa else TlsRequirement.OPPORTUNISTIC
+        return Destination(name, MxSource.MX, DnssecState.SECURE, (h,), None, req, "configured next hop", 300)
+
     async def _sts(self, domain: str) -> tuple[StsResult | None, str]:
         if self.sts is None or not self.settings.use_mta_sts:
             return None, ""

@@ -107,6 +107,14 @@ def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixF
     return None
 
 
+def _hop(nexthop: str) -> str:
+    """A next hop in one form for comparing: ``[Host]:25`` and ``host`` are the same hop."""
+    h = nexthop.strip().lower()
+    if h.endswith(":25"):
+        h = h[:-3]
+    return h.strip("[]").rstrip(".")
+
+
 def handback(rcpts: Sequence[RcptRoute], relayhost: str = "") -> tuple[str, ...]:
     """Recipients the agent must give back to Postfix (it would not send them to their domain's MX itself):
     local/virtual/pipe delivery and transport_maps routes.  The relayhost is not among them: the agent sends
@@ -115,7 +123,7 @@ def handback(rcpts: Sequence[RcptRoute], relayhost: str = "") -> tuple[str, ...]
     for r in rcpts:
         if _goes_to_mx(r):
             continue
-        if relayhost and r.mailer and r.mailer.lower() in _SMTP_MAILERS and (r.host or "").lower() == relayhost.lower():
+        if relayhost and r.mailer and r.mailer.lower() in _SMTP_MAILERS and _hop(r.host or "") == _hop(relayhost):
             continue
         out.append(r.address)
     return tuple(out)

@@ -18,7 +18,7 @@ import re
 import smtplib
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -184,22 +184,27 @@ class AgentHandler:
     async def _deliver(self, domain: str, env: Envelope, rcpts: list[str], message: bytes,
                        optout: bool) -> dict[str, Outcome]:
         async with self._slots:
-            if self.settings.relayhost:
-                # Not implemented yet: deferring keeps the mail safe in Postfix's queue (never sent weaker).
-                return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.3.5",
-                                                    "REQUIRETLS delivery via a relayhost is not supported yet"))
+            send = self.settings.send
             try:
-                dest = await self.resolver.lookup(domain)
+                if self.settings.relayhost:
+                    # The relayhost is the one next hop for every recipient, under the same rules as an MX.
+                    host, port = _hostport(self.settings.relayhost)
+                    send = replace(send, port=port)
+                    dest = await self.resolver.nexthop(host)
+                else:
+                    dest = await self.resolver.lookup(domain)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
                 return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
             if optout:
                 if dest.requirement is TlsRequirement.DEFER:
                     return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}"))
                 hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
-                return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, self.settings.send)
-            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, self.settings.send)
+                return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send)
+            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
 
     async def _precheck(self, rcpt: str) -> tuple[str, Outcome | None]:
+        if self.settings.relayhost:
+            return rcpt, None  # Postfix sends everything to the relayhost and enforces REQUIRETLS there
         domain = split_address(rcpt)[1]
         try:
             dest = await self.resolver.lookup(domain)
@@ -260,6 +265,16 @@ def _smtp(code: int, msg: bytes, base: Outcome, handed_back: bool = False) -> Ou
     status = Status.DEFERRED if code < 500 else Status.BOUNCED
     dsn = text.split()[0] if text[:2] in ("4.", "5.") else ("4.0.0" if code < 500 else "5.0.0")
     return Outcome(status, code, dsn, f"{base.mx} said: {text}", base.mx)
+
+
+def _hostport(relayhost: str) -> tuple[str, int]:
+    """``[host]:port``, ``[host]``, ``host:port`` or ``host`` -> (host, port); SMTP's 25 by default."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", relayhost.strip())
+    if not m:
+        raise ValueError(f"bad relayhost {relayhost!r}")
+    host = m.group(1) or m.group(3)
+    port = m.group(2) or m.group(4)
+    return host, int(port) if port else 25
 
 
 def _params(options: Sequence[str]) -> dict[str, str]:

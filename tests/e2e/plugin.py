@@ -27,6 +27,7 @@ class Plugin:
     policy: str = ""  # extra [policy] lines
     extra: str = ""  # extra TOML sections
     milter_extra: str = ""  # extra [milter] lines
+    relay_extra: str = ""  # extra [relay] lines
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apply_args: tuple[str, ...] = ()  # extra postfix-config arguments, e.g. ("--policyd",)
 
@@ -65,6 +66,7 @@ reinject = "127.0.0.1:{self.reinject_port}"
 cafile = "{ca}"
 helo_name = "relay.local.test"
 timeout = 10
+{self.relay_extra}
 [policyd]
 listen = ["unix:{self.policyd_sock}"]
 {self.extra}

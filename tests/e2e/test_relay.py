@@ -146,3 +146,26 @@ def test_agent_killed_during_delivery_defers_then_delivers_exactly_once(plugin: 
     assert d.requiretls
     plugin.pf.wait_queue_empty(60)
     assert len(plugin.bed.mx("dane").deliveries()) == 1
+
+
+@pytest.mark.parametrize(("relay_mx", "delivered"), [("dane", True), ("dane-norequiretls", False)])
+def test_relayhost_is_the_one_next_hop_under_the_same_rules(plugin: Plugin, relay_mx: str, delivered: bool) -> None:
+    """With a relayhost every Internet recipient goes there: authenticated (DANE here) and REQUIRETLS offered, or
+    a 5.7.30 bounce; the recipient domain's own (unvalidated) MX is never used."""
+    relayhost = f"[mx.{relay_mx}.test]:25"
+    plugin.table = "insecure.test requiretls=yes\n"
+    plugin.relay_extra = f'relayhost = "{relayhost}"'
+    plugin.apply()
+    plugin.pf.set(relayhost=relayhost)
+    for daemon in ("milter", "relay", "policyd"):
+        plugin.start_daemon(daemon)
+    plugin.pf.start()
+    plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    if delivered:
+        d = next(x for x in plugin.wait_mx(relay_mx) if "bob@insecure.test" in x.rcpt_tos)
+        assert d.requiretls and d.tls
+    else:
+        # (on 3.11 the bounce is Postfix's own, under the re-injected message's queue id)
+        plugin.pf.wait_log(r"to=<bob@insecure.test>.*dsn=5\.7\.30, status=bounced", timeout=60)
+        assert not [x for x in plugin.bed.mx(relay_mx).deliveries() if "bob@insecure.test" in x.rcpt_tos]
+    assert plugin.bed.mx("insecure").deliveries() == []

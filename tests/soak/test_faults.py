@@ -1,0 +1,259 @@
+"""Fault injection through Postfix 3.7 with the whole plugin (milter, delivery agent, policyd via
+``smtp_tls_policy_maps``): a run of mixed messages during which the milter, policyd and the agent are each
+killed with SIGKILL and restarted, the resolver answers SERVFAIL for toggle.test, and the connections to
+dane.test's MX are torn down (``ss -K``) while messages are in flight.
+
+At the end every message is delivered exactly once or bounced with the right code, the queue is empty, and
+no message went out under a weaker policy than its class.  Counts are printed.  RTLS_SOAK_MESSAGES (default
+500) sets the size, RTLS_SOAK_SECONDS (60) the time over which submissions are paced; the whole run is bounded
+by RTLS_SOAK_DEADLINE seconds (default 900).
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+from tests.e2e.plugin import Plugin
+from tests.testbed.bed import Bed
+from tests.testbed.postfix import Postfix
+from tests.testbed.records import Delivery
+
+pytestmark = [
+    pytest.mark.soak, pytest.mark.e2e, pytest.mark.testbed,
+    pytest.mark.skipif(os.environ.get("RTLS_SOAK") != "1", reason="fault injection runs in make soak (RTLS_SOAK=1)"),
+]
+
+N = int(os.environ.get("RTLS_SOAK_MESSAGES", "500"))
+DEADLINE = float(os.environ.get("RTLS_SOAK_DEADLINE", "900"))
+SECONDS = float(os.environ.get("RTLS_SOAK_SECONDS", "60"))  # submissions are paced over this long
+ALICE, RT = "alice@sender.test", "rt@sender.test"
+DANE_MX = "127.0.2.1"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    sender: str
+    rcpt: str
+    mx: str  # MX key that must get it, "" if it must bounce
+    headers: tuple[tuple[str, str], ...] = ()
+    bounce: str = ""  # expected DSN status
+
+
+KINDS = [
+    Kind("default->dane", ALICE, "bob@dane.test", "dane"),
+    Kind("optout->dane-nostarttls", ALICE, "bob@dane-nostarttls.test", "dane-nostarttls", (("TLS-Required", "No"),)),
+    Kind("requiretls(sender rule)->dane", RT, "carol@dane.test", "dane"),
+    Kind("requiretls(table)->dane-norequiretls", ALICE, "bob@dane-norequiretls.test", "", bounce="5.7.30"),
+    Kind("requiretls(table)->toggle", ALICE, "bob@toggle.test", "toggle"),
+]
+
+
+@pytest.fixture
+def plugin(bed: Bed) -> Iterator[Plugin]:
+    pf: Postfix = bed.postfix("3.7")
+    if pf.running:
+        pf.stop()
+    pf.reset()
+    bed.clear_mx()
+    bed.dns.flush()
+    p = Plugin(bed, pf, apply_args=("--policyd",))
+    p.table = "dane-norequiretls.test requiretls=yes\ntoggle.test requiretls=yes\n"
+    p.senders = f"{RT} requiretls=yes\n"
+    try:
+        yield p
+    finally:
+        p.stop()
+        pf.stop()
+        bed.dns.set_servfail("toggle.test", False)
+
+
+def _message(i: int, kind: Kind) -> str:
+    extra = "".join(f"{n}: {v}\r\n" for n, v in kind.headers)
+    return (f"From: {kind.sender}\r\nTo: {kind.rcpt}\r\nSubject: soak {i}\r\nX-Soak-Id: {i}\r\n{extra}"
+            f"Message-ID: <soak.{i}.{time.time_ns()}@sender.test>\r\n\r\nsoak body {i}\r\n" + "x" * 2000 + "\r\n")
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.submitted = 0
+        self.retries: Counter[str] = Counter()
+        self.faults: list[str] = []
+
+    def retry(self, why: str) -> None:
+        with self.lock:
+            self.retries[why] += 1
+
+
+def _submit(pf: Postfix, i: int, stats: Stats, started: float, end: float) -> None:
+    kind = KINDS[i % len(KINDS)]
+    time.sleep(max(0.0, started + i * SECONDS / N - time.monotonic()))
+    while True:
+        try:
+            pf.submit(kind.sender, [kind.rcpt], _message(i, kind), timeout=30)
+            with stats.lock:
+                stats.submitted += 1
+            return
+        except smtplib.SMTPResponseException as e:
+            if not 400 <= e.smtp_code < 500:
+                raise
+            stats.retry(f"{e.smtp_code}")
+        except (smtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as e:
+            stats.retry(type(e).__name__)
+        if time.monotonic() > end:
+            raise TimeoutError(f"message {i} not accepted before the deadline")
+        time.sleep(0.3)
+
+
+def _kill(plugin: Plugin, name: str, down: float, stats: Stats) -> None:
+    proc = plugin.procs.pop(name)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    stats.faults.append(f"kill -9 {name} (pid {proc.pid}) at {stats.submitted} submitted, down {down:.0f}s")
+    time.sleep(down)
+    plugin.start_daemon(name)
+
+
+def _servfail(plugin: Plugin, seconds: float, stats: Stats) -> None:
+    stats.faults.append(f"SERVFAIL toggle.test at {stats.submitted} submitted for {seconds:.0f}s")
+    with plugin.bed.dns.servfail("toggle.test"):
+        time.sleep(seconds)
+    plugin.bed.dns.flush()
+
+
+def _drop_mx(seconds: float, stats: Stats) -> None:
+    """Tear down every TCP connection to dane.test's MX (Postfix's smtp client and the agent) for a while."""
+    end, kills = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        out = subprocess.run(["ss", "-K", "-t", "state", "established", "dst", f"{DANE_MX}:25"],
+                             capture_output=True, text=True, timeout=10).stdout
+        kills += max(0, len(out.strip().splitlines()) - 1)
+        time.sleep(0.02)
+    stats.faults.append(f"ss -K of connections to {DANE_MX}:25 for {seconds:.0f}s: {kills} killed")
+
+
+def _faults(plugin: Plugin, stats: Stats, started: float) -> list[threading.Thread]:
+    """Each fault in its own thread at its moment of the paced run, so that every one hits mail in flight."""
+    steps: list[tuple[float, Callable[[], None]]] = [
+        (0.10, lambda: _kill(plugin, "milter", 3, stats)),
+        (0.25, lambda: _kill(plugin, "policyd", 5, stats)),
+        (0.40, lambda: _kill(plugin, "relay", 5, stats)),
+        (0.55, lambda: _servfail(plugin, 20, stats)),
+        (0.75, lambda: _drop_mx(8, stats)),
+    ]
+
+    def at(when: float, step: Callable[[], None]) -> None:
+        time.sleep(max(0.0, started + when * SECONDS - time.monotonic()))
+        step()
+
+    threads = [threading.Thread(target=at, args=s, daemon=True) for s in steps]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _soak_id(d: Delivery) -> int | None:
+    m = re.search(rb"^X-Soak-Id: (\d+)", d.raw, re.MULTILINE)
+    return int(m.group(1)) if m else None
+
+
+def _status(raw: bytes) -> list[str]:
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    return [b.get("Status") for p in msg.walk() if p.get_content_type() == "message/delivery-status"
+            for b in p.get_payload() if b.get("Status")]
+
+
+def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugin, bed: Bed) -> None:
+    started = time.monotonic()
+    end = started + DEADLINE
+    plugin.start(daemons=("milter", "relay", "policyd"))
+    pf = plugin.pf
+    stats = Stats()
+    run_start = time.monotonic()
+    faults = _faults(plugin, stats, run_start)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: _submit(pf, i, stats, run_start, end), range(N)))
+    for t in faults:
+        t.join(max(1.0, end - time.monotonic()))
+    submitted_at = time.monotonic()
+    assert stats.submitted == N and len(stats.faults) == 5, stats.faults
+
+    keys = {"dane", "dane-nostarttls", "dane-norequiretls", "toggle", "sender"}
+    want = {k: sum(1 for i in range(N) if KINDS[i % len(KINDS)].mx == k) for k in keys}
+    want["sender"] = sum(1 for i in range(N) if KINDS[i % len(KINDS)].bounce)
+    flushes = 0
+    while True:
+        got = {k: len(bed.mx(k).deliveries()) for k in keys}
+        if pf.queue_empty() and all(got[k] >= want[k] for k in keys):
+            break
+        if time.monotonic() > end:
+            pytest.fail(f"not done by the deadline: queue {len(pf.queue_ids())}, got {got}, want {want}")
+        pf.flush()
+        flushes += 1
+        time.sleep(3)
+    time.sleep(2)  # anything late (a duplicate) still lands before we count
+
+    seen: Counter[int] = Counter()
+    weaker: list[str] = []
+    bounced: dict[int, list[str]] = {}
+    per_kind: Counter[str] = Counter()
+    for key in keys - {"sender"}:
+        for d in bed.mx(key).deliveries():
+            i = _soak_id(d)
+            assert i is not None, d.raw[:300]
+            kind = KINDS[i % len(KINDS)]
+            seen[i] += 1
+            per_kind[f"{kind.name}: delivered"] += 1
+            if kind.mx != key:
+                weaker.append(f"{i} ({kind.name}) delivered to {key}")
+            if kind.name.startswith("requiretls") and not (d.tls and d.requiretls):
+                weaker.append(f"{i} ({kind.name}) without REQUIRETLS over TLS: tls={d.tls} opts={d.mail_options}")
+            if kind.name == "default->dane" and not d.tls:
+                weaker.append(f"{i} ({kind.name}) without TLS")
+    for d in bed.mx("sender").deliveries():
+        assert d.mail_from in ("", "<>"), d.mail_from
+        i = _soak_id(d)
+        assert i is not None, d.raw[:600]
+        bounced.setdefault(i, []).extend(_status(d.raw))
+        per_kind[f"{KINDS[i % len(KINDS)].name}: bounced {'/'.join(_status(d.raw))}"] += 1
+        assert b"soak body" not in d.raw  # headers only (RFC 8689 §5)
+    conns = [c for c in bed.mx("dane").connections() if not c.delivered and any(
+        x.upper().startswith("DATA") for x in c.commands)]
+
+    print(f"\nsoak: {N} messages through Postfix {pf.version} in {submitted_at - started:.0f}s of submission, "
+          f"{time.monotonic() - started:.0f}s in all, {flushes} queue flushes")
+    print(f"  submission retries: {dict(stats.retries)} ({sum(stats.retries.values())} in all)")
+    for f in stats.faults:
+        print(f"  fault: {f}")
+    print(f"  connections to mx.dane.test cut after DATA began without a delivery: {len(conns)}")
+    for k, v in sorted(per_kind.items()):
+        print(f"  {k}: {v}")
+
+    dupes = sorted(i for i, c in seen.items() if c > 1)
+    lost = [i for i in range(N) if not KINDS[i % len(KINDS)].bounce and seen[i] == 0]
+    wrong_bounce = [i for i in range(N) if KINDS[i % len(KINDS)].bounce and
+                    (bounced.get(i) != [KINDS[i % len(KINDS)].bounce] or seen[i])]
+    stray = sorted(i for i in bounced if not KINDS[i % len(KINDS)].bounce)
+    print(f"  duplicates: {len(dupes)}, lost: {len(lost)}, wrong or missing bounce: {len(wrong_bounce)}, "
+          f"unexpected bounces: {len(stray)}, weaker than class: {len(weaker)}, queue empty: {pf.queue_empty()}")
+    assert not weaker, weaker[:20]
+    assert not lost, lost[:20]
+    assert not dupes, dupes[:20]
+    assert not wrong_bounce, [(i, bounced.get(i)) for i in wrong_bounce[:20]]
+    assert not stray, [(i, bounced[i]) for i in stray[:20]]
+    assert pf.queue_empty()
