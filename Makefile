@@ -59,3 +59,10 @@ fuzz: venv
 	mkdir -p var/fuzz
 	RTLS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
 	$(PY) tests/fuzz/atheris_harness.py all -runs=$(FUZZ_EXAMPLES) -timeout=10 -artifact_prefix=var/fuzz/
+
+# Fault injection (issue 9) through Postfix 3.7 on the testbed: kill -9 of milter / policyd / agent, SERVFAIL,
+# MX connections cut; prints the counts.  SOAK_MESSAGES messages, bounded by RTLS_SOAK_DEADLINE (900 s).
+SOAK_MESSAGES ?= 500
+.PHONY: soak
+soak: venv chroots
+	RTLS_SOAK=1 RTLS_SOAK_MESSAGES=$(SOAK_MESSAGES) $(PY) -m pytest -q -s -p no:cacheprovider tests/soak

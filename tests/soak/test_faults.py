@@ -199,7 +199,8 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
     flushes = 0
     while True:
         got = {k: len(bed.mx(k).deliveries()) for k in keys}
-        if pf.queue_empty() and all(got[k] >= want[k] for k in keys):
+        # Done when the queue is empty and every message has landed somewhere (a wrong landing is judged below).
+        if pf.queue_empty() and sum(got.values()) >= sum(want.values()):
             break
         if time.monotonic() > end:
             pytest.fail(f"not done by the deadline: queue {len(pf.queue_ids())}, got {got}, want {want}")
