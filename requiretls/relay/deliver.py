@@ -173,6 +173,11 @@ def _tls_session(host: MxHost, address: str, dest_domain: str, settings: SendSet
             attempt.no_auth_tls.append(f"{where}: certificate not valid: {e.verify_message}")
             client.close()
             return None
+        except (ConnectionError, TimeoutError, ssl.SSLEOFError, smtplib.SMTPServerDisconnected) as e:
+            # The connection broke during the handshake: nothing says TLS is impossible; try again later.
+            attempt.transient.append(f"{where}: connection lost during TLS handshake: {e}")
+            client.close()
+            return None
         except (ssl.SSLError, OSError) as e:
             attempt.no_auth_tls.append(f"{where}: TLS handshake failed: {e}")
             client.close()

@@ -1,0 +1,51 @@
+"""Delivery agent outcomes that need no testbed: a connection cut during STARTTLS defers, never bounces."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
+from requiretls.dest.destination import DaneState
+from requiretls.relay.deliver import Envelope, SendSettings, Status, deliver_requiretls
+
+
+def _cutting_server() -> tuple[int, threading.Thread]:
+    """Greets, offers STARTTLS, says 220 to it, then drops the connection in the middle of the handshake."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            f = conn.makefile("rwb")
+            f.write(b"220 mx.cut.example ESMTP\r\n")
+            f.flush()
+            f.readline()  # EHLO
+            f.write(b"250-mx.cut.example\r\n250 STARTTLS\r\n")
+            f.flush()
+            f.readline()  # STARTTLS
+            f.write(b"220 go ahead\r\n")
+            f.flush()
+            conn.recv(10)  # the start of the ClientHello, then cut
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return port, t
+
+
+def test_connection_cut_during_starttls_defers_instead_of_bouncing_5_7_10() -> None:
+    """Found by the fault-injection run: "when in doubt, defer" (architecture, failure rules)."""
+    port, t = _cutting_server()
+    host = MxHost("mx.cut.example", 10, True, ("127.0.0.1",), DnssecState.SECURE, dane=DaneState.NONE)
+    dest = Destination("cut.example", MxSource.MX, DnssecState.SECURE, (host,), None,
+                       TlsRequirement.OPPORTUNISTIC, "test", 300)
+    env = Envelope("a@s.example", {}, ("b@cut.example",))
+    out = deliver_requiretls(dest, env, env.rcpts, b"Subject: x\r\n\r\nbody\r\n",
+                             SendSettings(helo_name="test.local", timeout=5, port=port))
+    t.join(5)
+    o = out["b@cut.example"]
+    assert o.status is Status.DEFERRED and o.code == 451, o
