@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.plugin import Plugin  # noqa: E402
-from tests.testbed.bed import DEFAULT_STATE, Bed  # noqa: E402
+from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
+from tests.testbed.bed import Bed  # noqa: E402
 from tests.testbed.postfix import Postfix  # noqa: E402
 
 NOOP_MILTER = """
@@ -108,11 +108,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the testbed needs it)", file=sys.stderr)
         return 2
-    bed = Bed.current()
-    owned = bed is None
-    if bed is None:
-        bed = Bed(DEFAULT_STATE)
-        bed.start()
+    with running_bed() as bed:
+        return run(bed, args)
+
+
+def run(bed: Bed, args: argparse.Namespace) -> int:
     pf = bed.postfix("3.7")
     modes = ("none", "noop", "ours")
     walls: dict[str, list[float]] = {m: [] for m in modes}
@@ -134,8 +134,6 @@ def main() -> int:
     finally:
         if pf.running:
             pf.stop()
-        if owned:
-            bed.stop()
     med = {m: statistics.median(w) for m, w in walls.items()}
     print(f"\nMilter overhead, Postfix {pf.pv.full_version}: {args.messages} messages of "
           f"{len(message(0))} bytes over {args.sessions} SMTP sessions, discard delivery, "

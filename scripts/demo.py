@@ -19,8 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.plugin import Plugin  # noqa: E402
-from tests.testbed.bed import DEFAULT_STATE, Bed  # noqa: E402
+from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
+from tests.testbed.bed import Bed  # noqa: E402
 
 SENDER = "alice@sender.test"
 CASES = [
@@ -54,11 +54,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("make demo needs root (the bed uses ports 25/53/443 on loopback)", file=sys.stderr)
         return 2
-    bed = Bed.current()
-    owned = bed is None
-    if bed is None:
-        bed = Bed(DEFAULT_STATE)
-        bed.start()
+    with running_bed() as bed:
+        return run(bed, args)
+
+
+def run(bed: Bed, args: argparse.Namespace) -> int:
     pf = bed.postfix(args.postfix)
     plugin = Plugin(bed, pf, table="".join(f"{d} requiretls=yes\n" for d in
                                            ("dane.test", "dane-norequiretls.test", "insecure.test")),
@@ -95,8 +95,6 @@ def main() -> int:
         plugin.stop()
         if pf.running:
             pf.stop()
-        if owned:
-            bed.stop()
 
 
 if __name__ == "__main__":

@@ -3,15 +3,16 @@ then the milter, the delivery agent and (optionally) policyd started as separate
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.testbed.bed import Bed
+from tests.testbed.bed import DEFAULT_STATE, Bed
 from tests.testbed.hosts import UNBOUND_IP
 from tests.testbed.postfix import Postfix
 
@@ -127,5 +128,16 @@ listen = ["unix:{self.policyd_sock}"]
         return self.bed.mx(key).wait_for(n, timeout=timeout)
 
 
-def env_note() -> str:
-    return os.environ.get("RTLS_POSTFIX_VERSIONS", "")
+@contextmanager
+def running_bed() -> Iterator[Bed]:
+    """The bed for a script (demo, benchmark): the one already up, or one started here and stopped after."""
+    bed = Bed.current()
+    if bed is not None:
+        yield bed
+        return
+    bed = Bed(DEFAULT_STATE)
+    bed.start()
+    try:
+        yield bed
+    finally:
+        bed.stop()
