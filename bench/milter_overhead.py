@@ -40,24 +40,24 @@ Milter.runmilter("noop", "unix:" + path, 30)
 """
 
 
-def message(i: int) -> bytes:
+def message(i: int, rcpt: str = "bob@dane.test") -> bytes:
     lines = [f"line {n:03d} of message {i}: " + "x" * 60 for n in range(46)]
     body = "\r\n".join(lines)
-    return (f"From: alice@sender.test\r\nTo: bob@dane.test\r\nSubject: benchmark {i}\r\n"
+    return (f"From: alice@sender.test\r\nTo: {rcpt}\r\nSubject: benchmark {i}\r\n"
             f"Message-ID: <{i}.{time.time_ns()}@sender.test>\r\nDate: Mon, 23 Nov 2026 09:00:00 +0000\r\n"
             f"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\n{body}\r\n").encode()
 
 
-def blast(pf: Postfix, total: int, sessions: int) -> float:
+def blast(pf: Postfix, total: int, sessions: int, rcpt: str = "bob@dane.test") -> float:
     per = total // sessions
     errors: list[str] = []
-    msgs = [message(i) for i in range(per)]
+    msgs = [message(i, rcpt) for i in range(per)]
 
     def worker() -> None:
         try:
             with smtplib.SMTP("127.0.0.1", pf.ports.smtp, timeout=60, local_hostname="bench.local.test") as s:
                 for m in msgs:
-                    s.sendmail("alice@sender.test", ["bob@dane.test"], m)
+                    s.sendmail("alice@sender.test", [rcpt], m)
         except Exception as e:
             errors.append(repr(e))
 
