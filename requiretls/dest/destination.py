@@ -83,6 +83,12 @@ class MxHost:
         return usable_records(self.tlsa) if self.dane is DaneState.USABLE else ()
 
     @property
+    def dns_trouble(self) -> bool:
+        """Unusable because a lookup failed (address or TLSA answer bogus/indeterminate): may clear up, so a
+        sender defers instead of bouncing (RFC 7672 section 2.1.2)."""
+        return self.dane is DaneState.FAILED or (not self.addresses and not self.address_state.trustworthy)
+
+    @property
     def tls_required(self) -> bool:
         """RFC 7672 section 2.2.3: any secure TLSA RRset, even unusable, forbids cleartext."""
         return self.dane in (DaneState.USABLE, DaneState.UNUSABLE)
@@ -212,7 +218,7 @@ class DestinationResolver:
         lookups), only authenticated TLS: DANE when its addresses and TLSA are DNSSEC-secure, else PKIX."""
         name = normalize_name(host)
         h = await self._host(name, name, 0, True, None)
-        if not h.usable and "lookup" in h.problem:
+        if h.dns_trouble:
             return Destination(name, MxSource.ERROR, h.address_state, (h,), None, TlsRequirement.DEFER,
                                f"next hop {name}: {h.problem}", 0)
         req = TlsRequirement.DANE if h.usable_tlsa else TlsRequirement.OPPORTUNISTIC

@@ -215,7 +215,7 @@ class AgentHandler:
         if dest.requirement is TlsRequirement.NO_MAIL:
             return rcpt, Outcome(Status.BOUNCED, 550, "5.1.2", f"{domain}: {dest.reason}")
         if not dest.requiretls_candidates():
-            if any("lookup" in h.problem for h in dest.hosts):
+            if any(h.dns_trouble for h in dest.hosts):
                 return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble for the MX of {domain}")
             return rcpt, Outcome(Status.BOUNCED, 550, "5.7.10",
                                  f"Encryption needed: no MX of {domain} is validated by DNSSEC or MTA-STS")
@@ -252,13 +252,13 @@ class AgentHandler:
                 if ok:
                     code, msg = client.data(message)
                     for r in ok:
-                        results[r] = _smtp(code, msg, base, handed_back=True)
+                        results[r] = _smtp(code, msg, base)
                 return results
         except (smtplib.SMTPException, OSError) as e:
             return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
 
 
-def _smtp(code: int, msg: bytes, base: Outcome, handed_back: bool = False) -> Outcome:
+def _smtp(code: int, msg: bytes, base: Outcome) -> Outcome:
     text = msg.decode("utf-8", "replace")
     if 200 <= code < 300:
         return Outcome(Status.SENT, 250, "2.0.0", f"handed back to Postfix: {text}", base.mx, "none", "none")

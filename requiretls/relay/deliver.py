@@ -241,7 +241,7 @@ def deliver_requiretls(dest: Destination, env: Envelope, rcpts: Sequence[str], m
     for host in dest.hosts:
         if not host.usable:
             # A DNS failure for this MX (address or TLSA lookup) may clear up: defer rather than bounce.
-            (attempt.transient if "lookup" in host.problem else attempt.no_auth_tls).append(
+            (attempt.transient if host.dns_trouble else attempt.no_auth_tls).append(
                 f"{host.name}: {host.problem}")
             continue
         if not dest.mx_validated(host):
