@@ -27,6 +27,7 @@ from tests.testbed.bed import Bed, listening_sockets
 from tests.testbed.dns import query
 from tests.testbed.hosts import DOMAINS, HTTPS_IP, MX_HOSTS, Cert, Dnssec, StsHttp, domain_mx_hosts
 from tests.testbed.postfix import Postfix, available_versions
+from tests.testbed.records import CutRule
 from tests.testbed.services import OVERSIZE_BYTES, POLICY_PATH
 
 SENDER = "alice@sender.test"
@@ -165,6 +166,59 @@ def test_mx_flavour(bed: Bed, mx: object) -> None:
             Cert.SELF_SIGNED: "self-signed certificate",
         }[m.cert]
         assert _verify_outcome(bed.pki.ca_cert, m.hostname, m.ip) == expected
+
+
+def _send_one(ip: str, helo: str, tls: bool, n: int) -> str:
+    """One message on its own connection; "sent", or the error text if the connection broke."""
+    msg = f"Subject: cut {n}\r\nX-Cut-Id: {n}\r\n\r\n".encode() + (b"y" * 70 + b"\r\n") * 80
+    try:
+        with smtplib.SMTP(ip, 25, timeout=10) as s:
+            s.ehlo(helo)
+            if tls:
+                s.starttls(context=ssl._create_unverified_context())
+                s.ehlo(helo)
+            assert s.mail(SENDER)[0] == 250
+            assert s.rcpt("user@x.test")[0] == 250
+            code, _ = s.data(msg)
+            assert code == 250
+            return "sent"
+    except (smtplib.SMTPServerDisconnected, ConnectionError) as e:
+        return f"broken: {e}"
+
+
+@pytest.mark.testbed
+@pytest.mark.parametrize("key", ["dane", "plain"])
+def test_mx_data_cut_fault(bed: Bed, key: str) -> None:
+    """The data-cut switch (soak): every 2nd DATA from "cut.test", twice, is reset after part of the message,
+    without a reply and without a delivery; other clients and later transactions are delivered."""
+    rec = bed.mx(key)
+    rec.clear()
+    tls = key != "plain"
+    ip = next(m.ip for m in MX_HOSTS if m.key == key)
+    rec.cut_data(CutRule(count=2, every=2, helo="cut.test", after_bytes=300))
+    try:
+        got = [_send_one(ip, "cut.test", tls, n) for n in range(1, 6)]
+        other = _send_one(ip, "other.test", tls, 9)
+    finally:
+        rec.cut_data()
+    assert got[0] == got[2] == got[4] == other == "sent", got
+    for g in (got[1], got[3]):
+        # An RST: ECONNRESET in plaintext; Python's ssl reports a reset under TLS as EOF ("unexpectedly closed").
+        assert g.startswith("broken:") and (tls or "reset" in g.lower()), got
+    ids = sorted(d.header("X-Cut-Id")[0] for d in rec.wait_for(4, timeout=5))
+    assert ids == ["1", "3", "5", "9"]
+    cuts = rec.cuts()
+    assert [c.partial.split(b"\r\n")[1] for c in cuts] == [b"X-Cut-Id: 2", b"X-Cut-Id: 4"]
+    for c in cuts:
+        assert c.helo == "cut.test" and c.tls == tls and not c.dot_seen and 300 <= c.bytes_read < 1000
+    end = time.monotonic() + 5
+    while len(rec.connections()) < 6 and time.monotonic() < end:
+        time.sleep(0.05)
+    cut_conns = [c for c in rec.connections() if any(x.startswith("CUT after") for x in c.commands)]
+    assert len(cut_conns) == 2 and all(c.delivered == 0 for c in cut_conns)
+    rec.cut_data(CutRule(count=1))  # a fresh arming counts afresh; clear() disarms
+    rec.clear()
+    assert _send_one(ip, "cut.test", tls, 7) == "sent" and not rec.cuts()
 
 
 # --- MTA-STS HTTPS ------------------------------------------------------------------------------------

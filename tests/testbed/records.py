@@ -6,11 +6,19 @@ import email
 import email.message
 import email.policy
 import json
+import os
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .hosts import MX_BY_KEY, MxHost
+
+FAULT_FILE = "data-cut.fault"
+"""The data-cut switch of an MX (read by the services process at every DATA); not ``*.json``, which are
+deliveries."""
+CUTS_FILE = "cuts.jsonl"
+"""One line per DATA transaction the MX cut."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,37 @@ class Connection:
 
 
 @dataclass(frozen=True)
+class CutRule:
+    """A data-cut fault: the MX answers DATA with 354, reads ``after_bytes`` of the message (never the final
+    dot), then resets the TCP connection (RST) without a reply and records no delivery.  It does so for every
+    ``every``-th DATA transaction from clients whose EHLO/HELO name is ``helo`` (any if None), ``count`` times."""
+
+    count: int
+    every: int = 1
+    helo: str | None = None
+    after_bytes: int = 1024
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One DATA transaction an MX cut (see CutRule)."""
+
+    at: str
+    mx: str
+    rule: int
+    peer: str
+    helo: str | None
+    tls: bool
+    tls_version: str | None
+    tls_cipher: str | None
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    bytes_read: int
+    dot_seen: bool
+    partial: bytes  # what the MX read of the message before cutting
+
+
+@dataclass(frozen=True)
 class MxRecorder:
     """Read/clear access to one MX's records."""
 
@@ -98,6 +137,29 @@ class MxRecorder:
                     r["at"], r["peer"], r["tls"], r["tls_version"], tuple(r["commands"]), r["delivered"]
                 )
             )
+        return out
+
+    def cut_data(self, *rules: CutRule) -> None:
+        """Arm the data-cut fault with these rules (fresh counters); no rules disarms it.  Takes effect at the
+        next DATA command the MX receives."""
+        path = self.directory / FAULT_FILE
+        if not rules:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"id": uuid.uuid4().hex, "rules": [asdict(r) for r in rules]}))
+        os.replace(tmp, path)
+
+    def cuts(self) -> list[Cut]:
+        f = self.directory / CUTS_FILE
+        if not f.exists():
+            return []
+        out = []
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            r["rcpt_tos"] = tuple(r["rcpt_tos"])
+            r["partial"] = r["partial"].encode("latin-1")
+            out.append(Cut(**r))
         return out
 
     def clear(self) -> None:

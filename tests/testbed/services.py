@@ -9,6 +9,7 @@ really arrived, not on what Postfix says it sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import http.server
 import itertools
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .hosts import DOMAIN_BY_NAME, DOMAINS, HTTPS_IP, MX_HOSTS, MxHost, StsHttp, domain_mx_hosts
 from .pki import Pki
+from .records import CUTS_FILE, FAULT_FILE
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 OVERSIZE_BYTES = 70_000  # RFC 8461 3.3: policies larger than 64 KiB must be rejected
@@ -100,11 +103,122 @@ class RecordingSMTP(SMTP):
             f.write(json.dumps(rec) + "\n")
         super().connection_lost(error)
 
+    async def smtp_DATA(self, arg: str) -> None:
+        handler: MxHandler = self.event_handler
+        env = self.envelope
+        helo = self.session.host_name if self.session else None
+        rule = None
+        if not arg and helo and env is not None and env.rcpt_tos:
+            rule = handler.faults.take(helo)
+        if rule is None:
+            await super().smtp_DATA(arg)
+            return
+        await self._cut_mid_data(rule, handler)
+
+    async def _cut_mid_data(self, rule: int, handler: MxHandler) -> None:
+        """The data-cut fault (``MxRecorder.cut_data``): answer DATA with 354, read the first part of the
+        message, never the final dot, then reset the TCP connection without a reply and record nothing."""
+        assert self.envelope is not None and self.session is not None
+        self._rtls_commands.append("DATA")
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        want = handler.faults.after_bytes(rule)
+        got: list[bytes] = []
+        n, dot = 0, False
+        while n < want:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as e:  # a line longer than the reader's limit: take a piece
+                line = await self._reader.read(e.consumed)
+            if line == b".\r\n":
+                dot = True  # the message was shorter than after_bytes: the record says so
+                break
+            got.append(line)
+            n += len(line)
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # linger 0: close() sends RST, not FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._rtls_commands.append(f"CUT after {n} bytes of DATA")
+        rec = {
+            "at": _now(),
+            "mx": handler.mx.key,
+            "rule": rule,
+            "peer": f"{self.session.peer[0]}:{self.session.peer[1]}" if self.session.peer else "",
+            "helo": self.session.host_name,
+            **_tls_facts(self.session),
+            "mail_from": self.envelope.mail_from,
+            "rcpt_tos": self.envelope.rcpt_tos,
+            "bytes_read": n,
+            "dot_seen": dot,
+            "partial": b"".join(got).decode("latin-1"),
+        }
+        with open(handler.directory / CUTS_FILE, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()
+        # Buffered input (the rest of the message, pipelined commands) must not be read as commands: wait for
+        # connection_lost, which cancels this coroutine.
+        await asyncio.sleep(60)
+
     async def smtp_STARTTLS(self, arg: str) -> None:
         self._rtls_commands.append("STARTTLS")
         await super().smtp_STARTTLS(arg)
         if self.session is not None and self.session.ssl:
             self._rtls_tls_seen = _tls_facts(self.session)
+
+
+class DataFaults:
+    """The data-cut switch of one MX, read from ``<mx dir>/FAULT_FILE`` (written by ``MxRecorder.cut_data``).
+
+    The file holds ``{"id": ..., "rules": [{"count", "every", "helo", "after_bytes"}, ...]}``.  Rule i cuts
+    every ``every``-th DATA transaction from a client whose EHLO/HELO name is ``helo`` (any client if null)
+    until it has cut ``count``; the first rule with cuts left that matches takes the transaction.  Counters
+    live here (one process serves every MX) and start again when the file's id changes.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / FAULT_FILE
+        self._stamp: tuple[int, int] | None = None
+        self._id: str | None = None
+        self._rules: list[dict[str, Any]] = []
+        self._seen: list[int] = []
+        self._cut: list[int] = []
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            self._stamp, self._id, self._rules = None, None, []
+            return
+        stamp = (st.st_mtime_ns, st.st_ino)
+        if stamp == self._stamp:
+            return
+        try:
+            spec = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return  # being replaced: keep the previous state until the next DATA
+        self._stamp = stamp
+        if spec.get("id") != self._id:
+            self._id = spec.get("id")
+            self._rules = list(spec.get("rules", []))
+            self._seen = [0] * len(self._rules)
+            self._cut = [0] * len(self._rules)
+
+    def take(self, helo: str) -> int | None:
+        """The index of the rule that cuts this DATA transaction, or None to deliver it normally."""
+        self._load()
+        for i, r in enumerate(self._rules):
+            if self._cut[i] >= r["count"] or (r.get("helo") and r["helo"].lower() != helo.lower()):
+                continue
+            self._seen[i] += 1
+            if self._seen[i] % max(1, r.get("every", 1)) == 0:
+                self._cut[i] += 1
+                return i
+            return None
+        return None
+
+    def after_bytes(self, rule: int) -> int:
+        return int(self._rules[rule].get("after_bytes", 1024))
 
 
 class MxHandler:
@@ -118,6 +232,7 @@ class MxHandler:
         self.mx = mx
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self.faults = DataFaults(directory)
 
     async def handle_EHLO(
         self, server: RecordingSMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
