@@ -7,8 +7,9 @@ DNS client fills them (a ``MemoryCache`` holding the JSON of each answer policyd
 A and AAAA of the MX host, TLSA of ``_25._tcp`` of it, and the ``_mta-sts`` TXT, 5 keys per domain), plus
 policyd's answer cache (``PolicyService.reply`` over a resolver that hands back a DANE ``Destination``).  It prints
 RSS (``/proc/self/status``) and the time of a warm lookup (a cached socketmap reply, and a DNS cache hit with
-its JSON decoding) at each size.  ``--cap default`` keeps ``MemoryCache``'s built-in limit of 100,000 entries,
-as ``requiretls policyd`` runs today; ``--cap all`` raises it so that every destination stays cached.
+its JSON decoding) at each size.  ``--cap default`` keeps the shipped limits (``[cache] max_entries`` DNS answers,
+``[policyd] answer_cache_size`` ready answers), as ``requiretls policyd`` runs by default; ``--cap all`` raises
+both so that every destination and every DNS answer stays cached.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from requiretls.dest.cache import MemoryCache
+from requiretls.config import load
+from requiretls.dest.cache import MemoryCache, create_cache
 from requiretls.dest.dnssec import DnsAnswer, DnssecState, LookupStatus
 from requiretls.policy.table import PolicyTable
 from requiretls.policyd.metrics import Metrics
@@ -65,8 +67,14 @@ class Resolver:
 
 
 async def run(n: int, cap: str) -> None:
-    cache = MemoryCache() if cap == "default" else MemoryCache(max_entries=6 * n + 10)
-    service = PolicyService(PolicyTable.empty(), Resolver(), Metrics(), ServiceSettings(answer_ttl=86400))  # type: ignore[arg-type]
+    defaults = load(None)  # the shipped defaults of [cache] max_entries and [policyd] answer_cache_size
+    max_entries = int(defaults.get("cache", "max_entries"))
+    answers_max = int(defaults.get("policyd", "answer_cache_size"))
+    cache = create_cache("memory", max_entries=max_entries if cap == "default" else 6 * n + 10)
+    assert isinstance(cache, MemoryCache)
+    ready_max = answers_max if cap == "default" else max(answers_max, n)
+    service = PolicyService(PolicyTable.empty(), Resolver(), Metrics(),  # type: ignore[arg-type]
+                            ServiceSettings(answer_ttl=86400, answer_cache_size=ready_max))
     gc.collect()
     base = rss_mb()
     rows = []
@@ -104,14 +112,15 @@ async def run(n: int, cap: str) -> None:
             held = found / len(names)
         else:
             held = 1.0
-        rows.append((step, rss, rss - base, len(cache._data), held, hit_us, dns_us, fill))
-    print(f"cap={cap}  (MemoryCache max_entries={cache._max:,}); baseline RSS after imports {base:.1f} MB")
-    print("| destinations | RSS MB | growth MB | dest-cache entries | MX still cached | socketmap hit µs | "
-          "DNS cache hit + decode µs | fill s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for step, rss, grow, entries, held, hit, dns_us, fill in rows:
-        print(f"| {step:,} | {rss:.1f} | {grow:.1f} | {entries:,} | {held:.0%} | {hit:.2f} | {dns_us:.2f} | "
-              f"{fill:.1f} |")
+        rows.append((step, rss, rss - base, len(cache), len(service._cache), held, hit_us, dns_us, fill))
+    print(f"cap={cap}  ([cache] max_entries={cache.max_entries:,}, [policyd] answer_cache_size="
+          f"{service.settings.answer_cache_size:,}); baseline RSS after imports {base:.1f} MB")
+    print("| destinations | RSS MB | growth MB | DNS cache entries | ready answers | MX still in DNS cache | "
+          "socketmap hit µs | DNS cache hit + decode µs | fill s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for step, rss, grow, entries, ready, held, hit, dns_us, fill in rows:
+        print(f"| {step:,} | {rss:.1f} | {grow:.1f} | {entries:,} | {ready:,} | {held:.0%} | {hit:.2f} | "
+              f"{dns_us:.2f} | {fill:.1f} |")
 
 
 def main() -> None:

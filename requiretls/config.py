@@ -181,6 +181,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "sqlite_path": Setting(str, "/var/lib/requiretls/cache.sqlite", "SQLite cache file (backend = sqlite)."),
         "redis_url": Setting(str, "redis://127.0.0.1:6379/0", "Redis URL (backend = redis)."),
+        "max_entries": Setting(
+            int, 100_000,
+            "Most DNS answers and MTA-STS results the memory backend holds (a DANE destination takes about 5, "
+            "~200 bytes each); the oldest go first. The local validating resolver keeps its own cache.",
+            _positive,
+        ),
     },
     "policyd": {
         "listen": Setting(
@@ -196,6 +202,11 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "lookup_timeout": Setting(
             (int, float), 30.0, "Seconds a destination lookup may take before the answer is TEMP.", _positive
+        ),
+        "answer_cache_size": Setting(
+            int, 100_000,
+            "Most ready answers kept (one per map name and destination, ~250 bytes each); the oldest go first.",
+            _positive,
         ),
     },
     "milter": {

@@ -13,6 +13,7 @@ def destination_resolver(settings: Settings) -> DestinationResolver:
         settings.get("cache", "backend"),
         sqlite_path=settings.get("cache", "sqlite_path"),
         redis_url=settings.get("cache", "redis_url"),
+        max_entries=int(settings.get("cache", "max_entries")),
     )
     dns = DnsClient(ResolverSettings(address=host, port=port or 53, timeout=float(settings.get("dns", "timeout"))),
                     cache=cache)

@@ -26,7 +26,6 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import dns.asyncquery
 import dns.edns
@@ -122,32 +121,34 @@ class DnsAnswer:
             raise DnsLookupError(msg)
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {
-            "qname": self.qname,
-            "rdtype": self.rdtype,
-            "status": self.status.value,
-            "state": self.state.value,
-            "ttl": self.ttl,
-            "canonical": self.canonical,
-            "rdata": list(self.rdata),
-            "error": self.error,
-            "ede": list(self.ede),
-        }
-        return json.dumps(d, separators=(",", ":")).encode()
+        """Compact JSON for the caches: one array (field order as in the class; ``canonical`` is ``null``
+        when it equals ``qname``), about half the size of an object with field names."""
+        row = [self.qname, self.rdtype, self.status.value, self.state.value, self.ttl,
+               None if self.canonical == self.qname else self.canonical, list(self.rdata), self.error,
+               list(self.ede)]
+        return json.dumps(row, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> DnsAnswer:
+        """Read :meth:`to_json`'s array, or the object form that earlier versions stored (a shared SQLite or
+        Redis cache may still hold it); raises ``ValueError``/``KeyError``/``TypeError`` on anything else."""
         d = json.loads(raw)
+        if isinstance(d, dict):
+            d = [d["qname"], d["rdtype"], d["status"], d["state"], d["ttl"], d["canonical"], d["rdata"],
+                 d["error"], d["ede"]]
+        if not isinstance(d, list) or len(d) != 9:
+            raise ValueError("not a cached DNS answer")
+        qname, rdtype, status, state, ttl, canonical, rdata, error, ede = d
         return cls(
-            qname=str(d["qname"]),
-            rdtype=str(d["rdtype"]),
-            status=LookupStatus(d["status"]),
-            state=DnssecState(d["state"]),
-            ttl=int(d["ttl"]),
-            canonical=str(d["canonical"]),
-            rdata=tuple(str(x) for x in d["rdata"]),
-            error=str(d["error"]),
-            ede=tuple(int(x) for x in d["ede"]),
+            qname=str(qname),
+            rdtype=str(rdtype),
+            status=LookupStatus(status),
+            state=DnssecState(state),
+            ttl=int(ttl),
+            canonical=str(qname if canonical is None else canonical),
+            rdata=tuple(str(x) for x in rdata),
+            error=str(error),
+            ede=tuple(int(x) for x in ede),
         )
 
 

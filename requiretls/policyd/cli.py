@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
         settings.local_policy.table,
         destination_resolver(settings),
         metrics,
-        ServiceSettings(float(settings.get("policyd", "answer_ttl")), float(settings.get("policyd", "lookup_timeout"))),
+        ServiceSettings(float(settings.get("policyd", "answer_ttl")), float(settings.get("policyd", "lookup_timeout")),
+                        int(settings.get("policyd", "answer_cache_size"))),
     )
     if settings.get("policyd", "metrics"):
         metrics.serve(settings.get("policyd", "metrics"))

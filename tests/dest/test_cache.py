@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from requiretls.dest.cache import Cache, RedisCache, SingleFlight, SQLiteCache, create_cache
+from requiretls.dest.cache import Cache, MemoryCache, RedisCache, SingleFlight, SQLiteCache, create_cache
 from requiretls.dest.errors import CacheError
 
 from .support import run
@@ -135,3 +135,35 @@ def test_single_flight_shares_exceptions_and_survives_a_cancelled_waiter() -> No
             await second
 
     run(scenario())
+
+
+def test_memory_cache_stays_within_max_entries_dropping_expired_then_oldest() -> None:
+    now = [1000.0]
+    cache = MemoryCache(clock=lambda: now[0], max_entries=10)
+
+    async def scenario() -> None:
+        await cache.set("short", b"s", 5)
+        for i in range(9):
+            await cache.set(f"k{i}", b"v%d" % i, 100)
+        assert len(cache) == 10
+        now[0] += 10  # "short" has expired; the cache is full
+        await cache.set("new", b"n", 100)
+        assert len(cache) <= 10
+        assert await cache.get("short") is None
+        assert await cache.get("new") == b"n"
+        assert await cache.get("k8") == b"v8"  # the newest survive
+        for i in range(100):
+            await cache.set(f"m{i}", b"x", 100)
+            assert len(cache) <= 10
+        assert await cache.get("m99") == b"x"
+        assert await cache.get("k0") is None  # the oldest went first
+        await cache.set("m99", b"again", 100)  # replacing a key evicts nothing
+        assert await cache.get("m99") == b"again"
+
+    run(scenario())
+
+
+def test_memory_cache_rejects_a_useless_limit() -> None:
+    with pytest.raises(ValueError):
+        MemoryCache(max_entries=0)
+    assert create_cache("memory", max_entries=7).max_entries == 7  # type: ignore[attr-defined]

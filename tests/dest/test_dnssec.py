@@ -162,3 +162,21 @@ def test_broken_cache_degrades_to_a_fresh_lookup(fake_dns: FakeDns, dns_settings
     client = DnsClient(dns_settings, RedisCache("redis://127.0.0.1:1/0", timeout=0.3))
     a = run(client.query("good.test", "MX"))
     assert a.state is DnssecState.SECURE and a.rdata == ("10 mx.good.test.",)
+
+
+def test_cached_answer_form_round_trips_and_old_entries_still_read() -> None:
+    from requiretls.dest.dnssec import DnsAnswer, DnssecState, LookupStatus
+
+    same = DnsAnswer("a.test", "MX", LookupStatus.ANSWER, DnssecState.SECURE, 300, "a.test", ("10 mx.a.test.",))
+    alias = DnsAnswer("www.a.test", "A", LookupStatus.ANSWER, DnssecState.INSECURE, 60, "host.b.test",
+                      ("192.0.2.1", "192.0.2.2"), "", (9,))
+    for ans in (same, alias):
+        assert DnsAnswer.from_json(ans.to_json()) == ans
+    assert len(same.to_json()) < 80  # the array form, not an object with field names
+    # what a shared SQLite/Redis cache written by an earlier version holds
+    old = (b'{"qname":"a.test","rdtype":"MX","status":"answer","state":"secure","ttl":300,'
+           b'"canonical":"a.test","rdata":["10 mx.a.test."],"error":"","ede":[]}')
+    assert DnsAnswer.from_json(old) == same
+    for junk in (b"[]", b'"x"', b"[1,2,3]", b'{"qname":"a"}', b'["a","MX","nope","secure",1,null,[],"",[]]'):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            DnsAnswer.from_json(junk)

@@ -186,6 +186,35 @@ def test_metrics_count_requests_by_zone_and_answer(sock_path: str) -> None:
     assert 'requiretls_policyd_requests_total{answer="PERM",zone="-"} 1.0' in text
 
 
+def test_answer_cache_is_bounded_and_still_counts_hits() -> None:
+    """The ready-answer cache keeps at most ``answer_cache_size`` answers (expired ones go first, then the
+    oldest); an evicted destination is simply looked up again, and served hits are still counted."""
+    now = [0.0]
+    resolver = FakeResolver({f"d{i}.example": dane(f"d{i}.example") for i in range(50)})
+    metrics = Metrics()
+    service = PolicyService(PolicyTable.empty(), resolver, metrics,
+                            ServiceSettings(answer_ttl=60, answer_cache_size=10), clock=lambda: now[0])
+
+    async def main() -> None:
+        for i in range(50):
+            assert await service.reply(f"default d{i}.example".encode()) == encode(b"OK dane-only")
+            assert len(service._cache) <= 10
+        assert service.cached(b"default d49.example") == encode(b"OK dane-only")
+        assert service.cached(b"default d0.example") is None  # evicted: the next query looks it up again
+        assert await service.reply(b"default d0.example") == encode(b"OK dane-only")
+        now[0] += 61  # everything has expired: the first eviction clears all of it, not just the oldest
+        assert service.cached(b"default d49.example") is None
+        for i in range(10):
+            await service.reply(f"default d{i}.example".encode())
+        assert 1 <= len(service._cache) <= 10
+        assert all(hit[0] > now[0] for hit in service._cache.values())
+
+    asyncio.run(main())
+    assert metrics._hits[0] == 1
+    # one counting function per (zone, answer), shared by every cached answer with those labels
+    assert metrics.hit_counter("default", "OK") is metrics.hit_counter("default", "OK")
+
+
 def _query(path: str, req: bytes, timeout: float = 5) -> bytes:
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(timeout)
