@@ -212,12 +212,14 @@ class DestinationResolver:
             raise ValueError(f"{domain} is an address literal; no MX, DANE or MTA-STS apply")
         return await self._flight.run(domain, lambda: self._lookup(domain))
 
-    async def nexthop(self, host: str) -> Destination:
+    async def nexthop(self, host: str, port: int | None = None) -> Destination:
         """A next hop configured by the admin (Postfix's ``relayhost = [host]:port``), not found through MX
         records: its name needs no DNSSEC or MTA-STS validation (RFC 8689 section 4.2.1 step 2 is about MX
-        lookups), only authenticated TLS: DANE when its addresses and TLSA are DNSSEC-secure, else PKIX."""
+        lookups), only authenticated TLS: DANE when its addresses and TLSA are DNSSEC-secure, else PKIX.
+        The TLSA records are those of the port the next hop is reached on, ``_PORT._tcp.host``
+        (RFC 7672 section 2.2.3; RFC 6698 section 3), 25 unless ``port`` says otherwise."""
         name = normalize_name(host)
-        h = await self._host(name, name, 0, True, None)
+        h = await self._host(name, name, 0, True, None, port)
         if h.dns_trouble:
             return Destination(name, MxSource.ERROR, h.address_state, (h,), None, TlsRequirement.DEFER,
                                f"next hop {name}: {h.problem}", 0)
@@ -265,7 +267,8 @@ class DestinationResolver:
         return Destination(domain, source, mx_answer.state, tuple(hosts), sts, requirement, reason, ttl,
                            sts_error, canonical)
 
-    async def _host(self, domain: str, name: str, pref: int, mx_secure: bool, sts: StsResult | None) -> MxHost:
+    async def _host(self, domain: str, name: str, pref: int, mx_secure: bool, sts: StsResult | None,
+                    port: int | None = None) -> MxHost:
         sts_match = sts is not None and sts.policy is not None and sts.policy.matches(name)
         if _is_ip_literal(name):
             return MxHost(name, pref, mx_secure, (name,), DnssecState.INSECURE, sts_match=sts_match,
@@ -289,7 +292,7 @@ class DestinationResolver:
         bases = list(dict.fromkeys([*canonicals, name]))
         last: DnsAnswer | None = None
         for base in bases:
-            tlsa = await self.dns.query(f"_{self.settings.smtp_port}._tcp.{base}", "TLSA")
+            tlsa = await self.dns.query(f"_{port or self.settings.smtp_port}._tcp.{base}", "TLSA")
             last = tlsa
             if tlsa.status is LookupStatus.ERROR or not tlsa.state.trustworthy:
                 return MxHost(name, pref, mx_secure, addresses, addr_state, base, (), tlsa.state,

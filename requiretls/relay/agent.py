@@ -190,7 +190,7 @@ class AgentHandler:
                     # The relayhost is the one next hop for every recipient, under the same rules as an MX.
                     host, port = _hostport(self.settings.relayhost)
                     send = replace(send, port=port)
-                    dest = await self.resolver.nexthop(host)
+                    dest = await self.resolver.nexthop(host, port)
                 else:
                     dest = await self.resolver.lookup(domain)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens

@@ -252,3 +252,18 @@ def test_probe_results_decide_between_5_7_30_and_5_7_10(fake_dns: FakeDns) -> No
     assert v.status == "5.7.10"
     v = assess_requiretls(d, {"mx1.two.test": no_rt, "mx2.two.test": ok})
     assert v.possible and v.mx == "mx2.two.test" and v.probed
+
+
+def test_relayhost_tlsa_is_looked_up_at_its_own_port(fake_dns: FakeDns) -> None:
+    """RFC 7672 section 2.2.3 / RFC 6698 section 3: a next hop reached on port 587 has its TLSA records at
+    ``_587._tcp``; those of port 25 say nothing about it."""
+    fake_dns.host("smart.relay.test")
+    fake_dns.add("_587._tcp.smart.relay.test", "TLSA", TLSA_311)
+    client = DnsClient(ResolverSettings(address="127.0.0.1", port=fake_dns.port, timeout=0.5, attempts=1))
+    resolver = DestinationResolver(client)
+    on_587 = run(resolver.nexthop("smart.relay.test", 587))
+    assert on_587.requirement is TlsRequirement.DANE
+    assert on_587.hosts[0].dane is DaneState.USABLE
+    on_25 = run(resolver.nexthop("smart.relay.test"))
+    assert on_25.requirement is TlsRequirement.OPPORTUNISTIC
+    assert on_25.hosts[0].dane is DaneState.NONE
