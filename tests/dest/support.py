@@ -86,10 +86,19 @@ class FakeDns:
                 if out is not None:
                     self.request.sendall(len(out).to_bytes(2, "big") + out)
 
-        self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
-        self.port = self.udp.server_address[1]
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Tcp)
+        # UDP and TCP on one port: the kernel picks a free UDP port, which may be busy for TCP (a client's
+        # ephemeral port); then try another.
+        for attempt in range(50):
+            self.udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
+            self.port = self.udp.server_address[1]
+            try:
+                self.tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Tcp)
+                break
+            except OSError:
+                self.udp.server_close()
+                if attempt == 49:
+                    raise
         self.threads = [threading.Thread(target=s.serve_forever, args=(0.05,), daemon=True)
                         for s in (self.udp, self.tcp)]
         for t in self.threads:
