@@ -50,15 +50,14 @@ deb-test: venv
 	$(PY) -m pytest -q tests/packaging
 
 # Fuzzing (issue 9): every parser that reads outside input, >= 100,000 hypothesis cases per test
-# (RTLS_FUZZ_EXAMPLES), then the atheris harnesses (installed here, not in requirements-dev.txt) with as many runs.
+# (RTLS_FUZZ_EXAMPLES; one pytest per file, in parallel), then the atheris harnesses (installed here, not in
+# requirements-dev.txt) with as many runs.
 # `make test` runs the same hypothesis tests briefly.  Crash inputs go to var/fuzz/.
 FUZZ_EXAMPLES ?= 100000
 .PHONY: fuzz
 fuzz: venv
 	$(PY) -m pip install -q --disable-pip-version-check atheris
-	mkdir -p var/fuzz
-	RTLS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/fuzz
-	$(PY) tests/fuzz/atheris_harness.py all -runs=$(FUZZ_EXAMPLES) -timeout=10 -artifact_prefix=var/fuzz/
+	sh scripts/fuzz.sh $(PY) $(FUZZ_EXAMPLES)
 
 # Fault injection (issue 9) through Postfix 3.7 on the testbed: kill -9 of milter / policyd / agent, SERVFAIL,
 # MX connections cut; prints the counts.  SOAK_MESSAGES messages, bounded by RTLS_SOAK_DEADLINE (900 s).
