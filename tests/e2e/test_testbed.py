@@ -168,7 +168,7 @@ def test_mx_flavour(bed: Bed, mx: object) -> None:
         assert _verify_outcome(bed.pki.ca_cert, m.hostname, m.ip) == expected
 
 
-def _send_one(ip: str, helo: str, tls: bool, n: int) -> str:
+def _send_one(ip: str, helo: str, tls: bool, n: int, size: int | None = None, rcpt: str = "user@x.test") -> str:
     """One message on its own connection; "sent", or the error text if the connection broke."""
     msg = f"Subject: cut {n}\r\nX-Cut-Id: {n}\r\n\r\n".encode() + (b"y" * 70 + b"\r\n") * 80
     try:
@@ -177,8 +177,8 @@ def _send_one(ip: str, helo: str, tls: bool, n: int) -> str:
             if tls:
                 s.starttls(context=ssl._create_unverified_context())
                 s.ehlo(helo)
-            assert s.mail(SENDER)[0] == 250
-            assert s.rcpt("user@x.test")[0] == 250
+            assert s.mail(SENDER, [f"SIZE={size}"] if size else [])[0] == 250
+            assert s.rcpt(rcpt)[0] == 250
             code, _ = s.data(msg)
             assert code == 250
             return "sent"
@@ -216,7 +216,16 @@ def test_mx_data_cut_fault(bed: Bed, key: str) -> None:
         time.sleep(0.05)
     cut_conns = [c for c in rec.connections() if any(x.startswith("CUT after") for x in c.commands)]
     assert len(cut_conns) == 2 and all(c.delivered == 0 for c in cut_conns)
-    rec.cut_data(CutRule(count=1))  # a fresh arming counts afresh; clear() disarms
+    rec.cut_data(CutRule(count=1, min_size=20_000))  # a fresh arming counts afresh
+    assert _send_one(ip, "cut.test", tls, 10) == "sent"
+    assert _send_one(ip, "cut.test", tls, 11, size=19_999) == "sent"
+    assert _send_one(ip, "cut.test", tls, 12, size=20_000).startswith("broken:")
+    assert [c.size for c in rec.cuts()] == [None, None, 20_000]
+    rec.cut_data(CutRule(count=1, rcpt_prefix="big"))
+    assert _send_one(ip, "cut.test", tls, 13, rcpt="small@x.test") == "sent"
+    assert _send_one(ip, "cut.test", tls, 14, rcpt="Big-1@x.test").startswith("broken:")
+    assert [c.rcpt_tos for c in rec.cuts()][-1] == ("Big-1@x.test",)
+    rec.cut_data(CutRule(count=1))  # clear() disarms
     rec.clear()
     assert _send_one(ip, "cut.test", tls, 7) == "sent" and not rec.cuts()
 

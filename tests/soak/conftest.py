@@ -1,4 +1,5 @@
-"""Fault injection (issue 9): ``make soak`` (RTLS_SOAK=1).  Skipped in a plain ``pytest`` run: it takes minutes."""
+"""Fault injection (issue 9): run by ``make test`` and ``make soak`` (RTLS_SOAK=1), in a pytest session of its own
+with -s so that the counts are printed.  Skipped in a plain ``pytest`` run."""
 
 from __future__ import annotations
 

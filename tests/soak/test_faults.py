@@ -1,12 +1,13 @@
 """Fault injection through Postfix 3.7 with the whole plugin (milter, delivery agent, policyd via
 ``smtp_tls_policy_maps``): a run of mixed messages during which the milter, policyd and the agent are each
-killed with SIGKILL and restarted, the resolver answers SERVFAIL for toggle.test, and the connections to
-dane.test's MX are torn down (``ss -K``) while messages are in flight.
+killed with SIGKILL and restarted, the resolver answers SERVFAIL for toggle.test, and dane.test's MX cuts
+DATA transactions (the testbed's data-cut fault: 354, part of the message read, never the final dot, then a
+TCP reset without a reply and without a delivery) from Postfix's own smtp client and from the agent.
 
 At the end every message is delivered exactly once or bounced with the right code, the queue is empty, and
 no message went out under a weaker policy than its class.  Counts are printed.  RTLS_SOAK_MESSAGES (default
-500) sets the size, RTLS_SOAK_SECONDS (60) the time over which submissions are paced; the whole run is bounded
-by RTLS_SOAK_DEADLINE seconds (default 900).
+1000) sets the size, RTLS_SOAK_SECONDS (60) the time over which submissions are paced; the whole run is
+bounded by RTLS_SOAK_DEADLINE seconds (default 900).  ``make test`` and ``make soak`` run it (RTLS_SOAK=1).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import re
 import signal
 import smtplib
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -30,18 +30,21 @@ import pytest
 from tests.e2e.plugin import Plugin
 from tests.testbed.bed import Bed
 from tests.testbed.postfix import Postfix
-from tests.testbed.records import Delivery
+from tests.testbed.records import CutRule, Delivery
 
 pytestmark = [
     pytest.mark.soak, pytest.mark.e2e, pytest.mark.testbed,
     pytest.mark.skipif(os.environ.get("RTLS_SOAK") != "1", reason="fault injection runs in make soak (RTLS_SOAK=1)"),
 ]
 
-N = int(os.environ.get("RTLS_SOAK_MESSAGES", "500"))
+N = int(os.environ.get("RTLS_SOAK_MESSAGES", "1000"))
 DEADLINE = float(os.environ.get("RTLS_SOAK_DEADLINE", "900"))
 SECONDS = float(os.environ.get("RTLS_SOAK_SECONDS", "60"))  # submissions are paced over this long
 ALICE, RT = "alice@sender.test", "rt@sender.test"
-DANE_MX = "127.0.2.1"
+POSTFIX_HELO, AGENT_HELO = "postfix.local.test", "relay.local.test"  # myhostname; the agent's helo_name
+CUTS_EACH = max(3, N // 50)  # DATA transactions to mx.dane.test cut per client (Postfix's smtp, the agent)
+BIG_CUTS_EACH = max(2, N // 500)  # ... and of big messages, cut while the client is still sending the body
+BIG_BODY = ("y" * 76 + "\r\n") * 64_000  # 5 MB: more than the sender's TCP buffer can take (tcp_wmem max 4 MB)
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,20 @@ def plugin(bed: Bed) -> Iterator[Plugin]:
         bed.dns.set_servfail("toggle.test", False)
 
 
+def _big(i: int) -> bool:
+    """One in twenty of the messages for mx.dane.test (both classes) is big, for a recipient "big..."."""
+    return KINDS[i % len(KINDS)].mx == "dane" and (i // len(KINDS)) % 20 == 3
+
+
+def _rcpt(i: int) -> str:
+    return ("big" if _big(i) else "") + KINDS[i % len(KINDS)].rcpt
+
+
 def _message(i: int, kind: Kind) -> str:
     extra = "".join(f"{n}: {v}\r\n" for n, v in kind.headers)
-    return (f"From: {kind.sender}\r\nTo: {kind.rcpt}\r\nSubject: soak {i}\r\nX-Soak-Id: {i}\r\n{extra}"
-            f"Message-ID: <soak.{i}.{time.time_ns()}@sender.test>\r\n\r\nsoak body {i}\r\n" + "x" * 2000 + "\r\n")
+    return (f"From: {kind.sender}\r\nTo: {_rcpt(i)}\r\nSubject: soak {i}\r\nX-Soak-Id: {i}\r\n{extra}"
+            f"Message-ID: <soak.{i}.{time.time_ns()}@sender.test>\r\n\r\nsoak body {i}\r\n" + "x" * 2000 + "\r\n"
+            + (BIG_BODY if _big(i) else ""))
 
 
 class Stats:
@@ -105,7 +118,7 @@ def _submit(pf: Postfix, i: int, stats: Stats, started: float, end: float) -> No
     time.sleep(max(0.0, started + i * SECONDS / N - time.monotonic()))
     while True:
         try:
-            pf.submit(kind.sender, [kind.rcpt], _message(i, kind), timeout=30)
+            pf.submit(kind.sender, [_rcpt(i)], _message(i, kind), timeout=30)
             with stats.lock:
                 stats.submitted += 1
             return
@@ -136,15 +149,24 @@ def _servfail(plugin: Plugin, seconds: float, stats: Stats) -> None:
     plugin.bed.dns.flush()
 
 
-def _drop_mx(seconds: float, stats: Stats) -> None:
-    """Tear down every TCP connection to dane.test's MX (Postfix's smtp client and the agent) for a while."""
-    end, kills = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
-        out = subprocess.run(["ss", "-K", "-t", "state", "established", "dst", f"{DANE_MX}:25"],
-                             capture_output=True, text=True, timeout=10).stdout
-        kills += max(0, len(out.strip().splitlines()) - 1)
-        time.sleep(0.02)
-    stats.faults.append(f"ss -K of connections to {DANE_MX}:25 for {seconds:.0f}s: {kills} killed")
+def _cut_mx(bed: Bed, seconds: float, stats: Stats) -> None:
+    """mx.dane.test cuts every 2nd DATA transaction of Postfix's smtp client (default class) and of the agent
+    (requiretls class) mid-message, CUTS_EACH times each, or until ``seconds`` have passed."""
+    mx = bed.mx("dane")
+    before = len(mx.cuts())
+    mx.cut_data(CutRule(BIG_CUTS_EACH, helo=POSTFIX_HELO, rcpt_prefix="big", after_bytes=16384),
+                CutRule(BIG_CUTS_EACH, helo=AGENT_HELO, rcpt_prefix="big", after_bytes=16384),
+                CutRule(CUTS_EACH, every=2, helo=POSTFIX_HELO, after_bytes=1500),
+                CutRule(CUTS_EACH, every=2, helo=AGENT_HELO, after_bytes=1500))
+    end = time.monotonic() + seconds
+    try:
+        while len(mx.cuts()) - before < 2 * (CUTS_EACH + BIG_CUTS_EACH) and time.monotonic() < end:
+            time.sleep(0.2)
+    finally:
+        mx.cut_data()
+    stats.faults.append(f"mx.dane.test cut DATA mid-message (every 2nd, up to {CUTS_EACH} per client, and "
+                        f"{BIG_CUTS_EACH} big ones per client) for "
+                        f"{seconds - max(0.0, end - time.monotonic()):.0f}s: {len(mx.cuts()) - before} cut")
 
 
 def _faults(plugin: Plugin, stats: Stats, started: float) -> list[threading.Thread]:
@@ -154,7 +176,7 @@ def _faults(plugin: Plugin, stats: Stats, started: float) -> list[threading.Thre
         (0.25, lambda: _kill(plugin, "policyd", 5, stats)),
         (0.40, lambda: _kill(plugin, "relay", 5, stats)),
         (0.55, lambda: _servfail(plugin, 20, stats)),
-        (0.75, lambda: _drop_mx(8, stats)),
+        (0.70, lambda: _cut_mx(plugin.bed, 30, stats)),
     ]
 
     def at(when: float, step: Callable[[], None]) -> None:
@@ -168,8 +190,19 @@ def _faults(plugin: Plugin, stats: Stats, started: float) -> list[threading.Thre
 
 
 def _soak_id(d: Delivery) -> int | None:
-    m = re.search(rb"^X-Soak-Id: (\d+)", d.raw, re.MULTILINE)
+    return _soak_id_in(d.raw)
+
+
+def _soak_id_in(raw: bytes) -> int | None:
+    m = re.search(rb"^X-Soak-Id: (\d+)", raw, re.MULTILINE)
     return int(m.group(1)) if m else None
+
+
+def _reason(text: str) -> str:
+    """A deferral reason without the ids, addresses and numbers that make each one unique."""
+    text = re.sub(r"\[[0-9.:]+\](:\d+)?", "", text)
+    text = re.sub(r"\d+", "N", text)
+    return text[:110]
 
 
 def _status(raw: bytes) -> list[str]:
@@ -233,15 +266,30 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
         bounced.setdefault(i, []).extend(_status(d.raw))
         per_kind[f"{KINDS[i % len(KINDS)].name}: bounced {'/'.join(_status(d.raw))}"] += 1
         assert b"soak body" not in d.raw  # headers only (RFC 8689 §5)
-    conns = [c for c in bed.mx("dane").connections() if not c.delivered and any(
-        x.upper().startswith("DATA") for x in c.commands)]
+    cuts = bed.mx("dane").cuts()
+    cut_by_client = Counter((c.helo, "big" if c.rcpt_tos[0].startswith("big") else "small") for c in cuts)
+    cut_ids = [_soak_id_in(c.partial) for c in cuts]
+    cut_conns = [c for c in bed.mx("dane").connections()
+                 if not c.delivered and any(x.startswith("CUT after") for x in c.commands)]
+    log = pf.log()
+    deferred = Counter(_reason(m) for m in re.findall(r"status=deferred \((.*)\)$", log, re.MULTILINE))
+    lost_while = Counter(re.findall(r"to=<(?:big)?bob@dane\.test>.*status=deferred \(lost connection with "
+                                    r"mx\.dane\.test\[127\.0\.2\.1\] while sending ([a-z ]+)", log))
 
     print(f"\nsoak: {N} messages through Postfix {pf.version} in {submitted_at - started:.0f}s of submission, "
           f"{time.monotonic() - started:.0f}s in all, {flushes} queue flushes")
     print(f"  submission retries: {dict(stats.retries)} ({sum(stats.retries.values())} in all)")
     for f in stats.faults:
         print(f"  fault: {f}")
-    print(f"  connections to mx.dane.test cut after DATA began without a delivery: {len(conns)}")
+    print(f"  cut mid-DATA by mx.dane.test: {len(cuts)} ("
+          + ", ".join(f"{h} {size}: {n}" for (h, size), n in sorted(cut_by_client.items()))
+          + f"), final dot read: {sum(c.dot_seen for c in cuts)}, bytes read "
+          f"{min((c.bytes_read for c in cuts), default=0)}-{max((c.bytes_read for c in cuts), default=0)}, "
+          f"connections recorded as cut: {len(cut_conns)}")
+    print(f"  Postfix smtp deferrals for a lost connection to mx.dane.test: {dict(lost_while)}")
+    print(f"  Postfix deferrals: {sum(deferred.values())} in all")
+    for why, n in deferred.most_common(12):
+        print(f"    {n:5d} {why}")
     for k, v in sorted(per_kind.items()):
         print(f"  {k}: {v}")
 
@@ -252,6 +300,21 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
     stray = sorted(i for i in bounced if not KINDS[i % len(KINDS)].bounce)
     print(f"  duplicates: {len(dupes)}, lost: {len(lost)}, wrong or missing bounce: {len(wrong_bounce)}, "
           f"unexpected bounces: {len(stray)}, weaker than class: {len(weaker)}, queue empty: {pf.queue_empty()}")
+    # The data-cut fault really hit both clients, only before the final dot, and each cut message was then
+    # delivered exactly once (a cut before the dot leaves no room for an RFC 5321 6.1 duplicate).
+    assert all(cut_by_client[h, size] > 0 for h in (POSTFIX_HELO, AGENT_HELO) for size in ("big", "small")), \
+        cut_by_client
+    assert not any(c.dot_seen for c in cuts)
+    # A big message is cut while Postfix's smtp client is still writing its body (5 MB > its TCP send buffer).
+    assert lost_while["message body"] >= 1, lost_while
+    assert None not in cut_ids, [c.partial[:600] for c in cuts if _soak_id_in(c.partial) is None][:3]
+    for c, i in zip(cuts, cut_ids, strict=True):
+        assert i is not None
+        kind = KINDS[i % len(KINDS)]
+        assert kind.mx == "dane" and c.tls, (i, kind.name, c)
+        assert c.helo == (AGENT_HELO if kind.name.startswith("requiretls") else POSTFIX_HELO), (i, kind.name, c.helo)
+        assert seen[i] == 1, (i, kind.name, seen[i])
+    assert len(cut_conns) == len(cuts)
     assert not weaker, weaker[:20]
     assert not lost, lost[:20]
     assert not dupes, dupes[:20]

@@ -69,11 +69,15 @@ class Connection:
 class CutRule:
     """A data-cut fault: the MX answers DATA with 354, reads ``after_bytes`` of the message (never the final
     dot), then resets the TCP connection (RST) without a reply and records no delivery.  It does so for every
-    ``every``-th DATA transaction from clients whose EHLO/HELO name is ``helo`` (any if None), ``count`` times."""
+    ``every``-th DATA transaction from clients whose EHLO/HELO name is ``helo`` (any if None), with
+    ``min_size`` whose MAIL FROM announced SIZE >= min_size, with ``rcpt_prefix`` that have a recipient whose
+    local part starts with it, ``count`` times."""
 
     count: int
     every: int = 1
     helo: str | None = None
+    min_size: int | None = None
+    rcpt_prefix: str | None = None
     after_bytes: int = 1024
 
 
@@ -91,6 +95,7 @@ class Cut:
     tls_cipher: str | None
     mail_from: str
     rcpt_tos: tuple[str, ...]
+    size: int | None  # the SIZE= of MAIL FROM, if any
     bytes_read: int
     dot_seen: bool
     partial: bytes  # what the MX read of the message before cutting

@@ -109,13 +109,14 @@ class RecordingSMTP(SMTP):
         helo = self.session.host_name if self.session else None
         rule = None
         if not arg and helo and env is not None and env.rcpt_tos:
-            rule = handler.faults.take(helo)
+            size = next((o.partition("=")[2] for o in env.mail_options if o.upper().startswith("SIZE=")), "")
+            rule = handler.faults.take(helo, int(size) if size.isdigit() else None, env.rcpt_tos)
         if rule is None:
             await super().smtp_DATA(arg)
             return
-        await self._cut_mid_data(rule, handler)
+        await self._cut_mid_data(rule, handler, int(size) if size.isdigit() else None)
 
-    async def _cut_mid_data(self, rule: int, handler: MxHandler) -> None:
+    async def _cut_mid_data(self, rule: int, handler: MxHandler, size: int | None) -> None:
         """The data-cut fault (``MxRecorder.cut_data``): answer DATA with 354, read the first part of the
         message, never the final dot, then reset the TCP connection without a reply and record nothing."""
         assert self.envelope is not None and self.session is not None
@@ -148,6 +149,7 @@ class RecordingSMTP(SMTP):
             **_tls_facts(self.session),
             "mail_from": self.envelope.mail_from,
             "rcpt_tos": self.envelope.rcpt_tos,
+            "size": size,
             "bytes_read": n,
             "dot_seen": dot,
             "partial": b"".join(got).decode("latin-1"),
@@ -170,9 +172,11 @@ class RecordingSMTP(SMTP):
 class DataFaults:
     """The data-cut switch of one MX, read from ``<mx dir>/FAULT_FILE`` (written by ``MxRecorder.cut_data``).
 
-    The file holds ``{"id": ..., "rules": [{"count", "every", "helo", "after_bytes"}, ...]}``.  Rule i cuts
-    every ``every``-th DATA transaction from a client whose EHLO/HELO name is ``helo`` (any client if null)
-    until it has cut ``count``; the first rule with cuts left that matches takes the transaction.  Counters
+    The file holds ``{"id": ..., "rules": [{"count", "every", "helo", "min_size", "rcpt_prefix",
+    "after_bytes"}, ...]}``.  Rule i cuts every ``every``-th DATA transaction from a client whose EHLO/HELO name
+    is ``helo`` (any client if null), if ``min_size`` is set whose MAIL FROM said SIZE >= min_size, and if
+    ``rcpt_prefix`` is set with a recipient whose local part starts with it, until it has cut ``count``; the
+    first rule with cuts left that matches takes the transaction.  Counters
     live here (one process serves every MX) and start again when the file's id changes.
     """
 
@@ -204,11 +208,15 @@ class DataFaults:
             self._seen = [0] * len(self._rules)
             self._cut = [0] * len(self._rules)
 
-    def take(self, helo: str) -> int | None:
+    def take(self, helo: str, size: int | None, rcpts: list[str]) -> int | None:
         """The index of the rule that cuts this DATA transaction, or None to deliver it normally."""
         self._load()
         for i, r in enumerate(self._rules):
             if self._cut[i] >= r["count"] or (r.get("helo") and r["helo"].lower() != helo.lower()):
+                continue
+            if r.get("min_size") and (size is None or size < r["min_size"]):
+                continue
+            if r.get("rcpt_prefix") and not any(a.lower().startswith(r["rcpt_prefix"].lower()) for a in rcpts):
                 continue
             self._seen[i] += 1
             if self._seen[i] % max(1, r.get("every", 1)) == 0:
