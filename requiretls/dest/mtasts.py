@@ -74,7 +74,7 @@ class StsRecord:
     extensions: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StsPolicy:
     """An RFC 8461 section 3.2 policy, with the TXT ``id`` it was fetched under and the
     wall-clock time of the fetch."""
@@ -442,6 +442,8 @@ class StsResolver:
 
     async def _store(self, domain: str, policy: StsPolicy) -> None:
         self._mirror[domain] = policy
+        if isinstance(self.cache, MemoryCache):
+            return  # the in-memory copy is the cache: a second copy in the same process would only cost memory
         ttl = policy.expires_at - self.clock()
         try:
             if ttl > 0:

@@ -286,7 +286,10 @@ def test_fetch_failure_with_cached_policy_applies_the_cached_policy(
         assert first.status is StsStatus.FETCHED
         fake_dns.replies.pop(("_mta-sts.good.test", "TXT"))
         _publish(fake_dns, policy_server, "good.test", HttpAnswer(500), record_id="id2")
-        r._mirror.clear()  # the persistent backend alone must carry the policy
+        if not isinstance(cache_backend, MemoryCache):
+            r._mirror.clear()  # the persistent backend alone must carry the policy
+        else:  # with the memory backend the in-memory copy is the only copy (no duplicate in the cache)
+            assert await cache_backend.keys("sts:") == []
         r.dns.cache = MemoryCache()  # forget the DNS answers (their TTL would hide the new id)
         second = await r.resolve("good.test")
         assert second.status is StsStatus.CACHED_FETCH_FAILED
