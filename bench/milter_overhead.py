@@ -11,7 +11,8 @@ the script checks that its protocol mask equals ours).  ``--compare DIR`` adds o
 
 Prints a table (median of ``--runs`` runs, configurations alternating within each run): wall time with its
 spread, messages/second, the milter process's CPU seconds during the measured batch, and the wall-time ratios
-against no milter and against the do-nothing milter.  Goal: ours within 15% of no milter and within 5% of
+against no milter and against the do-nothing milter; and how many CPUs niced processes (other work, e.g. a fuzz
+run) kept busy meanwhile.  Goal: ours within 15% of no milter and within 5% of
 do-nothing.  Takes the test sessions' testbed lock while it measures.
 Run as root from the repository: ``.venv/bin/python bench/milter_overhead.py [--messages 2000] [--runs 5]``.
 """
@@ -128,6 +129,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def niced_cpu_seconds() -> float:
+    """CPU time spent by niced processes, all CPUs (``/proc/stat``): other work (such as a niced fuzz run)
+    competing with the measurement, which itself runs at nice 0."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[2]) / os.sysconf("SC_CLK_TCK")
+
+
 def _wait_for(sock: Path, proc: subprocess.Popen[bytes], what: str) -> None:
     end = time.monotonic() + 15
     while not sock.exists():
@@ -220,6 +228,7 @@ def run(bed: Bed, args: argparse.Namespace) -> int:
         modes.append("compare")
     walls: dict[str, list[float]] = {m: [] for m in modes}
     cpus: dict[str, list[float]] = {m: [] for m in modes}
+    niced: list[float] = []
     try:
         for run in range(args.runs):
             # rotate the order each run, so that no configuration always follows the same one
@@ -228,9 +237,10 @@ def run(bed: Bed, args: argparse.Namespace) -> int:
                 pid = proc.pid if proc is not None else plugin.procs["milter"].pid if plugin is not None else None
                 try:
                     blast(pf, args.sessions * 5, args.sessions)  # warm-up: process start, first connections
-                    cpu0 = cpu_seconds(pid) if pid else 0.0
+                    cpu0, nice0 = cpu_seconds(pid) if pid else 0.0, niced_cpu_seconds()
                     walls[mode].append(blast(pf, args.messages, args.sessions))
                     cpus[mode].append(cpu_seconds(pid) - cpu0 if pid else 0.0)
+                    niced.append((niced_cpu_seconds() - nice0) / walls[mode][-1])
                 finally:
                     pf.stop()
                     if plugin is not None:
@@ -246,7 +256,8 @@ def run(bed: Bed, args: argparse.Namespace) -> int:
     med = {m: statistics.median(w) for m, w in walls.items()}
     print(f"\nMilter overhead, Postfix {pf.pv.full_version}: {args.messages} messages of "
           f"{len(message(0))} bytes over {args.sessions} SMTP sessions, discard delivery, "
-          f"median of {args.runs} runs (configurations alternating)\n")
+          f"median of {args.runs} runs (configurations alternating); niced processes elsewhere used "
+          f"{statistics.median(niced):.2f} CPU (median over the batches, max {max(niced):.2f})\n")
     print("| configuration | wall s (median) | wall s (min-max) | msgs/s | milter CPU s | vs no milter (wall) "
           "| vs do-nothing milter (wall) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
