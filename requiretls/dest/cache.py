@@ -23,7 +23,22 @@ from typing import Any, Generic, TypeVar
 from .errors import CacheError
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 Clock = Callable[[], float]
+
+
+def evict(data: dict[K, V], limit: int, expired: Callable[[V], bool]) -> None:
+    """Make room in a dict used as a bounded cache of ``limit`` entries: expired entries first, then the oldest
+    insertions, down to 90% of the limit, so that a full cache runs this once per tenth of the limit in inserts
+    instead of on every insert."""
+    for k in [k for k, v in data.items() if expired(v)]:
+        del data[k]
+    target = max(0, int(limit * 0.9) - 1)
+    # One pass over the oldest keys (dicts keep insertion order).  Deleting them one by one from the front,
+    # each next(iter()) would walk over the slots already emptied: quadratic, 17 s to fill 100,000 destinations.
+    for k in list(itertools.islice(data, max(0, len(data) - target))):
+        del data[k]
 
 
 class Cache(abc.ABC):
@@ -78,7 +93,7 @@ class MemoryCache(Cache):
         item = self._data.get(key)
         if item is None:
             return None
-        if self._EXPIRY.unpack_from(item)[0] <= self._clock():
+        if self._expiry(item) <= self._clock():
             self._data.pop(key, None)
             return None
         return item[8:]
@@ -87,22 +102,14 @@ class MemoryCache(Cache):
         if ttl <= 0:
             return
         if len(self._data) >= self._max and key not in self._data:
-            self._evict()
+            now = self._clock()
+            evict(self._data, self._max, lambda item: self._expiry(item) <= now)
         self._data[key] = self._EXPIRY.pack(self._clock() + ttl) + value
 
-    def _expiry(self, item: bytes) -> float:
-        expires: float = self._EXPIRY.unpack_from(item)[0]
+    @classmethod
+    def _expiry(cls, item: bytes) -> float:
+        expires: float = cls._EXPIRY.unpack_from(item)[0]
         return expires
-
-    def _evict(self) -> None:
-        now = self._clock()
-        for k in [k for k, item in self._data.items() if self._expiry(item) <= now]:
-            del self._data[k]
-        target = max(0, int(self._max * 0.9) - 1)
-        # one pass over the oldest keys: deleting them one by one from the front, each next(iter()) would
-        # walk over the slots already emptied (quadratic: 17 s to fill 100,000 destinations, measured)
-        for k in list(itertools.islice(self._data, max(0, len(self._data) - target))):
-            del self._data[k]
 
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)

@@ -32,7 +32,7 @@ class Preflight:
         fut = asyncio.run_coroutine_threadsafe(self._all(todo), self.loop)
         try:
             return fut.result(self.timeout)
-        except (concurrent.futures.TimeoutError, Exception) as e:  # pre-flight must never break mail flow
+        except Exception as e:  # pre-flight must never break mail flow (a timeout included)
             fut.cancel()
             why = "timed out" if isinstance(e, concurrent.futures.TimeoutError) else f"{type(e).__name__}"
             return tuple((d, DestinationReadiness(Readiness.UNKNOWN, f"pre-flight {why}")) for d in todo)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from requiretls.dest import DestinationResolver
+from requiretls.dest.cache import evict
 from requiretls.log import kv
 from requiretls.policy.table import PolicyTable
 from requiretls.policy.tlsmap import Answer, Query, Status, Zone, answer, needs_destination, parse_key
@@ -90,21 +90,11 @@ class PolicyService:
         wire = self._frame(ans, zone)
         if ans.status is not Status.TEMP and ttl > 0:
             if len(self._cache) >= self.settings.answer_cache_size and request not in self._cache:
-                self._evict()
+                # an evicted answer is simply looked up again
+                now = self.clock()
+                evict(self._cache, self.settings.answer_cache_size, lambda hit: hit[0] <= now)
             self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(str(zone), ans.status.value))
         return wire
-
-    def _evict(self) -> None:
-        """Make room in the answer cache: expired answers first, then the oldest, down to 90% of its size, so
-        that the scan runs once per tenth of the size in new answers.  An evicted answer is looked up again."""
-        now = self.clock()
-        for k in [k for k, hit in self._cache.items() if hit[0] <= now]:
-            del self._cache[k]
-        target = max(0, int(self.settings.answer_cache_size * 0.9) - 1)
-        # one pass over the oldest keys: deleting them one by one from the front, each next(iter()) would
-        # walk over the slots already emptied (quadratic: 17 s to fill 100,000 destinations, measured)
-        for k in list(itertools.islice(self._cache, max(0, len(self._cache) - target))):
-            del self._cache[k]
 
     async def _answer(self, zone: Zone, query: Query) -> tuple[Answer, float]:
         if not needs_destination(zone, query, self.table) or query.domain is None:
