@@ -56,6 +56,17 @@ def _tls_facts(session: Session) -> dict[str, Any]:
     }
 
 
+def _transaction_facts(session: Session, envelope: Envelope) -> dict[str, Any]:
+    """What the records of a delivery and of a cut DATA transaction share: client, TLS state, envelope."""
+    return {
+        "peer": f"{session.peer[0]}:{session.peer[1]}" if session.peer else "",
+        "helo": session.host_name,
+        **_tls_facts(session),
+        "mail_from": envelope.mail_from,
+        "rcpt_tos": envelope.rcpt_tos,
+    }
+
+
 class RecordingSMTP(SMTP):
     """aiosmtpd's SMTP, plus the ESMTP parameters a real MX must accept (REQUIRETLS, DSN's RET/ENVID/
     NOTIFY/ORCPT) and a per-connection record written when the connection ends."""
@@ -107,14 +118,15 @@ class RecordingSMTP(SMTP):
         handler: MxHandler = self.event_handler
         env = self.envelope
         helo = self.session.host_name if self.session else None
-        rule = None
+        rule = size = None
         if not arg and helo and env is not None and env.rcpt_tos:
-            size = next((o.partition("=")[2] for o in env.mail_options if o.upper().startswith("SIZE=")), "")
-            rule = handler.faults.take(helo, int(size) if size.isdigit() else None, env.rcpt_tos)
+            announced = next((o.partition("=")[2] for o in env.mail_options if o.upper().startswith("SIZE=")), "")
+            size = int(announced) if announced.isdigit() else None
+            rule = handler.faults.take(helo, size, env.rcpt_tos)
         if rule is None:
             await super().smtp_DATA(arg)
             return
-        await self._cut_mid_data(rule, handler, int(size) if size.isdigit() else None)
+        await self._cut_mid_data(rule, handler, size)
 
     async def _cut_mid_data(self, rule: int, handler: MxHandler, size: int | None) -> None:
         """The data-cut fault (``MxRecorder.cut_data``): answer DATA with 354, read the first part of the
@@ -144,11 +156,7 @@ class RecordingSMTP(SMTP):
             "at": _now(),
             "mx": handler.mx.key,
             "rule": rule,
-            "peer": f"{self.session.peer[0]}:{self.session.peer[1]}" if self.session.peer else "",
-            "helo": self.session.host_name,
-            **_tls_facts(self.session),
-            "mail_from": self.envelope.mail_from,
-            "rcpt_tos": self.envelope.rcpt_tos,
+            **_transaction_facts(self.session, self.envelope),
             "size": size,
             "bytes_read": n,
             "dot_seen": dot,
@@ -285,12 +293,8 @@ class MxHandler:
         rec = {
             "mx": self.mx.key,
             "received_at": _now(),
-            "peer": f"{session.peer[0]}:{session.peer[1]}" if session.peer else "",
-            "helo": session.host_name,
-            **_tls_facts(session),
-            "mail_from": envelope.mail_from,
+            **_transaction_facts(session, envelope),
             "mail_options": envelope.mail_options,
-            "rcpt_tos": envelope.rcpt_tos,
             "rcpt_options": envelope.rcpt_options,
             "eml": f"{name}.eml",
         }
