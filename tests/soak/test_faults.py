@@ -30,7 +30,7 @@ import pytest
 from tests.e2e.plugin import Plugin
 from tests.testbed.bed import Bed
 from tests.testbed.postfix import Postfix
-from tests.testbed.records import CutRule, Delivery
+from tests.testbed.records import CutRule
 
 pytestmark = [
     pytest.mark.soak, pytest.mark.e2e, pytest.mark.testbed,
@@ -193,11 +193,7 @@ def _faults(plugin: Plugin, stats: Stats, started: float) -> list[threading.Thre
     return threads
 
 
-def _soak_id(d: Delivery) -> int | None:
-    return _soak_id_in(d.raw)
-
-
-def _soak_id_in(raw: bytes) -> int | None:
+def _soak_id(raw: bytes) -> int | None:
     m = re.search(rb"^X-Soak-Id: (\d+)", raw, re.MULTILINE)
     return int(m.group(1)) if m else None
 
@@ -252,7 +248,7 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
     per_kind: Counter[str] = Counter()
     for key in keys - {"sender"}:
         for d in bed.mx(key).deliveries():
-            i = _soak_id(d)
+            i = _soak_id(d.raw)
             assert i is not None, d.raw[:300]
             kind = KINDS[i % len(KINDS)]
             seen[i] += 1
@@ -265,14 +261,14 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
                 weaker.append(f"{i} ({kind.name}) without TLS")
     for d in bed.mx("sender").deliveries():
         assert d.mail_from in ("", "<>"), d.mail_from
-        i = _soak_id(d)
+        i = _soak_id(d.raw)
         assert i is not None, d.raw[:600]
         bounced.setdefault(i, []).extend(_status(d.raw))
         per_kind[f"{KINDS[i % len(KINDS)].name}: bounced {'/'.join(_status(d.raw))}"] += 1
         assert b"soak body" not in d.raw  # headers only (RFC 8689 §5)
     cuts = bed.mx("dane").cuts()
     cut_by_client = Counter((c.helo, "big" if c.rcpt_tos[0].startswith("big") else "small") for c in cuts)
-    cut_ids = [_soak_id_in(c.partial) for c in cuts]
+    cut_ids = [_soak_id(c.partial) for c in cuts]
     cut_conns = [c for c in bed.mx("dane").connections()
                  if not c.delivered and any(x.startswith("CUT after") for x in c.commands)]
     log = pf.log()
@@ -311,7 +307,7 @@ def test_faults_during_a_mixed_run_lose_nothing_and_weaken_nothing(plugin: Plugi
     assert not any(c.dot_seen for c in cuts)
     # A big message is cut while Postfix's smtp client is still writing its body (5 MB > its TCP send buffer).
     assert lost_while["message body"] >= 1, lost_while
-    assert None not in cut_ids, [c.partial[:600] for c in cuts if _soak_id_in(c.partial) is None][:3]
+    assert None not in cut_ids, [c.partial[:600] for c, i in zip(cuts, cut_ids, strict=True) if i is None][:3]
     for c, i in zip(cuts, cut_ids, strict=True):
         assert i is not None
         kind = KINDS[i % len(KINDS)]
