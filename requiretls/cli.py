@@ -34,7 +34,7 @@ from requiretls.policy import (
 # Subcommands that live with their component: module -> (name, help).  Each module exposes
 # ``add_arguments(parser)`` and ``run(args) -> int``; a component that is not installed is simply not offered.
 _PLUGINS = {
-    "requiretls.dest.check": ("check", "report what a destination offers and whether REQUIRETLS can reach it"),
+    "requiretls.check": ("check", "report what a destination offers and whether REQUIRETLS can reach it"),
     "requiretls.milter.app": ("milter", "run the milter that tags messages and steers their delivery"),
     "requiretls.postfix.cli": ("postfix-config", "print or apply the Postfix configuration for this version"),
     "requiretls.policyd.cli": ("policyd", "run the socketmap TLS policy service for smtp_tls_policy_maps"),

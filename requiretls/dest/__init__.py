@@ -1,30 +1,35 @@
 """Destination security: what a mail domain offers for TLS.
 
 DNSSEC-aware MX/A/AAAA/TLSA lookups (RFC 7672), DANE matching, MTA-STS
-discovery, fetch and cache (RFC 8461), REQUIRETLS probes (RFC 8689), and cache
-backends.  Shared by the policy service, the milter's pre-flight and the
-delivery agent.  This package never imports :mod:`requiretls.policy`.
+discovery, fetch and cache (RFC 8461), the one SMTP TLS-session routine
+(RFC 8689 section 4.2.1 steps 3-5) and cache backends.  It gathers the facts of
+:mod:`requiretls.facts`; judging them is :mod:`requiretls.policy`'s job, and
+this package never imports it.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .cache import Cache, MemoryCache, RedisCache, SingleFlight, SQLiteCache, create_cache
-from .dane import DaneOutcome, DaneResult, TlsaRecord, make_tlsa, match_tlsa, usable_records
-from .destination import (
+from requiretls.facts import (
     DaneState,
     Destination,
-    DestinationResolver,
-    DestSettings,
+    DnssecState,
     MxHost,
     MxSource,
-    RequireTlsVerdict,
+    SessionResult,
+    SessionStage,
+    StsMode,
+    StsPolicy,
+    StsResult,
+    StsStatus,
     TlsRequirement,
-    VerdictOutcome,
-    assess_requiretls,
 )
-from .dnssec import DnsAnswer, DnsClient, DnssecState, LookupStatus, ResolverSettings
+
+from .cache import Cache, MemoryCache, RedisCache, SingleFlight, SQLiteCache, create_cache
+from .dane import DaneOutcome, DaneResult, TlsaRecord, make_tlsa, match_tlsa, usable_records
+from .destination import DestinationResolver, DestSettings
+from .dnssec import DnsAnswer, DnsClient, LookupStatus, ResolverSettings
 from .errors import (
     BogusDnsError,
     CacheError,
@@ -36,8 +41,9 @@ from .errors import (
     ProbeError,
     TemporaryDestError,
 )
-from .mtasts import StsMode, StsPolicy, StsResolver, StsResult, StsSettings, StsStatus
-from .probe import Prober, ProbeResult, ProbeSettings
+from .mtasts import StsResolver, StsSettings
+from .probe import Prober, ProbeSettings
+from .session import SessionSettings, TlsSession, open_session
 
 # A library logs; the program that uses it decides where to (no "No handler" fallback to stderr).
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -65,13 +71,14 @@ __all__ = [
     "MxHost",
     "MxSource",
     "ProbeError",
-    "ProbeResult",
     "ProbeSettings",
     "Prober",
     "RedisCache",
-    "RequireTlsVerdict",
     "ResolverSettings",
     "SQLiteCache",
+    "SessionResult",
+    "SessionSettings",
+    "SessionStage",
     "SingleFlight",
     "StsMode",
     "StsPolicy",
@@ -81,11 +88,11 @@ __all__ = [
     "StsStatus",
     "TemporaryDestError",
     "TlsRequirement",
+    "TlsSession",
     "TlsaRecord",
-    "VerdictOutcome",
-    "assess_requiretls",
     "create_cache",
     "make_tlsa",
     "match_tlsa",
+    "open_session",
     "usable_records",
 ]

@@ -8,14 +8,15 @@ version 38 (Debian 12) are required; newer ones are used when available.
 
 from __future__ import annotations
 
-import binascii
 import datetime
 import enum
 import hashlib
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from requiretls.facts import MatchingType, Selector, TlsaRecord, Usage, name_matches, usable_records
 
 from .errors import CertificateParseError
 
@@ -24,81 +25,6 @@ if TYPE_CHECKING:
 
 # cryptography is imported where certificates are handled (the relay agent, ``check``), not at import time:
 # it costs policyd and the milter ~8 MB of RSS they never use.
-
-
-class Usage(enum.IntEnum):
-    """TLSA certificate usage (RFC 6698 section 2.1.1, RFC 7218 acronyms)."""
-
-    PKIX_TA = 0
-    PKIX_EE = 1
-    DANE_TA = 2
-    DANE_EE = 3
-
-
-class Selector(enum.IntEnum):
-    CERT = 0
-    SPKI = 1
-
-
-class MatchingType(enum.IntEnum):
-    FULL = 0
-    SHA2_256 = 1
-    SHA2_512 = 2
-
-
-@dataclass(frozen=True)
-class TlsaRecord:
-    """One TLSA record (RFC 6698 section 2.1)."""
-
-    usage: int
-    selector: int
-    mtype: int
-    data: bytes
-
-    @classmethod
-    def from_text(cls, text: str) -> TlsaRecord:
-        """Parse the presentation form ``"3 1 1 ABCD..."``."""
-        parts = text.split()
-        if len(parts) < 4:
-            raise ValueError(f"malformed TLSA record {text!r}")
-        try:
-            return cls(int(parts[0]), int(parts[1]), int(parts[2]), binascii.unhexlify("".join(parts[3:])))
-        except (ValueError, binascii.Error) as e:
-            raise ValueError(f"malformed TLSA record {text!r}: {e}") from e
-
-    def to_text(self) -> str:
-        return f"{self.usage} {self.selector} {self.mtype} {self.data.hex()}"
-
-    @property
-    def usable(self) -> bool:
-        """RFC 7672 section 3.1: only DANE-TA(2) and DANE-EE(3) are used for SMTP; we treat
-        PKIX-TA(0)/PKIX-EE(1) as unusable (section 3.1.3 allows it), and unknown
-        selectors or matching types, or a digest of the wrong length, as unusable."""
-        if self.usage not in (Usage.DANE_TA, Usage.DANE_EE):
-            return False
-        if self.selector not in (Selector.CERT, Selector.SPKI):
-            return False
-        if self.mtype == MatchingType.SHA2_256:
-            return len(self.data) == 32
-        if self.mtype == MatchingType.SHA2_512:
-            return len(self.data) == 64
-        return self.mtype == MatchingType.FULL and len(self.data) > 0
-
-
-def usable_records(records: Iterable[TlsaRecord]) -> tuple[TlsaRecord, ...]:
-    """The usable records, with digest agility applied (RFC 7671 section 9).
-
-    For each (usage, selector), only the strongest digest algorithm present is
-    used, so a published SHA2-512 record retires the SHA2-256 ones.  Exact-match
-    records (matching type 0) are always kept.
-    """
-    recs = [r for r in records if r.usable]
-    best: dict[tuple[int, int], int] = {}
-    for r in recs:
-        if r.mtype != MatchingType.FULL:
-            key = (r.usage, r.selector)
-            best[key] = max(best.get(key, 0), r.mtype)
-    return tuple(r for r in recs if r.mtype == MatchingType.FULL or r.mtype == best[(r.usage, r.selector)])
 
 
 class DaneOutcome(enum.Enum):
@@ -242,24 +168,6 @@ def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     if dns_ids:
         return dns_ids
     return tuple(str(a.value).lower().rstrip(".") for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
-
-
-def name_matches(pattern: str, name: str) -> bool:
-    """RFC 7672 section 3.2.3 / RFC 6125: exact match, or ``*`` as the whole left-most label
-    matching exactly one label."""
-    pattern = pattern.lower().rstrip(".")
-    name = name.lower().rstrip(".")
-    if not pattern or not name:
-        return False
-    if pattern.startswith("*."):
-        rest = pattern[2:]
-        if "*" in rest or "." not in rest:
-            return False
-        head, _, tail = name.partition(".")
-        return bool(head) and tail == rest
-    if "*" in pattern:
-        return False
-    return pattern == name
 
 
 def match_tlsa(

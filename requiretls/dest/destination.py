@@ -9,176 +9,29 @@ records exist; MTA-STS never overrides a DANE failure (RFC 8461 section 2).
 from __future__ import annotations
 
 import asyncio
-import enum
 import ipaddress
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+
+from requiretls.facts import (
+    DaneState,
+    Destination,
+    DnssecState,
+    MxHost,
+    MxSource,
+    StsMode,
+    StsResult,
+    TlsaRecord,
+    TlsRequirement,
+    usable_records,
+)
 
 from .cache import SingleFlight
-from .dane import TlsaRecord, usable_records
-from .dnssec import DnsAnswer, DnsClient, DnssecState, LookupStatus, normalize_name
-from .errors import DnsLookupError, MtaStsTemporaryError
-from .mtasts import StsMode, StsResolver, StsResult
-
-if TYPE_CHECKING:
-    from .probe import ProbeResult
+from .dnssec import DnsAnswer, DnsClient, LookupStatus, normalize_name
+from .errors import MtaStsTemporaryError
+from .mtasts import StsResolver
 
 log = logging.getLogger("requiretls.dest")
-
-
-class MxSource(enum.Enum):
-    MX = "mx"  # MX records
-    IMPLICIT = "implicit"  # no MX: the domain's own A/AAAA (RFC 5321 section 5.1)
-    NULL_MX = "null-mx"  # RFC 7505: the domain accepts no mail
-    NXDOMAIN = "nxdomain"  # the domain does not exist
-    ERROR = "error"  # bogus or indeterminate MX lookup: defer
-
-
-class DaneState(enum.Enum):
-    """Per-MX DANE state (RFC 7672 section 2.2)."""
-
-    USABLE = "usable"  # secure TLSA RRset with >= 1 usable record: TLS and authentication MUST
-    UNUSABLE = "unusable"  # secure TLSA RRset, every record unusable: TLS MUST, no authentication
-    NONE = "none"  # secure denial of TLSA: pre-DANE opportunistic TLS
-    INSECURE = "insecure"  # TLSA answer insecure: pre-DANE opportunistic TLS
-    NOT_APPLICABLE = "not-applicable"  # MX or address insecure: TLSA not looked up (section 2.2.1/2.2.2)
-    FAILED = "failed"  # TLSA lookup failed: MX MUST NOT be used (section 2.1.2)
-
-
-class TlsRequirement(enum.Enum):
-    """What TLS policy the destination demands of an ordinary message."""
-
-    DANE = "dane"  # DNSSEC MX and TLSA: per-MX DANE (Postfix level 'dane')
-    STS_ENFORCE = "sts-enforce"  # MTA-STS enforce: verified TLS to an MX matching the patterns
-    STS_TESTING = "sts-testing"  # MTA-STS testing: opportunistic, report failures
-    OPPORTUNISTIC = "opportunistic"  # nothing published: opportunistic TLS
-    DEFER = "defer"  # DNS trouble: the answer is unknown, try later
-    NO_MAIL = "no-mail"  # null MX or nonexistent domain
-
-
-@dataclass(frozen=True)
-class MxHost:
-    """One delivery candidate, in RFC 5321 preference order."""
-
-    name: str
-    preference: int
-    mx_secure: bool  # reached through a DNSSEC-secure MX (or secure implicit-MX) lookup
-    addresses: tuple[str, ...] = ()
-    address_state: DnssecState = DnssecState.INDETERMINATE
-    tlsa_base: str | None = None
-    tlsa: tuple[TlsaRecord, ...] = ()
-    tlsa_state: DnssecState | None = None
-    dane: DaneState = DaneState.NOT_APPLICABLE
-    sts_match: bool = False
-    problem: str = ""  # why the host cannot be used; '' when it can
-
-    @property
-    def usable(self) -> bool:
-        return not self.problem
-
-    @property
-    def usable_tlsa(self) -> tuple[TlsaRecord, ...]:
-        return usable_records(self.tlsa) if self.dane is DaneState.USABLE else ()
-
-    @property
-    def dns_trouble(self) -> bool:
-        """Unusable because a lookup failed (address or TLSA answer bogus/indeterminate): may clear up, so a
-        sender defers instead of bouncing (RFC 7672 section 2.1.2)."""
-        return self.dane is DaneState.FAILED or (not self.addresses and not self.address_state.trustworthy)
-
-    @property
-    def tls_required(self) -> bool:
-        """RFC 7672 section 2.2.3: any secure TLSA RRset, even unusable, forbids cleartext."""
-        return self.dane in (DaneState.USABLE, DaneState.UNUSABLE)
-
-    @property
-    def auth_method(self) -> str:
-        """How a REQUIRETLS client authenticates this host: ``dane`` or ``pkix``."""
-        return "dane" if self.dane is DaneState.USABLE else "pkix"
-
-    def dane_reference_names(self, domain: str, canonical_domain: str | None = None) -> tuple[str, ...]:
-        """RFC 7672 section 3.2.2 reference identifiers for DANE-TA: the TLSA base domain,
-        then, for a secure MX, the next-hop domain and its CNAME expansion."""
-        names: list[str] = [self.tlsa_base or self.name]
-        if self.mx_secure:
-            names.append(domain)
-            if canonical_domain and canonical_domain != domain:
-                names.append(canonical_domain)
-        return tuple(dict.fromkeys(names))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "preference": self.preference,
-            "mx_secure": self.mx_secure,
-            "addresses": list(self.addresses),
-            "address_dnssec": self.address_state.value,
-            "tlsa_base": self.tlsa_base,
-            "tlsa_dnssec": self.tlsa_state.value if self.tlsa_state else None,
-            "tlsa": [{"record": r.to_text(), "usable": r.usable} for r in self.tlsa],
-            "dane": self.dane.value,
-            "sts_match": self.sts_match,
-            "usable": self.usable,
-            "problem": self.problem,
-        }
-
-
-@dataclass(frozen=True)
-class Destination:
-    """Everything :mod:`requiretls.dest` knows about a domain, at one moment."""
-
-    domain: str
-    source: MxSource
-    mx_state: DnssecState
-    hosts: tuple[MxHost, ...]
-    sts: StsResult | None
-    requirement: TlsRequirement
-    reason: str
-    ttl: int
-    sts_error: str = ""
-    canonical: str | None = None  # CNAME expansion of the domain for implicit MX
-
-    @property
-    def mx_secure(self) -> bool:
-        return self.mx_state is DnssecState.SECURE and self.source in (MxSource.MX, MxSource.IMPLICIT)
-
-    def mx_validated(self, host: MxHost) -> bool:
-        """RFC 8689 section 4.2.1 step 2: the MX name is authenticated by DNSSEC or by an
-        MTA-STS policy (enforce or testing) listing it."""
-        return host.mx_secure or (self.sts is not None and self.sts.mx_validated(host.name))
-
-    def requiretls_candidates(self) -> tuple[MxHost, ...]:
-        """Hosts a REQUIRETLS message may be offered to, in preference order (without probing)."""
-        if self.requirement in (TlsRequirement.DEFER, TlsRequirement.NO_MAIL):
-            return ()
-        return tuple(h for h in self.hosts if h.usable and self.mx_validated(h))
-
-    def raise_if_deferred(self) -> None:
-        if self.requirement is TlsRequirement.DEFER:
-            raise DnsLookupError(f"{self.domain}: {self.reason}")
-
-    def to_dict(self) -> dict[str, Any]:
-        sts: dict[str, Any] | None = None
-        if self.sts is not None:
-            sts = {
-                "status": self.sts.status.value,
-                "record_id": self.sts.record_id,
-                "detail": self.sts.detail,
-                "policy": self.sts.policy.to_dict() if self.sts.policy else None,
-            }
-        return {
-            "domain": self.domain,
-            "source": self.source.value,
-            "mx_dnssec": self.mx_state.value,
-            "hosts": [h.to_dict() for h in self.hosts],
-            "mta_sts": sts,
-            "mta_sts_error": self.sts_error,
-            "requirement": self.requirement.value,
-            "reason": self.reason,
-            "ttl": self.ttl,
-        }
 
 
 @dataclass(frozen=True)
@@ -329,85 +182,3 @@ class DestinationResolver:
         if sts is not None and sts.policy is not None and sts.policy.mode is StsMode.TESTING:
             return TlsRequirement.STS_TESTING, "MTA-STS policy in testing mode"
         return TlsRequirement.OPPORTUNISTIC, "no DANE TLSA records and no MTA-STS policy in force"
-
-
-class VerdictOutcome(enum.Enum):
-    POSSIBLE = "possible"
-    NOT_POSSIBLE = "not-possible"
-    LOOKUP_ERROR = "lookup-error"
-
-
-@dataclass(frozen=True)
-class RequireTlsVerdict:
-    """Whether a REQUIRETLS message can be delivered to the domain (RFC 8689 section 4.2.1).
-
-    ``status`` is the enhanced status code a delivery agent would use for the
-    failure (5.7.30 / 5.7.10, or 4.4.3 for DNS trouble).  ``probed`` is False when
-    the REQUIRETLS advertisement and certificates were not tested.
-    """
-
-    outcome: VerdictOutcome
-    reason: str
-    mx: str | None = None
-    status: str = ""
-    probed: bool = False
-
-    @property
-    def possible(self) -> bool:
-        return self.outcome is VerdictOutcome.POSSIBLE
-
-
-def assess_requiretls(dest: Destination, probes: Mapping[str, ProbeResult] | None = None) -> RequireTlsVerdict:
-    """Judge RFC 8689 section 4.2.1 for a destination; ``probes`` maps MX names to probe results.
-
-    Without probes only steps 1-2 (secure MX lookup, MX validation) are judged;
-    with probes steps 4-5 too (authenticated TLS, REQUIRETLS after STARTTLS).
-    """
-    if dest.requirement is TlsRequirement.DEFER:
-        return RequireTlsVerdict(VerdictOutcome.LOOKUP_ERROR, dest.reason, status="4.4.3")
-    if dest.source is MxSource.NULL_MX:
-        return RequireTlsVerdict(VerdictOutcome.NOT_POSSIBLE, "null MX: the domain accepts no mail", status="5.1.10")
-    if dest.source is MxSource.NXDOMAIN:
-        return RequireTlsVerdict(VerdictOutcome.NOT_POSSIBLE, "the domain does not exist", status="5.1.2")
-    candidates = dest.requiretls_candidates()
-    if not candidates:
-        why = "no MX host is DNSSEC-validated or listed by an MTA-STS policy"
-        if dest.sts is not None and dest.sts.policy is not None and dest.sts.policy.mode is StsMode.NONE:
-            why += " (MTA-STS mode is none)"
-        elif dest.sts is not None and dest.sts.policy is not None:
-            why += " (MTA-STS patterns match no usable MX)"
-        return RequireTlsVerdict(VerdictOutcome.NOT_POSSIBLE, why, status="5.7.10")
-    if probes is None:
-        first = candidates[0]
-        how = "DNSSEC" if first.mx_secure else "MTA-STS"
-        return RequireTlsVerdict(
-            VerdictOutcome.POSSIBLE,
-            f"{first.name} is {how}-validated ({first.auth_method.upper()} authentication); "
-            "certificate and REQUIRETLS support not probed (use --probe)",
-            first.name, "", False)
-    tls_fail: list[str] = []
-    no_requiretls: list[str] = []
-    for host in candidates:
-        result = probes.get(host.name)
-        if result is None:
-            continue
-        if not result.tls_ok:
-            tls_fail.append(f"{host.name}: {result.error or result.verify_error or 'TLS failed'}")
-            continue
-        if not result.requiretls:
-            no_requiretls.append(host.name)
-            continue
-        how = "DNSSEC" if host.mx_secure else "MTA-STS"
-        return RequireTlsVerdict(
-            VerdictOutcome.POSSIBLE,
-            f"{host.name} is {how}-validated, {result.verification}-verified {result.tls_version}, "
-            "advertises REQUIRETLS",
-            host.name, "", True)
-    if no_requiretls:
-        detail = "; ".join([f"{n}: REQUIRETLS not advertised" for n in no_requiretls] + tls_fail)
-        return RequireTlsVerdict(VerdictOutcome.NOT_POSSIBLE,
-                                 f"no validated MX advertises REQUIRETLS after STARTTLS ({detail})",
-                                 status="5.7.30", probed=True)
-    detail = "; ".join(tls_fail) or "no probe results"
-    return RequireTlsVerdict(VerdictOutcome.NOT_POSSIBLE,
-                             f"no validated MX offers authenticated TLS ({detail})", status="5.7.10", probed=True)

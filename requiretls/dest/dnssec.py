@@ -39,6 +39,8 @@ import dns.rdatatype
 import dns.resolver
 import dns.rrset
 
+from requiretls.facts import DnssecState
+
 from .cache import Cache, MemoryCache, SingleFlight
 from .errors import BogusDnsError, CacheError, DnsLookupError
 
@@ -47,21 +49,6 @@ log = logging.getLogger("requiretls.dest.dns")
 #: RFC 8914 EDE codes that say the resolver found a DNSSEC validation failure.
 EDE_BOGUS_CODES = frozenset({6, 7, 8, 9, 10, 11, 12})
 _MAX_CNAME_CHAIN = 16
-
-
-class DnssecState(enum.Enum):
-    """RFC 4035 section 4.3 security status of one answer, as RFC 7672 section 2.1.1 uses it."""
-
-    SECURE = "secure"
-    INSECURE = "insecure"
-    BOGUS = "bogus"
-    INDETERMINATE = "indeterminate"
-
-    @property
-    def trustworthy(self) -> bool:
-        """True when the answer may be used at all (secure or insecure); bogus and
-        indeterminate answers mean "defer" (RFC 7672 section 2.1.2)."""
-        return self in (DnssecState.SECURE, DnssecState.INSECURE)
 
 
 class LookupStatus(enum.Enum):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import logging
 import re
@@ -29,8 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from requiretls.facts import StsMode, StsPolicy, StsResult, StsStatus
+
 from .cache import Cache, MemoryCache, SingleFlight
-from .dane import name_matches
 from .dnssec import DnsClient, LookupStatus, normalize_name
 from .errors import (
     CacheError,
@@ -60,84 +60,12 @@ _MAX_AGE_RE = re.compile(r"[0-9]{1,10}")
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
-class StsMode(enum.Enum):
-    ENFORCE = "enforce"
-    TESTING = "testing"
-    NONE = "none"
-
-
 @dataclass(frozen=True)
 class StsRecord:
     """The parsed ``_mta-sts`` TXT record (RFC 8461 section 3.1)."""
 
     id: str
     extensions: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class StsPolicy:
-    """An RFC 8461 section 3.2 policy, with the TXT ``id`` it was fetched under and the
-    wall-clock time of the fetch."""
-
-    mode: StsMode
-    max_age: int
-    mx: tuple[str, ...]
-    policy_id: str = ""
-    fetched_at: float = 0.0
-
-    @property
-    def expires_at(self) -> float:
-        return self.fetched_at + self.max_age
-
-    def matches(self, mx_host: str) -> bool:
-        """RFC 8461 section 4.1: does any ``mx`` pattern match this MX host name?"""
-        return any(name_matches(p, mx_host) for p in self.mx)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode.value, "max_age": self.max_age, "mx": list(self.mx),
-                "id": self.policy_id, "fetched_at": self.fetched_at}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StsPolicy:
-        return cls(StsMode(d["mode"]), int(d["max_age"]), tuple(str(x) for x in d["mx"]),
-                   str(d["id"]), float(d["fetched_at"]))
-
-
-class StsStatus(enum.Enum):
-    """How :meth:`StsResolver.resolve` reached its answer."""
-
-    NO_RECORD = "no-record"  # no (valid) TXT record and nothing cached
-    RECORD_INVALID = "record-invalid"  # TXT records present but none/two valid, nothing cached
-    RECORD_LOOKUP_FAILED = "record-lookup-failed"  # DNS error on the TXT, nothing cached
-    FETCHED = "fetched"  # fresh policy fetched now
-    CACHED = "cached"  # cached policy, TXT id unchanged
-    CACHED_NO_RECORD = "cached-no-record"  # TXT gone/invalid/failed; cached policy still valid
-    CACHED_FETCH_FAILED = "cached-fetch-failed"  # new id, fetch failed, cached policy applied
-    FETCH_FAILED = "fetch-failed"  # valid TXT, fetch failed, nothing cached: no policy
-
-
-@dataclass(frozen=True)
-class StsResult:
-    """MTA-STS state of a domain; ``policy`` is what senders apply (``None``: no policy)."""
-
-    domain: str
-    status: StsStatus
-    policy: StsPolicy | None
-    record_id: str | None = None
-    detail: str = ""
-
-    @property
-    def mode(self) -> StsMode | None:
-        return self.policy.mode if self.policy else None
-
-    @property
-    def validates_mx(self) -> bool:
-        """Whether the policy can validate MX names for RFC 8689 section 4.2.1 step 2.
-        ``testing`` still lists the real MX hosts; ``none`` asserts nothing."""
-        return self.policy is not None and self.policy.mode in (StsMode.ENFORCE, StsMode.TESTING)
-
-    def mx_validated(self, mx_host: str) -> bool:
-        return self.validates_mx and self.policy is not None and self.policy.matches(mx_host)
 
 
 @dataclass(frozen=True)

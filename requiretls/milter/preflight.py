@@ -2,7 +2,9 @@
 
 libmilter calls the milter from its own threads; the destination lookups are asyncio (``requiretls.dest``),
 so they run on one event loop in a background thread, whose caches every message shares.  A lookup that
-does not finish in time, or fails, is "unknown": it never refuses a message.
+does not finish in time, or fails, is "unknown": it never refuses a message.  The verdict is
+:func:`requiretls.policy.eligibility.judge`, the one the delivery agent acts on: what it would bounce is
+"impossible", what it would defer is "unknown".
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import concurrent.futures
 import threading
 from collections.abc import Iterable
 
-from requiretls.dest import DestinationResolver, Prober, VerdictOutcome, assess_requiretls
+from requiretls.dest import DestinationResolver, Prober
 from requiretls.policy import DestinationReadiness, Readiness
+from requiretls.policy.eligibility import Outcome, Verdict, candidates, judge
 
 
 class Preflight:
@@ -44,15 +47,21 @@ class Preflight:
     async def _one(self, domain: str) -> DestinationReadiness:
         try:
             dest = await self.resolver.lookup(domain)
-            probes = await self.prober.probe_destination(dest) if self.prober is not None else None
+            probes = None if self.prober is None else await self.prober.probe_hosts(dest, candidates(dest))
         except Exception as e:  # unknown, not impossible
             return DestinationReadiness(Readiness.UNKNOWN, f"lookup failed: {type(e).__name__}")
-        verdict = assess_requiretls(dest, probes)
-        if verdict.outcome is VerdictOutcome.POSSIBLE:
-            return DestinationReadiness(Readiness.POSSIBLE, verdict.reason)
-        if verdict.outcome is VerdictOutcome.NOT_POSSIBLE:
-            return DestinationReadiness(Readiness.IMPOSSIBLE, verdict.reason, verdict.status or "5.7.30")
-        return DestinationReadiness(Readiness.UNKNOWN, verdict.reason)
+        return readiness(judge(dest, probes))
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+#: What the agent would do -> what pre-flight may conclude at submission.
+READINESS = {Outcome.DELIVER: Readiness.POSSIBLE, Outcome.BOUNCE: Readiness.IMPOSSIBLE,
+             Outcome.DEFER: Readiness.UNKNOWN}
+
+
+def readiness(verdict: Verdict) -> DestinationReadiness:
+    """A bounce verdict refuses at submission with its own status code; a deferral never refuses."""
+    found = READINESS[verdict.outcome]
+    return DestinationReadiness(found, verdict.reason, verdict.dsn if found is Readiness.IMPOSSIBLE else "5.7.30")

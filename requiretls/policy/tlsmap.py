@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from requiretls.dest import Destination, TlsRequirement
+from requiretls.facts import Destination, TlsRequirement
+from requiretls.policy.eligibility import Outcome, judge, mx_validated
 from requiretls.policy.table import PolicyTable, TableEntry
 
 
@@ -163,16 +164,18 @@ def _need(dest: Destination | None, error: str | None, f: Callable[[Destination]
 
 
 def _strict(dest: Destination) -> Answer:
-    """REQUIRETLS through Postfix's smtp client: an authenticated level or TEMP (never ``may``)."""
-    if dest.requirement is TlsRequirement.DEFER:
-        return Answer(Status.TEMP, dest.reason[:200])
+    """REQUIRETLS through Postfix's smtp client: the eligibility verdict (RFC 8689 section 4.2.1 steps 1-2),
+    then an authenticated level for its first candidate MX; TEMP whenever the verdict does not deliver (a
+    socketmap cannot bounce, and ``may`` would be a downgrade)."""
+    verdict = judge(dest)
+    if verdict.outcome is not Outcome.DELIVER:
+        return Answer(Status.TEMP, f"{verdict.dsn} {verdict.reason}"[:200])
     if dest.requirement is TlsRequirement.DANE:
         return Answer(Status.OK, "dane-only")
-    if dest.sts is not None and dest.sts.validates_mx:
+    first = next(h for h in dest.hosts if h.name == verdict.mx)
+    if not first.mx_secure and mx_validated(dest, first):
         match = _sts_match(dest)
         if match:
             return Answer(Status.OK, f"secure match={match} servername=hostname")
-    if dest.mx_secure:
-        # RFC 8689 §2: a DNSSEC-validated MX name with a PKIX certificate for that name also qualifies.
-        return Answer(Status.OK, "secure match=hostname")
-    return Answer(Status.TEMP, "no authenticated TLS: MX neither DNSSEC-signed with TLSA nor listed by MTA-STS")
+    # RFC 8689 section 4.2.1: a DNSSEC-validated MX name with a PKIX certificate for that name also qualifies.
+    return Answer(Status.OK, "secure match=hostname")

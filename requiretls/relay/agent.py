@@ -25,17 +25,19 @@ from aiosmtpd.lmtp import LMTP
 
 from requiretls.dest import DestinationResolver, TlsRequirement
 from requiretls.log import kv
+from requiretls.policy import eligibility
 from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
 from requiretls.policy.headers import REQUIRE_TLS_ESMTP, parse_header_block
 from requiretls.policy.route import Route
 from requiretls.policy.table import split_address
 from requiretls.relay.deliver import (
-    Envelope,
+    DeliveryStatus,
+    LmtpEnvelope,
     Outcome,
     SendSettings,
-    Status,
     deliver_opportunistic,
     deliver_requiretls,
+    verdict_outcome,
 )
 
 log = logging.getLogger("requiretls")
@@ -142,7 +144,7 @@ class AgentHandler:
         qid = m.group(1) if m else "NOQUEUE"
         mail_params = _params(envelope.mail_options)
         mail_params.update(getattr(server, "_dsn_mail", {}) or {})
-        env = Envelope(envelope.mail_from, mail_params, tuple(envelope.rcpt_tos),
+        env = LmtpEnvelope(envelope.mail_from, mail_params, tuple(envelope.rcpt_tos),
                        dict(getattr(server, "_dsn_rcpt", {}) or {}))
         server._dsn_rcpt = {}
         clean = strip_private(message)
@@ -173,7 +175,7 @@ class AgentHandler:
                 outcomes.update(result)
         replies = []
         for r in env.rcpts:
-            o = outcomes.get(r) or Outcome(Status.DEFERRED, 451, "4.3.0", "internal error: no outcome")
+            o = outcomes.get(r) or Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "internal error: no outcome")
             log.info("%s: %s", qid, kv(to=f"<{r}>", route=route, relay=o.mx or None, tls=o.tls or None,
                                        verify=o.verify or None,
                                        requiretls=None if o.requiretls is None else ("yes" if o.requiretls else "no"),
@@ -181,7 +183,7 @@ class AgentHandler:
             replies.append(o.lmtp_reply())
         return "\r\n".join(replies)
 
-    async def _deliver(self, domain: str, env: Envelope, rcpts: list[str], message: bytes,
+    async def _deliver(self, domain: str, env: LmtpEnvelope, rcpts: list[str], message: bytes,
                        optout: bool) -> dict[str, Outcome]:
         async with self._slots:
             send = self.settings.send
@@ -194,10 +196,11 @@ class AgentHandler:
                 else:
                     dest = await self.resolver.lookup(domain)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
-                return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
+                return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
             if optout:
                 if dest.requirement is TlsRequirement.DEFER:
-                    return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}"))
+                    trouble = Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}")
+                    return dict.fromkeys(rcpts, trouble)
                 hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
                 return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send)
             return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
@@ -209,25 +212,17 @@ class AgentHandler:
         try:
             dest = await self.resolver.lookup(domain)
         except Exception as e:  # trouble defers
-            return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"lookup failed: {e}")
-        if dest.requirement is TlsRequirement.DEFER:
-            return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}")
-        if dest.requirement is TlsRequirement.NO_MAIL:
-            return rcpt, Outcome(Status.BOUNCED, 550, "5.1.2", f"{domain}: {dest.reason}")
-        if not dest.requiretls_candidates():
-            if any(h.dns_trouble for h in dest.hosts):
-                return rcpt, Outcome(Status.DEFERRED, 451, "4.4.3", f"DNS trouble for the MX of {domain}")
-            return rcpt, Outcome(Status.BOUNCED, 550, "5.7.10",
-                                 f"Encryption needed: no MX of {domain} is validated by DNSSEC or MTA-STS")
-        return rcpt, None
+            return rcpt, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}")
+        verdict = eligibility.judge(dest)
+        return rcpt, None if verdict.deliverable else verdict_outcome(verdict)
 
-    async def _reinject(self, env: Envelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
+    async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
         return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)
 
-    def _reinject_sync(self, env: Envelope, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
+    def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
         host, port = self.settings.reinject
         where = f"reinject[{host}]:{port}"
-        base = Outcome(Status.DEFERRED, 451, "4.3.0", "", where, "none", "none", None)
+        base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, "none", "none", None)
         try:
             with smtplib.SMTP(host, port, timeout=self.settings.send.timeout,
                               local_hostname="requiretls-relay") as client:
@@ -255,14 +250,14 @@ class AgentHandler:
                         results[r] = _smtp(code, msg, base)
                 return results
         except (smtplib.SMTPException, OSError) as e:
-            return dict.fromkeys(rcpts, Outcome(Status.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+            return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
 
 
 def _smtp(code: int, msg: bytes, base: Outcome) -> Outcome:
     text = msg.decode("utf-8", "replace")
     if 200 <= code < 300:
-        return Outcome(Status.SENT, 250, "2.0.0", f"handed back to Postfix: {text}", base.mx, "none", "none")
-    status = Status.DEFERRED if code < 500 else Status.BOUNCED
+        return Outcome(DeliveryStatus.SENT, 250, "2.0.0", f"handed back to Postfix: {text}", base.mx, "none", "none")
+    status = DeliveryStatus.DEFERRED if code < 500 else DeliveryStatus.BOUNCED
     dsn = text.split()[0] if text[:2] in ("4.", "5.") else ("4.0.0" if code < 500 else "5.0.0")
     return Outcome(status, code, dsn, f"{base.mx} said: {text}", base.mx)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from requiretls.dest import check
+from requiretls import check
 from requiretls.dest.dane import make_tlsa
 
 from .support import FakeDns, HttpAnswer, Issued, PolicyServer, SmtpServer, TestCA, policy_text, server_context

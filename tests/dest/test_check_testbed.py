@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from requiretls.dest import check
+from requiretls import check
 from requiretls.dest.dnssec import DnsClient, ResolverSettings
 from requiretls.dest.errors import (
     MtaStsMediaTypeError,
@@ -65,7 +65,9 @@ CASES: list[tuple[str, int, str, str]] = [
     ("insecure-norequiretls.test", 1, "no MX host is DNSSEC-validated", "[5.7.10]"),
     ("sts.test", 0, "mx.sts.test is MTA-STS-validated, pkix-verified", ""),
     ("sts-norequiretls.test", 1, "no validated MX advertises REQUIRETLS", "[5.7.30]"),
-    ("sts-testing.test", 0, "mx.sts-testing.test is MTA-STS-validated", ""),
+    # RFC 8461 section 5: a testing policy only asks for reports; it validates no MX for REQUIRETLS.
+    ("sts-testing.test", 1, "no MX host is DNSSEC-validated or listed by an MTA-STS policy in enforce mode "
+     "(MTA-STS mode is testing)", "[5.7.10]"),
     ("bogus.test", 2, "lookup error, try later: MX lookup bogus", "[4.4.3]"),
     ("servfail.test", 2, "lookup error, try later: MX lookup indeterminate", "[4.4.3]"),
     ("expired.test", 1, "no validated MX offers authenticated TLS", "[5.7.10]"),
@@ -75,7 +77,9 @@ CASES: list[tuple[str, int, str, str]] = [
     ("dane-mismatch.test", 1, "DANE: no-match", "[5.7.10]"),
     ("dane-nostarttls.test", 1, "STARTTLS not offered", "[5.7.10]"),
     ("plain.test", 1, "no MX host is DNSSEC-validated", "[5.7.10]"),
-    ("sts-redirect.test", 1, "no MX host is DNSSEC-validated", "[5.7.10]"),
+    # The policy could not be fetched (a redirect is not followed) and nothing is cached: doubt defers.
+    ("sts-redirect.test", 2, "lookup error, try later: MX not DNSSEC-signed and its MTA-STS policy could not be "
+     "learnt now: MtaStsRedirectError", "[4.4.3]"),
     ("sts-twotxt.test", 1, "no MX host is DNSSEC-validated", "[5.7.10]"),
 ]
 

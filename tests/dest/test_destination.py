@@ -13,13 +13,11 @@ from requiretls.dest.destination import (
     DestinationResolver,
     MxSource,
     TlsRequirement,
-    VerdictOutcome,
-    assess_requiretls,
 )
 from requiretls.dest.dnssec import DnsClient, DnssecState, ResolverSettings
-from requiretls.dest.errors import DnsLookupError
 from requiretls.dest.mtasts import StsResolver, StsSettings
-from requiretls.dest.probe import ProbeResult
+from requiretls.facts import SessionResult, SessionStage
+from requiretls.policy.eligibility import Outcome, candidates, judge
 
 from .support import FakeDns, HttpAnswer, PolicyServer, policy_text, run
 
@@ -51,9 +49,9 @@ def test_secure_mx_with_usable_tlsa_demands_dane(fake_dns: FakeDns) -> None:
     assert host.auth_method == "dane"
     assert host.tlsa_base == "mx.dane.test"
     assert d.requirement is TlsRequirement.DANE
-    assert d.requiretls_candidates() == (host,)
-    verdict = assess_requiretls(d)
-    assert verdict.outcome is VerdictOutcome.POSSIBLE and not verdict.probed
+    assert candidates(d) == (host,)
+    verdict = judge(d)
+    assert verdict.outcome is Outcome.DELIVER and not verdict.probed
 
 
 def test_bogus_mx_defers(fake_dns: FakeDns) -> None:
@@ -61,9 +59,7 @@ def test_bogus_mx_defers(fake_dns: FakeDns) -> None:
     fake_dns.servfail("bogus.test", "MX", ede=6)
     d = _dest(fake_dns, "bogus.test")
     assert d.requirement is TlsRequirement.DEFER and d.mx_state is DnssecState.BOGUS
-    assert assess_requiretls(d).outcome is VerdictOutcome.LOOKUP_ERROR
-    with pytest.raises(DnsLookupError):
-        d.raise_if_deferred()
+    assert judge(d).outcome is Outcome.DEFER
 
 
 def test_servfail_mx_defers(fake_dns: FakeDns) -> None:
@@ -82,7 +78,7 @@ def test_tlsa_lookup_failure_makes_that_mx_unusable(fake_dns: FakeDns) -> None:
     assert mx1.dane is DaneState.FAILED and not mx1.usable
     assert mx2.usable and mx2.dane is DaneState.USABLE
     assert d.requirement is TlsRequirement.DANE
-    assert d.requiretls_candidates() == (mx2,)
+    assert candidates(d) == (mx2,)
 
 
 def test_tlsa_failure_on_every_mx_defers(fake_dns: FakeDns) -> None:
@@ -90,7 +86,7 @@ def test_tlsa_failure_on_every_mx_defers(fake_dns: FakeDns) -> None:
     fake_dns.servfail("_25._tcp.mx.onemx.test", "TLSA", ede=7)
     d = _dest(fake_dns, "onemx.test")
     assert d.requirement is TlsRequirement.DEFER
-    assert assess_requiretls(d).outcome is VerdictOutcome.LOOKUP_ERROR
+    assert judge(d).outcome is Outcome.DEFER
 
 
 def test_secure_but_unusable_tlsa_still_demands_tls(fake_dns: FakeDns) -> None:
@@ -110,7 +106,7 @@ def test_secure_mx_without_tlsa_is_opportunistic(fake_dns: FakeDns) -> None:
     d = _dest(fake_dns, "notlsa.test")
     assert d.hosts[0].dane is DaneState.NONE
     assert d.requirement is TlsRequirement.OPPORTUNISTIC
-    assert d.requiretls_candidates() == d.hosts  # DNSSEC-validated MX, PKIX authentication
+    assert candidates(d) == d.hosts  # DNSSEC-validated MX, PKIX authentication
 
 
 def test_insecure_address_of_secure_mx_skips_tlsa(fake_dns: FakeDns) -> None:
@@ -138,9 +134,9 @@ def test_insecure_mx_without_sts_cannot_carry_requiretls(fake_dns: FakeDns) -> N
     _secure_mx(fake_dns, "plain.test", "mx.plain.test", ad=False)
     d = _dest(fake_dns, "plain.test")
     assert d.requirement is TlsRequirement.OPPORTUNISTIC
-    assert d.requiretls_candidates() == ()
-    v = assess_requiretls(d)
-    assert v.outcome is VerdictOutcome.NOT_POSSIBLE and v.status == "5.7.10"
+    assert candidates(d) == ()
+    v = judge(d)
+    assert v.outcome is Outcome.BOUNCE and v.dsn == "5.7.10"
 
 
 def _sts(fake_dns: FakeDns, server: PolicyServer, domain: str, mode: str, mx: tuple[str, ...]) -> None:
@@ -156,17 +152,21 @@ def test_insecure_mx_with_sts_enforce_is_validated_by_the_policy(
     _sts(fake_dns, policy_server, "insecure.test", "enforce", ("*.insecure.test",))
     d = _dest(fake_dns, "insecure.test", policy_server, cafile)
     assert d.requirement is TlsRequirement.STS_ENFORCE
-    assert [h.name for h in d.requiretls_candidates()] == ["mx.insecure.test"]
+    assert [h.name for h in candidates(d)] == ["mx.insecure.test"]
     assert d.hosts[1].sts_match is False
 
 
-def test_sts_testing_mode_validates_mx_but_does_not_enforce(
+def test_sts_testing_mode_neither_enforces_nor_validates_the_mx_for_requiretls(
         fake_dns: FakeDns, policy_server: PolicyServer, cafile: str) -> None:
+    """RFC 8461 section 5: in testing mode failures are only reported, so the policy authenticates nothing
+    that RFC 8689 section 4.2.1 step 2 could rely on (as Postfix 3.11 fed by an MTA-STS resolver)."""
     _secure_mx(fake_dns, "testing.test", "mx.testing.test", ad=False)
     _sts(fake_dns, policy_server, "testing.test", "testing", ("mx.testing.test",))
     d = _dest(fake_dns, "testing.test", policy_server, cafile)
     assert d.requirement is TlsRequirement.STS_TESTING
-    assert len(d.requiretls_candidates()) == 1
+    assert candidates(d) == ()
+    v = judge(d)
+    assert v.outcome is Outcome.BOUNCE and v.dsn == "5.7.10" and "(MTA-STS mode is testing)" in v.reason
 
 
 def test_sts_mode_none_validates_nothing(fake_dns: FakeDns, policy_server: PolicyServer, cafile: str) -> None:
@@ -174,8 +174,8 @@ def test_sts_mode_none_validates_nothing(fake_dns: FakeDns, policy_server: Polic
     _sts(fake_dns, policy_server, "nonemode.test", "none", ())
     d = _dest(fake_dns, "nonemode.test", policy_server, cafile)
     assert d.requirement is TlsRequirement.OPPORTUNISTIC
-    assert d.requiretls_candidates() == ()
-    assert "mode is none" in assess_requiretls(d).reason
+    assert candidates(d) == ()
+    assert "mode is none" in judge(d).reason
 
 
 def test_dane_is_preferred_over_sts(fake_dns: FakeDns, policy_server: PolicyServer, cafile: str) -> None:
@@ -193,7 +193,7 @@ def test_null_mx_accepts_no_mail(fake_dns: FakeDns) -> None:
     fake_dns.add("null.test", "MX", "0 .")
     d = _dest(fake_dns, "null.test")
     assert d.source is MxSource.NULL_MX and d.requirement is TlsRequirement.NO_MAIL
-    assert assess_requiretls(d).outcome is VerdictOutcome.NOT_POSSIBLE
+    assert judge(d).outcome is Outcome.BOUNCE
 
 
 def test_nonexistent_domain(fake_dns: FakeDns) -> None:
@@ -242,16 +242,20 @@ def test_probe_results_decide_between_5_7_30_and_5_7_10(fake_dns: FakeDns) -> No
     """RFC 8689 section 4.2.1: no REQUIRETLS after STARTTLS: 5.7.30; no authenticated TLS: 5.7.10."""
     _secure_mx(fake_dns, "two.test", "mx1.two.test", "mx2.two.test")
     d = _dest(fake_dns, "two.test")
-    no_rt = ProbeResult("mx1.two.test", connected=True, starttls=True, verified=True, verification="pkix")
-    bad_cert = ProbeResult("mx2.two.test", connected=True, starttls=False, error="certificate verification failed")
-    ok = ProbeResult("mx2.two.test", connected=True, starttls=True, verified=True, requiretls=True,
-                     verification="pkix", tls_version="TLSv1.3")
-    v = assess_requiretls(d, {"mx1.two.test": no_rt, "mx2.two.test": bad_cert})
-    assert v.outcome is VerdictOutcome.NOT_POSSIBLE and v.status == "5.7.30"
-    v = assess_requiretls(d, {"mx1.two.test": bad_cert, "mx2.two.test": bad_cert})
-    assert v.status == "5.7.10"
-    v = assess_requiretls(d, {"mx1.two.test": no_rt, "mx2.two.test": ok})
-    assert v.possible and v.mx == "mx2.two.test" and v.probed
+    no_rt = SessionResult("mx1.two.test", stage=SessionStage.DONE, connected=True, starttls=True, verified=True,
+                          verification="pkix")
+    bad_cert = SessionResult("mx2.two.test", stage=SessionStage.HANDSHAKE, connected=True, starttls=False,
+                             error="certificate verification failed")
+    bad_cert1 = SessionResult("mx1.two.test", stage=SessionStage.HANDSHAKE, connected=True, starttls=False,
+                              error="certificate verification failed")
+    ok = SessionResult("mx2.two.test", stage=SessionStage.DONE, connected=True, starttls=True, verified=True,
+                       requiretls=True, verification="pkix", tls_version="TLSv1.3")
+    v = judge(d, [no_rt, bad_cert])
+    assert v.outcome is Outcome.BOUNCE and v.dsn == "5.7.30"
+    v = judge(d, [bad_cert1, bad_cert])
+    assert v.dsn == "5.7.10"
+    v = judge(d, [no_rt, ok])
+    assert v.deliverable and v.mx == "mx2.two.test" and v.probed
 
 
 def test_relayhost_tlsa_is_looked_up_at_its_own_port(fake_dns: FakeDns) -> None:

@@ -154,8 +154,8 @@ def test_fetch_valid_policy(fake_dns: FakeDns, policy_server: PolicyServer, cafi
     assert res.status is StsStatus.FETCHED
     assert res.policy is not None and res.policy.mode is StsMode.ENFORCE
     assert res.policy.policy_id == "id1"
-    assert res.mx_validated("mx.good.test")
-    assert not res.mx_validated("mx.evil.test")
+    assert res.policy.matches("mx.good.test")
+    assert not res.policy.matches("mx.evil.test")
     assert policy_server.requests == [("mta-sts.good.test", "/.well-known/mta-sts.txt")]
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from requiretls.dest.dane import make_tlsa
-from requiretls.dest.destination import Destination, DestinationResolver, assess_requiretls
+from requiretls.dest.destination import Destination, DestinationResolver
 from requiretls.dest.dnssec import DnsClient, ResolverSettings
 from requiretls.dest.probe import Prober, ProbeSettings, probe_sync
+from requiretls.policy.eligibility import candidates, judge, qualifies
 
 from .support import FakeDns, Issued, SmtpServer, TestCA, run, server_context
 
@@ -45,7 +46,7 @@ def test_pkix_verified_server_advertising_requiretls(smtp: SmtpServer, cafile: s
     r = probe_sync("mx.good.test", ["127.0.0.1"], _settings(smtp.port, cafile))
     assert r.connected and r.starttls and r.verified, r
     assert r.verification == "pkix"
-    assert r.requiretls and r.requiretls_ok
+    assert r.requiretls and qualifies(r)
     assert r.tls_version in ("TLSv1.2", "TLSv1.3")
     assert r.certificate["names"] == "mx.good.test"
 
@@ -75,7 +76,7 @@ def test_pkix_name_mismatch_fails_verification(smtp: SmtpServer, cafile: str) ->
 def test_untrusted_ca_fails_verification(smtp: SmtpServer, tmp_path: Path) -> None:
     other = TestCA("other root").write_root(tmp_path / "other.pem")
     r = probe_sync("mx.good.test", ["127.0.0.1"], _settings(smtp.port, other))
-    assert not r.tls_ok and not r.requiretls_ok
+    assert not r.tls_ok and not qualifies(r)
 
 
 def test_expired_certificate_fails_pkix(ca: TestCA, tmp_path: Path, cafile: str) -> None:
@@ -92,7 +93,7 @@ def test_dane_ee_authenticates_without_pkix(smtp: SmtpServer, leaf: Issued, tmp_
     untrusted = TestCA("other").write_root(tmp_path / "o.pem")
     r = probe_sync("mx.good.test", ["127.0.0.1"], _settings(smtp.port, untrusted), tlsa=[make_tlsa(leaf.der)],
                    dane_names=["mx.good.test"])
-    assert r.verification == "dane" and r.verified and r.requiretls_ok
+    assert r.verification == "dane" and r.verified and qualifies(r)
 
 
 def test_dane_ta_sees_the_chain_the_server_sent(ca: TestCA, tmp_path: Path) -> None:
@@ -134,19 +135,19 @@ def test_prober_uses_dane_for_a_host_with_usable_tlsa_and_caches(
     prober = Prober(_settings(smtp.port, None, cache_ttl=60))
 
     async def twice() -> None:
-        first = await prober.probe_destination(dest)
-        second = await prober.probe_destination(dest)
-        assert first["mx.good.test"].verification == "dane"
-        assert first["mx.good.test"].requiretls_ok
-        assert not first["mx.good.test"].cached and second["mx.good.test"].cached
-        verdict = assess_requiretls(dest, first)
-        assert verdict.possible and verdict.probed
+        (first,) = await prober.probe_hosts(dest, candidates(dest))
+        (second,) = await prober.probe_hosts(dest, candidates(dest))
+        assert first.host == "mx.good.test" and first.verification == "dane"
+        assert qualifies(first)
+        assert not first.cached and second.cached
+        verdict = judge(dest, [first])
+        assert verdict.deliverable and verdict.probed
 
     run(twice())
 
 
 def test_prober_pkix_verdict_for_secure_mx_without_tlsa(smtp: SmtpServer, fake_dns: FakeDns, cafile: str) -> None:
     dest = _dest(fake_dns)
-    probes = run(Prober(_settings(smtp.port, cafile)).probe_destination(dest))
-    assert probes["mx.good.test"].verification == "pkix"
-    assert assess_requiretls(dest, probes).possible
+    probes = run(Prober(_settings(smtp.port, cafile)).probe_hosts(dest, candidates(dest)))
+    assert [p.verification for p in probes] == ["pkix"]
+    assert judge(dest, probes).deliverable

@@ -7,7 +7,7 @@ import threading
 
 from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
 from requiretls.dest.destination import DaneState
-from requiretls.relay.deliver import Envelope, SendSettings, Status, deliver_requiretls
+from requiretls.relay.deliver import DeliveryStatus, LmtpEnvelope, SendSettings, deliver_requiretls
 
 
 def _cutting_server() -> tuple[int, threading.Thread]:
@@ -43,9 +43,9 @@ def test_connection_cut_during_starttls_defers_instead_of_bouncing_5_7_10() -> N
     host = MxHost("mx.cut.example", 10, True, ("127.0.0.1",), DnssecState.SECURE, dane=DaneState.NONE)
     dest = Destination("cut.example", MxSource.MX, DnssecState.SECURE, (host,), None,
                        TlsRequirement.OPPORTUNISTIC, "test", 300)
-    env = Envelope("a@s.example", {}, ("b@cut.example",))
+    env = LmtpEnvelope("a@s.example", {}, ("b@cut.example",))
     out = deliver_requiretls(dest, env, env.rcpts, b"Subject: x\r\n\r\nbody\r\n",
                              SendSettings(helo_name="test.local", timeout=5, port=port))
     t.join(5)
     o = out["b@cut.example"]
-    assert o.status is Status.DEFERRED and o.code == 451, o
+    assert o.status is DeliveryStatus.DEFERRED and o.code == 451, o

@@ -1,8 +1,9 @@
 """``requiretls check DOMAIN``: what a destination offers and whether REQUIRETLS can reach it.
 
-For a Postfix admin, and for a user wondering why a message bounced.  Exit
-status: 0 REQUIRETLS delivery possible, 1 not possible, 2 lookup error (DNS
-trouble, bad arguments).
+For a Postfix admin, and for a user wondering why a message bounced.  The verdict is
+:func:`requiretls.policy.eligibility.judge`, the same one the delivery agent acts on.  Exit status: 0
+REQUIRETLS delivery possible, 1 not possible (the agent would bounce), 2 lookup trouble (the agent would
+defer: DNS trouble, MTA-STS policy not learnt, MX not reachable now) or bad arguments.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ import json
 import sys
 from typing import Any, TextIO
 
-from .destination import (
+from requiretls.dest import (
     DaneState,
+    DestError,
     Destination,
     DestinationResolver,
-    RequireTlsVerdict,
-    VerdictOutcome,
-    assess_requiretls,
+    DnsClient,
+    Prober,
+    ProbeSettings,
+    ResolverSettings,
+    SessionResult,
+    StsResolver,
+    StsSettings,
 )
-from .dnssec import DnsClient, ResolverSettings
-from .errors import DestError
-from .mtasts import StsResolver, StsSettings
-from .probe import Prober, ProbeResult, ProbeSettings
+from requiretls.policy.eligibility import Outcome, Verdict, candidates, judge
 
 EXIT_POSSIBLE, EXIT_NOT_POSSIBLE, EXIT_LOOKUP_ERROR = 0, 1, 2
 
@@ -69,42 +72,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--https-port", type=int, default=443, help=argparse.SUPPRESS)
 
 
-async def _check(args: argparse.Namespace) -> tuple[Destination, dict[str, ProbeResult] | None]:
+async def _check(args: argparse.Namespace) -> tuple[Destination, dict[str, SessionResult] | None]:
     address, port = parse_resolver(args.resolver) if args.resolver else (None, 53)
     dns_client = DnsClient(ResolverSettings(address=address, port=port, timeout=args.timeout))
     sts = StsResolver(dns_client, StsSettings(cafile=args.cafile, fetch_timeout=args.fetch_timeout,
                                               https_port=args.https_port))
     dest = await DestinationResolver(dns_client, sts).lookup(args.domain)
-    probes: dict[str, ProbeResult] | None = None
+    probes: dict[str, SessionResult] | None = None
     if args.probe:
         prober = Prober(ProbeSettings(port=args.smtp_port, timeout=args.probe_timeout, cafile=args.cafile,
                                       helo_name=args.helo))
-        probes = await prober.probe_destination(dest, all_hosts=True)
+        hosts = [h for h in dest.hosts if h.usable]
+        probes = {r.host: r for r in await prober.probe_hosts(dest, hosts)}
     return dest, probes
 
 
-def _exit_code(verdict: RequireTlsVerdict) -> int:
-    if verdict.outcome is VerdictOutcome.POSSIBLE:
-        return EXIT_POSSIBLE
-    if verdict.outcome is VerdictOutcome.LOOKUP_ERROR:
-        return EXIT_LOOKUP_ERROR
-    return EXIT_NOT_POSSIBLE
+#: Exit status of each verdict: the agent's bounce is 1, its deferral the lookup-error 2.
+EXIT_CODE = {Outcome.DELIVER: EXIT_POSSIBLE, Outcome.BOUNCE: EXIT_NOT_POSSIBLE, Outcome.DEFER: EXIT_LOOKUP_ERROR}
 
 
-def verdict_line(verdict: RequireTlsVerdict) -> str:
-    if verdict.outcome is VerdictOutcome.LOOKUP_ERROR:
-        answer = "no"
-        reason = f"lookup error, try later: {verdict.reason}"
+def verdict_line(verdict: Verdict) -> str:
+    if verdict.outcome is Outcome.DEFER:
+        answer, reason = "no", f"lookup error, try later: {verdict.reason}"
+    elif verdict.deliverable:
+        answer, reason = "yes", verdict.reason + ("" if verdict.probed else " (use --probe)")
     else:
-        answer = "yes" if verdict.possible else "no"
-        reason = verdict.reason
-    code = f" [{verdict.status}]" if verdict.status and not verdict.possible else ""
+        answer, reason = "no", verdict.reason
+    code = f" [{verdict.dsn}]" if verdict.dsn else ""
     return f"REQUIRETLS delivery possible: {answer} — {reason}{code}"
 
 
-def render_text(dest: Destination, probes: dict[str, ProbeResult] | None, verdict: RequireTlsVerdict,
+def render_text(dest: Destination, probes: dict[str, SessionResult] | None, verdict: Verdict,
                 out: TextIO) -> None:
     w = out.write
+    cands = candidates(dest)
     w(f"Domain: {dest.domain}\n")
     w(f"MX: {dest.source.value}, DNSSEC {dest.mx_state.value}\n")
     for h in dest.hosts:
@@ -118,7 +119,7 @@ def render_text(dest: Destination, probes: dict[str, ProbeResult] | None, verdic
         for r in h.tlsa:
             w(f"        {r.usage} {r.selector} {r.mtype} {r.data.hex()}  {'usable' if r.usable else 'unusable'}\n")
         w(f"      MTA-STS pattern match: {'yes' if h.sts_match else 'no'}; "
-          f"REQUIRETLS candidate: {'yes' if h in dest.requiretls_candidates() else 'no'}; "
+          f"REQUIRETLS candidate: {'yes' if h in cands else 'no'}; "
           f"usable: {'yes' if h.usable else 'no — ' + h.problem}\n")
         if probes is not None and h.name in probes:
             w(f"      probe: {_probe_text(probes[h.name])}\n")
@@ -136,7 +137,7 @@ def render_text(dest: Destination, probes: dict[str, ProbeResult] | None, verdic
     w(verdict_line(verdict) + "\n")
 
 
-def _probe_text(r: ProbeResult) -> str:
+def _probe_text(r: SessionResult) -> str:
     if not r.connected:
         return f"no connection ({r.error})"
     if not r.starttls:
@@ -147,19 +148,19 @@ def _probe_text(r: ProbeResult) -> str:
             f"{' [' + names + ']' if names else ''}; REQUIRETLS {'advertised' if r.requiretls else 'NOT advertised'}")
 
 
-def as_json(dest: Destination, probes: dict[str, ProbeResult] | None, verdict: RequireTlsVerdict) -> dict[str, Any]:
+def as_json(dest: Destination, probes: dict[str, SessionResult] | None, verdict: Verdict) -> dict[str, Any]:
     d = dest.to_dict()
-    candidates = {h.name for h in dest.requiretls_candidates()}
+    names = {h.name for h in candidates(dest)}
     for h in d["hosts"]:
-        h["requiretls_candidate"] = h["name"] in candidates
+        h["requiretls_candidate"] = h["name"] in names
         if probes is not None and h["name"] in probes:
             h["probe"] = probes[h["name"]].to_dict()
     d["verdict"] = {
-        "possible": verdict.possible,
+        "possible": verdict.deliverable,
         "outcome": verdict.outcome.value,
         "reason": verdict.reason,
         "mx": verdict.mx,
-        "status": verdict.status,
+        "status": verdict.dsn,
         "probed": verdict.probed,
         "line": verdict_line(verdict),
     }
@@ -176,10 +177,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except DestError as e:
         print(f"requiretls check: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_LOOKUP_ERROR
-    verdict = assess_requiretls(dest, probes)
+    verdict = judge(dest, None if probes is None else tuple(probes.values()))
     if args.json:
         json.dump(as_json(dest, probes, verdict), out, indent=2)
         out.write("\n")
     else:
         render_text(dest, probes, verdict, out)
-    return _exit_code(verdict)
+    return EXIT_CODE[verdict.outcome]

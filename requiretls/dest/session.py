@@ -1,0 +1,194 @@
+"""The one SMTP TLS-session routine: connect, EHLO, STARTTLS, DANE or PKIX, EHLO again (RFC 8689 section 4.2.1
+steps 3-5, RFC 3207 section 4.2, RFC 7672 section 3).
+
+The probe (``requiretls check --probe``, the milter's pre-flight) and the delivery agent both use
+:func:`open_session`; it reports what happened as a :class:`requiretls.facts.SessionResult` and never decides
+whether that is good enough: :func:`requiretls.policy.eligibility.judge` does.  The agent keeps the live client
+of a session that got to the end and sends the message over it.
+
+smtplib is the standard library's SMTP client.  The connection goes to an address from our own DNS answers,
+while SNI and the PKIX host-name check use the MX name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+
+from requiretls.facts import SessionResult, SessionStage, TlsaRecord
+
+from .dane import leaf_summary, match_tlsa
+from .errors import CertificateParseError
+
+#: Failures that say nothing about the MX's TLS: the connection broke, timed out or was refused.
+_TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, ssl.SSLEOFError, smtplib.SMTPServerDisconnected)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    port: int = 25
+    timeout: float = 20.0
+    cafile: str | None = None  # None: the system trust store
+    helo_name: str = ""  # "": socket.getfqdn()
+
+
+class PinnedSMTP(smtplib.SMTP):
+    """smtplib client that connects to a given address but keeps the MX name for SNI."""
+
+    connect_address: str = ""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return socket.create_connection((self.connect_address, port), timeout, self.source_address)
+
+
+def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
+    """The chain the server sent (leaf first).  Python < 3.13 has it only privately."""
+    getter = getattr(sock, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        try:
+            chain = getter()
+            out: list[bytes] = []
+            for cert in chain or ():
+                if isinstance(cert, bytes):
+                    out.append(cert)
+                else:
+                    out.append(bytes(cert.public_bytes(ssl._ssl.ENCODING_DER)))  # type: ignore[attr-defined]
+            if out:
+                return out
+        except (AttributeError, ValueError, ssl.SSLError):
+            pass
+    leaf = sock.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+def pkix_context(cafile: str | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def unverified_context() -> ssl.SSLContext:
+    """No PKIX checks: DANE authenticates the chain after the handshake (RFC 7672 section 3), and
+    opportunistic TLS (RFC 8689 section 4.2.2) does not authenticate at all."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def helo_name(settings: SessionSettings) -> str:
+    return settings.helo_name or socket.getfqdn()
+
+
+class TlsSession:
+    """One session's result and, when it reached :attr:`SessionStage.DONE`, its open client.
+
+    A context manager: leaving it sends QUIT (best effort) and closes the connection.
+    """
+
+    def __init__(self, result: SessionResult, client: PinnedSMTP | None) -> None:
+        self.result = result
+        self.client = client
+
+    def close(self) -> None:
+        if self.client is not None:
+            quit_quietly(self.client)
+            self.client = None
+
+    def __enter__(self) -> TlsSession:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def quit_quietly(client: smtplib.SMTP) -> None:
+    with contextlib.suppress(smtplib.SMTPException, OSError):
+        client.quit()
+    client.close()
+
+
+def open_session(host: str, address: str, settings: SessionSettings, tlsa: Sequence[TlsaRecord] = (),
+                 dane_names: Sequence[str] = (), sni: str | None = None) -> TlsSession:
+    """Run the session with ``host`` at ``address`` (blocking).
+
+    With usable ``tlsa`` records DANE authenticates the server against ``dane_names`` (RFC 7672 section 3.2);
+    otherwise PKIX with ``settings.cafile`` and ``host`` as the reference identifier.  The client stays open
+    only when the session got to the end (authenticated TLS and a post-TLS EHLO answered 250); the caller
+    reads :attr:`SessionResult.requiretls` and decides.
+    """
+    mode = "dane" if tlsa else "pkix"
+    base = SessionResult(host, address, settings.port, verification=mode)
+    client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
+    client.connect_address = address
+    try:
+        result = _dialogue(client, base, settings, mode, tlsa, dane_names, sni or host)
+    except _TRANSIENT as e:
+        result = replace(base, transient=True, error=f"connection lost: {e or type(e).__name__}")
+    except (smtplib.SMTPException, OSError) as e:
+        result = replace(base, transient=True, error=f"SMTP dialogue failed: {e or type(e).__name__}")
+    if result.stage is SessionStage.DONE and not result.transient:
+        return TlsSession(result, client)
+    quit_quietly(client)
+    return TlsSession(result, None)
+
+
+def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings, mode: str,
+              tlsa: Sequence[TlsaRecord], dane_names: Sequence[str], sni: str) -> SessionResult:
+    try:
+        code, _ = client.connect(base.host, settings.port)
+    except (OSError, smtplib.SMTPException) as e:
+        return replace(base, transient=True, error=f"connect: {e or type(e).__name__}")
+    r = replace(base, connected=True)
+    if code != 220:
+        return replace(r, transient=True, error=f"greeting {code}")
+    r = replace(r, stage=SessionStage.EHLO)
+    code, _ = client.ehlo()
+    if code != 250:
+        return replace(r, transient=400 <= code < 500, error=f"EHLO answered {code}")
+    r = replace(r, stage=SessionStage.STARTTLS, extensions=tuple(sorted(client.esmtp_features)))
+    if not client.has_extn("starttls"):
+        return replace(r, error="STARTTLS not offered")
+    ctx = unverified_context() if mode == "dane" else pkix_context(settings.cafile)
+    client._host = sni  # type: ignore[attr-defined]  # smtplib uses it as SNI server_hostname
+    try:
+        code, msg = client.starttls(context=ctx)
+    except ssl.SSLCertVerificationError as e:
+        return replace(r, stage=SessionStage.HANDSHAKE, verify_error=f"certificate not valid: {e.verify_message}",
+                       error="certificate verification failed")
+    except _TRANSIENT as e:
+        return replace(r, stage=SessionStage.HANDSHAKE, transient=True,
+                       error=f"connection lost during TLS handshake: {e or type(e).__name__}")
+    except (ssl.SSLError, OSError) as e:
+        return replace(r, stage=SessionStage.HANDSHAKE, error=f"TLS handshake failed: {e}")
+    sock = client.sock
+    if code != 220 or not isinstance(sock, ssl.SSLSocket):
+        text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
+        return replace(r, transient=400 <= code < 500, error=f"STARTTLS answered {code} {text}"[:200])
+    r = replace(r, stage=SessionStage.AUTHENTICATE, starttls=True, tls_version=sock.version() or "",
+                cipher=(sock.cipher() or ("",))[0])
+    chain = peer_chain(sock)
+    with contextlib.suppress(CertificateParseError):
+        r = replace(r, certificate=leaf_summary(chain[0]) if chain else {})
+    if mode == "dane":
+        try:
+            dane = match_tlsa(tlsa, chain, dane_names)
+        except CertificateParseError as e:
+            return replace(r, verify_error=f"DANE: {e}", error="DANE authentication failed")
+        if not dane.authenticated:
+            return replace(r, verify_error=f"DANE: {dane.outcome.value} {dane.detail}".strip(),
+                           error="DANE authentication failed")
+    r = replace(r, stage=SessionStage.EHLO_TLS, verified=True)
+    code, _ = client.ehlo()
+    if code != 250:
+        return replace(r, transient=400 <= code < 500, error=f"EHLO after STARTTLS answered {code}")
+    return replace(r, stage=SessionStage.DONE, extensions=tuple(sorted(client.esmtp_features)),
+                   requiretls=client.has_extn("requiretls"))
