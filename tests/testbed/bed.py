@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from .hosts import HTTPS_IP, LAME_IP, MX_HOSTS, NSD_IP, UNBOUND_IP
 from .pki import Pki, make_pki
 from .postfix import Postfix, PostfixVersion, available_versions
 from .postfix import version as postfix_version
-from .records import MxRecorder, recorder
+from .records import STALL_FILE, MxRecorder, recorder
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = Path(os.environ.get("RTLS_TESTBED_STATE", str(REPO / "var" / "testbed")))
@@ -264,6 +266,24 @@ class Bed:
     def mx(self, key: str) -> MxRecorder:
         """What MX ``key`` (see hosts.MX_HOSTS, e.g. "dane") received."""
         return recorder(self.state, key)
+
+    def set_sts_stall(self, domain: str, on: bool) -> None:
+        """Switch the MTA-STS stall fault for ``domain``: its policy host accepts the HTTPS request and sends
+        nothing back (a fetch times out) until switched off, then answers as usual."""
+        path = self.state / "https" / STALL_FILE
+        domains = set(path.read_text().split()) if path.exists() else set()
+        domains = domains | {domain} if on else domains - {domain}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{d}\n" for d in sorted(domains)))
+        os.replace(tmp, path)
+
+    @contextmanager
+    def sts_stall(self, domain: str) -> Iterator[None]:
+        self.set_sts_stall(domain, True)
+        try:
+            yield
+        finally:
+            self.set_sts_stall(domain, False)
 
     def clear_mx(self) -> None:
         for m in MX_HOSTS:

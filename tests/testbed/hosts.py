@@ -129,6 +129,7 @@ MX_HOSTS: tuple[MxHost, ...] = (
     _mx(23, "dane-mismatch", "mx.dane-mismatch.test."),
     _mx(24, "insecure-norequiretls", "mx.insecure-norequiretls.test.", requiretls=False),
     _mx(25, "sts-wrongmx", "mx.sts-wrongmx.test."),
+    _mx(26, "sts-stall", "mx.sts-stall.test."),
 )
 
 MX_BY_KEY: dict[str, MxHost] = {m.key: m for m in MX_HOSTS}
@@ -238,6 +239,13 @@ DOMAINS: tuple[Domain, ...] = (
         ((10, "sts-testing"),),
         sts=StsPolicy(mode="testing"),
         purpose="MTA-STS mode testing",
+    ),
+    Domain(
+        "sts-stall.test.",
+        _I,
+        ((10, "sts-stall"),),
+        sts=StsPolicy(),
+        purpose="like sts.test; Bed.sts_stall() makes its policy host hold requests unanswered (fetch timeout)",
     ),
     Domain(
         "sts-redirect.test.",

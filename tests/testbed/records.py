@@ -18,6 +18,10 @@ FAULT_FILE = "data-cut.fault"
 """The data-cut switch of an MX (read by the services process at every DATA); not ``*.json``, which are
 deliveries."""
 CUTS_FILE = "cuts.jsonl"
+#: The MTA-STS stall fault: the domains (one a line) whose policy requests the HTTPS server holds unanswered,
+#: under ``STATE/https/`` (``Bed.sts_stall``); a request is held at most STALL_MAX seconds.
+STALL_FILE = "stall.fault"
+STALL_MAX = 120.0
 """One line per DATA transaction the MX cut."""
 
 

@@ -21,6 +21,7 @@ import ssl
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from .hosts import DOMAIN_BY_NAME, DOMAINS, HTTPS_IP, MX_HOSTS, MxHost, StsHttp, domain_mx_hosts
 from .pki import Pki
-from .records import CUTS_FILE, FAULT_FILE
+from .records import CUTS_FILE, FAULT_FILE, STALL_FILE, STALL_MAX
 
 POLICY_PATH = "/.well-known/mta-sts.txt"
 OVERSIZE_BYTES = 70_000  # RFC 8461 3.3: policies larger than 64 KiB must be rejected
@@ -340,9 +341,20 @@ class _StsHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _stalled(self, domain: str) -> bool:
+        try:
+            return domain in (self.log_dir / STALL_FILE).read_text().split()
+        except FileNotFoundError:
+            return False
+
     def do_GET(self) -> None:
         host = (self.headers.get("Host") or "").split(":")[0].lower().rstrip(".")
         domain = host.removeprefix("mta-sts.")
+        # The stall fault (Bed.sts_stall): hold the request without a byte of answer while the domain is listed
+        # (at most STALL_MAX seconds), so that a client's fetch times out; afterwards answer normally.
+        end = time.monotonic() + STALL_MAX
+        while self._stalled(domain) and time.monotonic() < end:
+            time.sleep(0.1)
         d = DOMAIN_BY_NAME.get(domain)
         status = 404
         if self.path != POLICY_PATH or d is None or d.sts is None or not host.startswith("mta-sts."):
