@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import ipaddress
 import json
 import logging
 from collections.abc import Sequence
@@ -137,6 +138,29 @@ class DnsAnswer:
             error=str(error),
             ede=tuple(int(x) for x in ede),
         )
+
+
+@dataclass(frozen=True)
+class ResolverCheck:
+    """What :meth:`DnsClient.check_resolver` found.  ``validates`` is None when the resolver gave no usable
+    answer (down, timeout, refused): nothing can be concluded yet."""
+
+    address: str
+    port: int
+    loopback: bool
+    validates: bool | None
+    detail: str
+
+    @property
+    def trusted(self) -> bool:
+        return self.loopback and self.validates is True
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def normalize_name(name: str) -> str:
@@ -298,6 +322,36 @@ class DnsClient:
             return interpret_response(response, name, rtype, self.settings.negative_ttl)
         return DnsAnswer(qname, rdtype, LookupStatus.ERROR, DnssecState.INDETERMINATE, 0, qname, (),
                          f"resolver {self.address}:{self.settings.port}: {last_error}")
+
+    async def check_resolver(self) -> ResolverCheck:
+        """Is the resolver one whose AD bit may be trusted (RFC 7672 section 2.1.1, RFC 6698 section 4.1)?
+
+        It must be reached over a trusted path (a loopback address) and must validate: asked for the root
+        zone's DNSKEY RRset with DO set, a validating resolver answers with AD (it checked the set against its
+        trust anchor); a plain forwarder or a non-validating cache does not.
+        """
+        try:
+            address = self.address
+        except DnsLookupError as e:
+            return ResolverCheck("", self.settings.port, False, None, str(e))
+        loopback = is_loopback(address)
+        q = dns.message.make_query(dns.name.root, dns.rdatatype.DNSKEY, use_edns=0, want_dnssec=True, payload=1232)
+        q.flags |= dns.flags.AD | dns.flags.RD
+        try:
+            response, _tcp = await asyncio.wait_for(
+                dns.asyncquery.udp_with_fallback(q, address, timeout=self.settings.timeout, port=self.settings.port),
+                self.settings.timeout * 2)
+        except (dns.exception.DNSException, TimeoutError, OSError, EOFError) as e:
+            return ResolverCheck(address, self.settings.port, loopback, None,
+                                 f"no answer to the root DNSKEY query: {type(e).__name__} {e}".strip())
+        rcode = response.rcode()
+        if rcode != dns.rcode.NOERROR:
+            return ResolverCheck(address, self.settings.port, loopback, None,
+                                 f"root DNSKEY query answered {dns.rcode.to_text(rcode)}")
+        validates = bool(response.flags & dns.flags.AD)
+        detail = "validates (AD set on the root DNSKEY answer)" if validates else (
+            "does not validate: the root DNSKEY answer came without the AD bit")
+        return ResolverCheck(address, self.settings.port, loopback, validates, detail)
 
     async def query_many(self, name: str, rdtypes: Sequence[str]) -> tuple[DnsAnswer, ...]:
         return tuple(await asyncio.gather(*(self.query(name, t) for t in rdtypes)))

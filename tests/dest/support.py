@@ -140,7 +140,7 @@ class FakeDns:
     # serving ------------------------------------------------------------------------------
     def answer(self, data: bytes) -> bytes | None:
         q = dns.message.from_wire(data)
-        qname = q.question[0].name.to_text(omit_final_dot=True).lower()
+        qname = q.question[0].name.to_text(omit_final_dot=True).lower().rstrip(".")  # the root: ""
         qtype = dns.rdatatype.to_text(q.question[0].rdtype)
         with self._lock:
             self.queries.append((qname, qtype))

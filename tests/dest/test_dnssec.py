@@ -7,7 +7,15 @@ import asyncio
 import pytest
 
 from requiretls.dest.cache import Cache
-from requiretls.dest.dnssec import DnsClient, DnssecState, LookupStatus, ResolverSettings, normalize_name
+from requiretls.dest.dnssec import (
+    DnsClient,
+    DnssecState,
+    LookupStatus,
+    ResolverCheck,
+    ResolverSettings,
+    is_loopback,
+    normalize_name,
+)
 from requiretls.dest.errors import BogusDnsError, DnsLookupError
 
 from .support import FakeDns, run
@@ -180,3 +188,32 @@ def test_cached_answer_form_round_trips_and_old_entries_still_read() -> None:
     for junk in (b"[]", b'"x"', b"[1,2,3]", b'{"qname":"a"}', b'["a","MX","nope","secure",1,null,[],"",[]]'):
         with pytest.raises((ValueError, KeyError, TypeError)):
             DnsAnswer.from_json(junk)
+
+
+# --- is the resolver one whose AD bit may be trusted? (RFC 7672 section 2.1.1) ------------------------------
+
+
+def test_validating_loopback_resolver_is_trusted(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.empty(".", "DNSKEY", ad=True)
+    check = run(dns_client.check_resolver())
+    assert check.loopback and check.validates is True and check.trusted, check
+
+
+def test_resolver_that_does_not_set_ad_on_the_root_does_not_validate(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.empty(".", "DNSKEY", ad=False)
+    check = run(dns_client.check_resolver())
+    assert check.validates is False and not check.trusted
+    assert "does not validate" in check.detail
+
+
+def test_silent_resolver_tells_nothing(fake_dns: FakeDns, dns_client: DnsClient) -> None:
+    fake_dns.drop(".", "DNSKEY")
+    check = run(dns_client.check_resolver())
+    assert check.validates is None and not check.trusted and "no answer" in check.detail
+
+
+def test_resolver_off_loopback_is_not_trusted_even_when_it_validates() -> None:
+    """A validating resolver across a network: its AD bit can be forged on the way (RFC 6698 section 4.1)."""
+    assert not ResolverCheck("192.0.2.53", 53, is_loopback("192.0.2.53"), True, "validates").trusted
+    assert ResolverCheck("127.0.53.53", 53, is_loopback("127.0.53.53"), True, "validates").trusted
+    assert is_loopback("::1") and not is_loopback("not-an-address")
