@@ -96,8 +96,8 @@ Row = tuple[int, float, float, int, int, float, float, float, float]
 
 async def run(n: int, cap: str, kind: str) -> tuple[float, list[Row], str]:
     defaults = load(None)  # the shipped defaults of [cache] max_entries and [policyd] answer_cache_size
-    max_entries = int(defaults.get("cache", "max_entries"))
-    answers_max = int(defaults.get("policyd", "answer_cache_size"))
+    max_entries = defaults.cache.max_entries
+    answers_max = defaults.policyd.answer_cache_size
     cache = create_cache("memory", max_entries=max_entries if cap == "default" else 8 * n + 10)
     assert isinstance(cache, MemoryCache)
     ready_max = answers_max if cap == "default" else max(answers_max, n)

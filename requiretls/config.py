@@ -1,38 +1,55 @@
-"""One TOML file -> typed settings.  Every error names the file, the line and the key.
+"""One TOML file -> one frozen, typed settings object per section.  Every error names the file, the line and
+the key.
 
-Each setting is declared once, in :data:`SCHEMA`, with its type, default and documentation (the manual page
-``requiretls.toml(5)`` and the commented default file are generated from it).  Unknown sections and keys are
-errors, not ignored: a typo must not silently leave a security setting at its default.
+Each setting is declared once, in :data:`SCHEMA`, with its type, default, bounds and documentation (the manual
+page ``requiretls.toml(5)`` and the commented default file are generated from it).  Unknown sections and keys
+are errors, not ignored: a typo must not silently leave a security setting at its default.  Values are parsed
+once, here, into typed values (:class:`~requiretls.addresses.NextHop`,
+:class:`~requiretls.addresses.ListenAddress`, :class:`~requiretls.addresses.Endpoint`, enums, tuples); each
+daemon is handed only the section objects it uses.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import math
 import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from requiretls.addresses import Endpoint, ListenAddress, NextHop
 from requiretls.errors import ConfigError
 from requiretls.policy.local import DEFAULT_OPTOUT_COOKIE, DEFAULT_REQUIRETLS_COOKIE, LocalPolicy
 from requiretls.policy.model import OptoutFrom, PreflightMode
 from requiretls.policy.table import PolicyTable
 
 DEFAULT_CONFIG_FILE = "/etc/requiretls/requiretls.toml"
+log = logging.getLogger("requiretls")
 
 Checker = Callable[[Any], str | None]
+#: TOML value -> typed value; ValueError's text is the message the admin sees.
+Converter = Callable[[Any], Any]
+
+#: Upper bounds shared by the keys (documented in each key's text).
+MAX_TIMEOUT = 3600.0
+MAX_TTL = 86400.0
+MAX_ENTRIES = 10_000_000
 
 
 @dataclass(frozen=True, slots=True)
 class Setting:
-    """One configuration key: its TOML type, default, and one paragraph of documentation."""
+    """One configuration key: its TOML type, default, one paragraph of documentation, an optional check of the
+    TOML value and an optional conversion to the typed value the daemons get."""
 
     type: type | tuple[type, ...]
     default: Any
     doc: str
     check: Checker | None = None
+    convert: Converter | None = None
 
 
 def _choice(*values: str) -> Checker:
@@ -53,64 +70,80 @@ def _networks(v: Any) -> str | None:
     return None
 
 
-def _resolver(v: Any) -> str | None:
-    if v == "":
+def _fmt(x: float) -> str:
+    """A bound as an admin writes it in TOML (``3600``, ``10_000_000``)."""
+    if x != int(x):
+        return str(x)
+    return f"{int(x):_}" if x >= 10_000 else str(int(x))
+
+
+def _range(low: float, high: float, *, inclusive_low: bool = False) -> Checker:
+    """A finite number in (low, high] (or [low, high]); inf and nan are refused (TOML allows both)."""
+
+    def check(v: Any) -> str | None:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"must be a finite number, not {v!r}"
+        if (v < low if inclusive_low else v <= low) or v > high:
+            lo = f"at least {_fmt(low)}" if inclusive_low else f"greater than {_fmt(low)}"
+            return f"must be {lo} and at most {_fmt(high)}, not {v!r}"
         return None
-    host, port = _split_hostport(v)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return f"{v!r} is not IP or IP:PORT ([IPv6]:PORT)"
-    if port is not None and not 0 < port < 65536:
-        return f"port out of range in {v!r}"
-    return None
+
+    return check
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else f"must be greater than 0, not {v!r}"
+def _number(types: type | tuple[type, ...], default: float, doc: str, high: float, low: float = 0,
+            *, inclusive_low: bool = False, unit: str = "") -> Setting:
+    """A number key whose bounds are checked and stated in its documentation."""
+    lo = f"at least {_fmt(low)}" if inclusive_low else f"more than {_fmt(low)}"
+    bounds = f" Range: {lo}, at most {_fmt(high)}{unit}."
+    convert: Converter = int if types is int else float
+    return Setting(types, default, doc + bounds, _range(low, high, inclusive_low=inclusive_low), convert)
+
+
+def _timeout(default: float, doc: str, types: type | tuple[type, ...] = (int, float)) -> Setting:
+    return _number(types, default, doc, MAX_TIMEOUT, unit=" seconds")
+
+
+def _entries(default: int, doc: str) -> Setting:
+    return _number(int, default, doc, MAX_ENTRIES, 1, inclusive_low=True)
 
 
 def _cookie(v: Any) -> str | None:
     return None if v.strip() == v and v.isprintable() else f"must be printable without outer spaces: {v!r}"
 
 
-def _milter_socket(v: Any) -> str | None:
-    if re.fullmatch(r"(unix|local):/\S+", v) or re.fullmatch(r"inet6?:\d{1,5}(@\S+)?", v):
-        return None
-    return f"must be unix:/absolute/path or inet:PORT@ADDRESS, not {v!r}"
-
-
-def _listen_list(v: Any) -> str | None:
-    for item in v:
-        if not isinstance(item, str) or not (
-            re.fullmatch(r"unix:/\S+", item) or re.fullmatch(r"inet:(\[[0-9a-fA-F:.]+\]|[0-9.]+):\d{1,5}", item)
-        ):
-            return f"{item!r}: use unix:/absolute/path or inet:ADDRESS:PORT"
-    return None
-
-
 def _octal_mode(v: Any) -> str | None:
     return None if re.fullmatch(r"0?[0-7]{3}", v) else f"must be an octal mode such as 0660, not {v!r}"
-
-
-def _relayhost(v: Any) -> str | None:
-    if v == "" or re.fullmatch(r"\[[A-Za-z0-9.-]+\](:\d{1,5})?|[A-Za-z0-9.-]+(:\d{1,5})?", v):
-        return None
-    return f"must be [host]:port or host, not {v!r}"
 
 
 def _version(v: Any) -> str | None:
     return None if v == "" or re.fullmatch(r"\d+\.\d+(\.\d+)?", v) else f"must be X.Y, not {v!r}"
 
 
-def _split_hostport(v: str) -> tuple[str, int | None]:
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", v)
-    if m:
-        return m.group(1), int(m.group(2)) if m.group(2) else None
-    if v.count(":") == 1:
-        host, port = v.split(":")
-        return host, int(port) if port.isdigit() else -1
-    return v, None
+def _endpoint(default_port: int | None) -> Converter:
+    def convert(v: str) -> Endpoint | None:
+        return Endpoint.parse(v, default_port) if v else None
+
+    return convert
+
+
+def _nexthop(v: str) -> NextHop | None:
+    return NextHop.parse(v) if v else None
+
+
+def _listen_list(v: list[Any]) -> tuple[ListenAddress, ...]:
+    out = []
+    for item in v:
+        if not isinstance(item, str):
+            raise ValueError(f"items must be strings, not {item!r}")
+        out.append(ListenAddress.parse(item))
+    if not out:
+        raise ValueError("give at least one address")
+    return tuple(out)
+
+
+def _path_or_none(v: str) -> str | None:
+    return v or None
 
 
 SCHEMA: Mapping[str, Mapping[str, Setting]] = {
@@ -133,12 +166,14 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Who may opt a message out with TLS-Required: No: any (RFC 8689, Postfix 3.10), trusted "
             "(SASL-authenticated or from trusted_networks), none. Subject cookies also need a trusted client.",
             _choice("any", "trusted", "none"),
+            OptoutFrom,
         ),
         "trusted_networks": Setting(
             list,
             ["127.0.0.0/8", "::1/128"],
             "Client networks whose mail counts as trusted for opt-out and subject cookies.",
             _networks,
+            lambda v: tuple(ipaddress.ip_network(n, strict=False) for n in v),
         ),
         "requiretls_cookie": Setting(
             str, DEFAULT_REQUIRETLS_COOKIE, "Subject cookie that tags a message REQUIRETLS (trusted clients).", _cookie
@@ -152,6 +187,7 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Check at submission whether a REQUIRETLS message's destinations can satisfy it: off, warn "
             "(log only) or reject (550 5.7.30 at once instead of a bounce later).",
             _choice("off", "warn", "reject"),
+            PreflightMode,
         ),
     },
     "dns": {
@@ -159,17 +195,18 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             str,
             "",
             "Trusted DNSSEC-validating resolver, IP or IP:PORT. Empty: the first nameserver of "
-            "/etc/resolv.conf. It must validate: its AD bit is trusted.",
-            _resolver,
+            "/etc/resolv.conf. It must validate: its AD bit is trusted. Port: 53 unless given.",
+            convert=_endpoint(53),
         ),
-        "timeout": Setting((int, float), 5.0, "Seconds for one DNS lookup before it fails (defer).", _positive),
+        "timeout": _timeout(5.0, "Seconds for one DNS lookup before it fails (defer)."),
     },
     "mta_sts": {
         "enabled": Setting(bool, True, "Look up MTA-STS policies (RFC 8461) for destinations without DANE."),
         "cafile": Setting(
-            str, "", "CA bundle for MTA-STS policy hosts' certificates. Empty: the system trust store."
+            str, "", "CA bundle for MTA-STS policy hosts' certificates. Empty: the system trust store.",
+            convert=_path_or_none,
         ),
-        "fetch_timeout": Setting((int, float), 30.0, "Seconds for one MTA-STS policy fetch.", _positive),
+        "fetch_timeout": _timeout(30.0, "Seconds for one MTA-STS policy fetch."),
     },
     "cache": {
         "backend": Setting(
@@ -181,59 +218,68 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "sqlite_path": Setting(str, "/var/lib/requiretls/cache.sqlite", "SQLite cache file (backend = sqlite)."),
         "redis_url": Setting(str, "redis://127.0.0.1:6379/0", "Redis URL (backend = redis)."),
-        "max_entries": Setting(
-            int, 100_000,
+        "max_entries": _entries(
+            100_000,
             "Most DNS answers and MTA-STS results the memory backend holds (a DANE destination takes about 5, "
             "~200 bytes each); the oldest go first. The local validating resolver keeps its own cache.",
-            _positive,
         ),
     },
     "policyd": {
         "listen": Setting(
             list,
             ["unix:/var/spool/postfix/requiretls/policyd.sock"],
-            "Where the socketmap service listens: unix:/path and/or inet:127.0.0.1:PORT. Under Postfix's "
-            "queue directory a unix socket is reachable from the chrooted smtp client.",
-            _listen_list,
+            "Where the socketmap service listens, one or more of unix:/absolute/path and inet:HOST:PORT "
+            "(inet:[::1]:PORT for IPv6), the syntax of every daemon's listen key. Under Postfix's queue "
+            "directory a unix socket is reachable from the chrooted smtp client.",
+            convert=_listen_list,
         ),
-        "metrics": Setting(str, "", "Prometheus metrics address HOST:PORT (loopback). Empty: off.", _resolver),
-        "answer_ttl": Setting(
-            (int, float), 60.0, "Seconds a ready answer is reused (never longer than the DNS TTL).", _positive
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address IP:PORT ([IPv6]:PORT). Only a loopback address unless "
+            "metrics_allow_remote = true. Empty: off.",
+            convert=_endpoint(None),
         ),
-        "lookup_timeout": Setting(
-            (int, float), 30.0, "Seconds a destination lookup may take before the answer is TEMP.", _positive
+        "metrics_allow_remote": Setting(
+            bool, False,
+            "Allow a metrics address that is not loopback (the endpoint has no authentication; put a firewall "
+            "in front of it).",
         ),
-        "answer_cache_size": Setting(
-            int, 100_000,
+        "answer_ttl": _number(
+            (int, float), 60.0, "Seconds a ready answer is reused (never longer than the DNS TTL).", MAX_TTL,
+            unit=" seconds",
+        ),
+        "lookup_timeout": _timeout(30.0, "Seconds a destination lookup may take before the answer is TEMP."),
+        "answer_cache_size": _entries(
+            100_000,
             "Most ready answers kept (one per map name and destination, ~250 bytes each); the oldest go first.",
-            _positive,
         ),
     },
     "milter": {
         "socket": Setting(
             str,
             "unix:/var/spool/postfix/requiretls/milter.sock",
-            "Where the milter listens, in libmilter form: unix:/path or inet:PORT@127.0.0.1. A unix socket "
+            "Where the milter listens: unix:/absolute/path or inet:HOST:PORT (inet:[::1]:PORT). The old "
+            "libmilter forms inet:PORT@HOST and local:/path are still read, with a warning. A unix socket "
             "avoids the ~40 ms Nagle stalls of TCP; under Postfix's queue directory it is reachable from the "
             "chrooted smtpd.",
-            _milter_socket,
+            convert=ListenAddress.parse,
         ),
         "socket_group": Setting(
             str, "postfix", "Group that owns the unix socket's directory (setgid), so that Postfix can connect."
         ),
         "socket_mode": Setting(
-            str, "0660", "Octal mode of the unix socket. 0666 for a Postfix whose ids differ (a chroot).", _octal_mode
+            str, "0660", "Octal mode of the unix socket. 0666 for a Postfix whose ids differ (a chroot).", _octal_mode,
+            lambda v: int(v, 8),
         ),
-        "timeout": Setting(int, 30, "Seconds libmilter waits for the MTA before dropping a connection.", _positive),
+        "timeout": _timeout(30, "Seconds libmilter waits for the MTA before dropping a connection.", int),
         "preflight_probe": Setting(
             bool,
             False,
             "With policy.preflight: also connect to the MX (STARTTLS, certificate, REQUIRETLS after STARTTLS), "
-            "so that a missing REQUIRETLS is refused at submission (5.7.30), not only an unvalidated MX (5.7.10).",
+            "so that a missing REQUIRETLS is refused at submission (5.7.30), not only an unvalidated MX (5.7.10). "
+            "The probes use relay.cafile and relay.helo_name.",
         ),
-        "preflight_timeout": Setting(
-            (int, float), 10.0, "Seconds the pre-flight may take; after that the message is accepted.", _positive
-        ),
+        "preflight_timeout": _timeout(10.0, "Seconds the pre-flight may take; after that the message is accepted."),
         "mta": Setting(
             str,
             "auto",
@@ -253,25 +299,38 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         "listen": Setting(
             str,
             "unix:/var/spool/postfix/requiretls/relay.sock",
-            "Where the REQUIRETLS delivery agent takes LMTP from Postfix: unix:/path or inet:PORT@ADDRESS.",
-            _milter_socket,
+            "Where the REQUIRETLS delivery agent takes LMTP from Postfix: unix:/absolute/path or inet:HOST:PORT "
+            "(inet:[::1]:PORT). The old form inet:PORT@HOST is still read, with a warning.",
+            convert=ListenAddress.parse,
         ),
         "relayhost": Setting(
             str,
             "",
-            "Postfix's relayhost ([host]:port) when it has one: the agent sends REQUIRETLS mail there, under the "
-            "same rules as to an MX (the relay's name is the MTA-STS policy domain). Empty: MX lookups.",
-            _relayhost,
+            "Postfix's relayhost when it has one, in Postfix's next-hop syntax: [host] or [host]:port is that "
+            "host's own addresses (no MX lookup), host or host:port the MX hosts of that domain, "
+            "[192.0.2.1] or [ipv6:2001:db8::1] an address; the port defaults to 25. The agent sends "
+            "REQUIRETLS mail there, under the same rules as to an MX (the relay's name is the MTA-STS policy "
+            "domain, its TLSA records are those of its port); the milter reads it too, so that recipients "
+            "routed there are not handed back to Postfix. Empty: MX lookups.",
+            convert=_nexthop,
         ),
-        "cafile": Setting(str, "", "CA bundle for MX certificates (PKIX). Empty: the system trust store."),
-        "helo_name": Setting(str, "", "Name the agent gives in EHLO. Empty: this host's FQDN."),
-        "timeout": Setting((int, float), 60.0, "Seconds for each SMTP step with an MX.", _positive),
+        "cafile": Setting(
+            str, "",
+            "CA bundle for MX certificates (PKIX), for the agent and for the milter's pre-flight probes. Empty: "
+            "the system trust store.",
+            convert=_path_or_none,
+        ),
+        "helo_name": Setting(
+            str, "", "Name the agent and the milter's pre-flight probes give in EHLO. Empty: this host's FQDN."
+        ),
+        "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
         "reinject": Setting(
             str,
             "127.0.0.1:10026",
-            "Loopback address:port of the re-injection smtpd (no milters, no FILTER) through which the agent "
-            "hands back recipients that Postfix delivers itself (local, virtual, transport_maps, relayhost).",
-            _resolver,
+            "Loopback IP:PORT of the re-injection smtpd (no milters, no FILTER) through which the agent "
+            "hands back recipients that Postfix delivers itself (local, virtual, transport_maps, relayhost). "
+            "Port: 10026 unless given.",
+            convert=_endpoint(10026),
         ),
     },
     "log": {
@@ -283,16 +342,106 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
 }
 
 
+# --- one frozen settings object per section -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySettings:
+    """``[policy]``; the tables themselves are loaded into :attr:`Settings.local_policy`."""
+
+    table: str | None
+    sender_table: str | None
+    optout_from: OptoutFrom
+    trusted_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    requiretls_cookie: str
+    optout_cookie: str
+    preflight: PreflightMode
+
+
+@dataclass(frozen=True, slots=True)
+class DnsSettings:
+    """``[dns]``; ``resolver`` None: the first nameserver of /etc/resolv.conf."""
+
+    resolver: Endpoint | None
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class MtaStsSettings:
+    enabled: bool
+    cafile: str | None
+    fetch_timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    backend: str
+    sqlite_path: str
+    redis_url: str
+    max_entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class PolicydSettings:
+    listen: tuple[ListenAddress, ...]
+    metrics: Endpoint | None
+    metrics_allow_remote: bool
+    answer_ttl: float
+    lookup_timeout: float
+    answer_cache_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    listen: ListenAddress
+    relayhost: NextHop | None
+    cafile: str | None
+    helo_name: str
+    timeout: float
+    reinject: Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class MilterSettings:
+    """``[milter]``, plus what the milter needs of ``[relay]`` (copied at load time, documented with those keys):
+    the relayhost, so that recipients routed there are not handed back, and the CA file and HELO name of the
+    pre-flight probes."""
+
+    socket: ListenAddress
+    socket_group: str
+    socket_mode: int
+    timeout: int
+    preflight_probe: bool
+    preflight_timeout: float
+    mta: str
+    postfix_version: str
+    relayhost: NextHop | None = None
+    probe_cafile: str | None = None
+    probe_helo_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    target: str
+    level: str
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """The loaded configuration. ``values[section][key]`` has every key, defaults filled in."""
+    """The loaded configuration: one typed object per section, the loaded policy tables, and the warnings
+    (old syntax still accepted) with file, line and key."""
 
     filename: str
-    values: Mapping[str, Mapping[str, Any]]
+    policy: PolicySettings
+    dns: DnsSettings
+    mta_sts: MtaStsSettings
+    cache: CacheSettings
+    policyd: PolicydSettings
+    milter: MilterSettings
+    relay: RelaySettings
+    log: LogSettings
     local_policy: LocalPolicy
-
-    def get(self, section: str, key: str) -> Any:
-        return self.values[section][key]
+    warnings: tuple[str, ...] = field(default=())
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -320,8 +469,15 @@ def _type_name(t: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
 
-def parse(text: str, filename: str) -> dict[str, dict[str, Any]]:
-    """Parse and validate TOML text against :data:`SCHEMA`; the result has every key of every section."""
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    values: dict[str, dict[str, Any]]
+    typed: dict[str, dict[str, Any]]
+    warnings: tuple[str, ...]
+    where: dict[tuple[str, ...], int]
+
+
+def _parse(text: str, filename: str) -> _Parsed:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -353,7 +509,34 @@ def parse(text: str, filename: str) -> dict[str, dict[str, Any]]:
             if problem:
                 raise ConfigError(filename, line, name, problem)
             values[section][key] = value
-    return values
+    typed: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    for section, keys in SCHEMA.items():
+        typed[section] = {}
+        for key, spec in keys.items():
+            value = values[section][key]
+            line = where.get((section, key))
+            try:
+                typed[section][key] = spec.convert(value) if spec.convert else value
+            except ValueError as e:
+                raise ConfigError(filename, line, f"{section}.{key}", str(e)) from None
+            got = typed[section][key]
+            pairs = zip(value, got, strict=True) if isinstance(got, tuple) else [(value, got)]
+            warnings.extend(str(ConfigError(filename, line, f"{section}.{key}",
+                                            f"{raw!r} is an old form; write {str(item)!r}"))
+                            for raw, item in pairs if isinstance(item, ListenAddress) and item.legacy)
+    metrics = typed["policyd"]["metrics"]
+    if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
+        raise ConfigError(filename, where.get(("policyd", "metrics")), "policyd.metrics",
+                          f"{values['policyd']['metrics']!r} is not a loopback address; the metrics endpoint has "
+                          "no authentication: set metrics_allow_remote = true to serve it there anyway")
+    return _Parsed(values, typed, tuple(warnings), where)
+
+
+def parse(text: str, filename: str) -> dict[str, dict[str, Any]]:
+    """Parse and validate TOML text against :data:`SCHEMA`; the result has every key of every section, as
+    written in TOML (the typed values are :func:`load`'s)."""
+    return _parse(text, filename).values
 
 
 def _read(path: str, purpose: str, filename: str, line: int | None, key: str) -> str:
@@ -366,18 +549,23 @@ def _read(path: str, purpose: str, filename: str, line: int | None, key: str) ->
         raise ConfigError(path, None, None, f"not UTF-8 text: {e.reason}") from e
 
 
+def _table_path(path: str, filename: str) -> str | None:
+    if not path:
+        return None
+    base = os.path.dirname(os.path.abspath(filename)) if filename else os.getcwd()
+    return os.path.join(base, path)
+
+
 def build_local_policy(values: Mapping[str, Mapping[str, Any]], filename: str, text: str = "") -> LocalPolicy:
     """Load the tables named in ``[policy]`` (paths relative to the config file) and build the policy."""
     p = values["policy"]
     where = _key_lines(text)
-    base = os.path.dirname(os.path.abspath(filename)) if filename else os.getcwd()
     tables: dict[str, PolicyTable] = {}
     for key, kind in (("table", "destination"), ("sender_table", "sender")):
-        path = p[key]
-        if not path:
+        full = _table_path(p[key], filename)
+        if full is None:
             tables[key] = PolicyTable.empty(kind)  # type: ignore[arg-type]
             continue
-        full = os.path.join(base, path)
         body = _read(full, "table", filename, where.get(("policy", key)), f"policy.{key}")
         tables[key] = PolicyTable.parse(body, full, kind)  # type: ignore[arg-type]
     return LocalPolicy(
@@ -391,14 +579,32 @@ def build_local_policy(values: Mapping[str, Mapping[str, Any]], filename: str, t
     )
 
 
+def _settings(parsed: _Parsed, filename: str, local_policy: LocalPolicy) -> Settings:
+    t = parsed.typed
+    policy = dict(t["policy"], table=_table_path(t["policy"]["table"], filename),
+                  sender_table=_table_path(t["policy"]["sender_table"], filename))
+    relay = RelaySettings(**t["relay"])
+    milter = MilterSettings(**t["milter"], relayhost=relay.relayhost, probe_cafile=relay.cafile,
+                            probe_helo_name=relay.helo_name)
+    return Settings(
+        filename, PolicySettings(**policy), DnsSettings(**t["dns"]), MtaStsSettings(**t["mta_sts"]),
+        CacheSettings(**t["cache"]), PolicydSettings(**t["policyd"]), milter, relay, LogSettings(**t["log"]),
+        local_policy, parsed.warnings,
+    )
+
+
 def load(filename: str | None) -> Settings:
-    """Load a config file, or the built-in defaults when ``filename`` is None."""
+    """Load a config file, or the built-in defaults when ``filename`` is None.  Warnings (old syntax that is
+    still accepted) are logged and kept in :attr:`Settings.warnings`."""
     if filename is None:
-        values = parse("", "<defaults>")
-        return Settings("<defaults>", values, build_local_policy(values, ""))
+        parsed = _parse("", "<defaults>")
+        return _settings(parsed, "", build_local_policy(parsed.values, ""))
     text = _read(filename, "config file", filename, None, "")
-    values = parse(text, filename)
-    return Settings(filename, values, build_local_policy(values, filename, text))
+    parsed = _parse(text, filename)
+    settings = _settings(parsed, filename, build_local_policy(parsed.values, filename, text))
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    return settings
 
 
 def render_default_config() -> str:

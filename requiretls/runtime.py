@@ -1,26 +1,18 @@
-"""Wiring shared by the daemons: settings -> destination resolver (DNS, MTA-STS, cache backend)."""
+"""Wiring shared by the daemons: the [dns], [mta_sts] and [cache] sections -> destination resolver."""
 
 from __future__ import annotations
 
-from requiretls.config import Settings, _split_hostport
+from requiretls.config import CacheSettings, DnsSettings, MtaStsSettings
 from requiretls.dest import DestinationResolver, DestSettings, DnsClient, ResolverSettings, StsResolver, StsSettings
 from requiretls.dest.cache import create_cache
 
 
-def destination_resolver(settings: Settings) -> DestinationResolver:
-    host, port = _split_hostport(settings.get("dns", "resolver")) if settings.get("dns", "resolver") else (None, None)
-    cache = create_cache(
-        settings.get("cache", "backend"),
-        sqlite_path=settings.get("cache", "sqlite_path"),
-        redis_url=settings.get("cache", "redis_url"),
-        max_entries=int(settings.get("cache", "max_entries")),
-    )
-    dns = DnsClient(ResolverSettings(address=host, port=port or 53, timeout=float(settings.get("dns", "timeout"))),
-                    cache=cache)
-    sts = StsResolver(
-        dns,
-        StsSettings(cafile=settings.get("mta_sts", "cafile") or None,
-                    fetch_timeout=float(settings.get("mta_sts", "fetch_timeout"))),
-        cache=cache,
-    )
-    return DestinationResolver(dns, sts, DestSettings(use_mta_sts=bool(settings.get("mta_sts", "enabled"))))
+def destination_resolver(dns: DnsSettings, mta_sts: MtaStsSettings, cache: CacheSettings) -> DestinationResolver:
+    store = create_cache(cache.backend, sqlite_path=cache.sqlite_path, redis_url=cache.redis_url,
+                         max_entries=cache.max_entries)
+    resolver = dns.resolver
+    client = DnsClient(ResolverSettings(address=resolver.host if resolver else None,
+                                        port=resolver.port if resolver else 53, timeout=dns.timeout),
+                       cache=store)
+    sts = StsResolver(client, StsSettings(cafile=mta_sts.cafile, fetch_timeout=mta_sts.fetch_timeout), cache=store)
+    return DestinationResolver(client, sts, DestSettings(use_mta_sts=mta_sts.enabled))

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 
+from requiretls.addresses import NextHop
 from requiretls.facts import (
     DaneState,
     Destination,
@@ -65,6 +66,17 @@ class DestinationResolver:
             raise ValueError(f"{domain} is an address literal; no MX, DANE or MTA-STS apply")
         return await self._flight.run(domain, lambda: self._lookup(domain))
 
+    async def resolve(self, hop: NextHop) -> Destination:
+        """A Postfix next hop (smtp(8) "SMTP DESTINATION SYNTAX"): ``domain[:port]`` is looked up like
+        :meth:`lookup` (MX records with their DNSSEC state, MTA-STS), ``[host][:port]`` is that host alone
+        (:meth:`nexthop`: its A/AAAA records, no MX lookup).  Either way the TLSA records are those of the port
+        the hop is reached on, ``_PORT._tcp.HOST`` (RFC 7672 section 2.2.3)."""
+        if not hop.mx:
+            return await self.nexthop(hop.host, hop.port)
+        domain = normalize_name(hop.host)
+        key = domain if hop.port == self.settings.smtp_port else f"{domain}:{hop.port}"
+        return await self._flight.run(key, lambda: self._lookup(domain, hop.port))
+
     async def nexthop(self, host: str, port: int | None = None) -> Destination:
         """A next hop configured by the admin (Postfix's ``relayhost = [host]:port``), not found through MX
         records: its name needs no DNSSEC or MTA-STS validation (RFC 8689 section 4.2.1 step 2 is about MX
@@ -87,7 +99,7 @@ class DestinationResolver:
         except MtaStsTemporaryError as e:
             return None, str(e)
 
-    async def _lookup(self, domain: str) -> Destination:
+    async def _lookup(self, domain: str, port: int | None = None) -> Destination:
         mx_answer, (sts, sts_error) = await asyncio.gather(self.dns.query(domain, "MX"), self._sts(domain))
         ttls = [mx_answer.ttl]
         if mx_answer.status is LookupStatus.ERROR or not mx_answer.state.trustworthy:
@@ -114,7 +126,8 @@ class DestinationResolver:
                 return Destination(domain, MxSource.NULL_MX, mx_answer.state, (), sts, TlsRequirement.NO_MAIL,
                                    "null MX: the domain accepts no mail (RFC 7505)", mx_answer.ttl, sts_error)
             targets = sorted(dict.fromkeys(real), key=lambda px: px[0])
-        hosts = await asyncio.gather(*(self._host(domain, name, pref, mx_secure, sts) for pref, name in targets))
+        hosts = await asyncio.gather(*(self._host(domain, name, pref, mx_secure, sts, port)
+                                       for pref, name in targets))
         requirement, reason = self._requirement(mx_secure, hosts, sts, sts_error)
         ttl = min(ttls)
         return Destination(domain, source, mx_answer.state, tuple(hosts), sts, requirement, reason, ttl,

@@ -250,25 +250,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from requiretls.addresses import ListenAddress
     from requiretls.config import load
     from requiretls.log import setup
 
     settings = load(args.config)
-    setup("milter", settings.get("log", "target"), settings.get("log", "level"))
-    spec = args.socket or settings.get("milter", "socket")
+    m = settings.milter
+    setup("milter", settings.log.target, settings.log.level)
+    spec = (ListenAddress.parse(args.socket) if args.socket else m.socket).libmilter()
     preflight = None
     if settings.local_policy.preflight is not PreflightMode.OFF:
         from requiretls.dest import Prober, ProbeSettings
         from requiretls.runtime import destination_resolver
 
         prober = None
-        if settings.get("milter", "preflight_probe"):
-            prober = Prober(ProbeSettings(cafile=settings.get("relay", "cafile") or None,
-                                          helo_name=settings.get("relay", "helo_name") or None))
-        preflight = Preflight(destination_resolver(settings), prober,
-                              float(settings.get("milter", "preflight_timeout")))
-    serve(spec, lambda: settings.local_policy, int(settings.get("milter", "timeout")),
-          settings.get("milter", "postfix_version"), settings.get("relay", "relayhost"),
-          settings.get("milter", "socket_group"), int(settings.get("milter", "socket_mode"), 8),
-          settings.get("milter", "mta"), preflight)
+        if m.preflight_probe:
+            prober = Prober(ProbeSettings(cafile=m.probe_cafile, helo_name=m.probe_helo_name or None))
+        preflight = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), prober,
+                              m.preflight_timeout)
+    serve(spec, lambda: settings.local_policy, m.timeout,
+          m.postfix_version, str(m.relayhost) if m.relayhost else "",
+          m.socket_group, m.socket_mode,
+          m.mta, preflight)
     return 0

@@ -46,6 +46,14 @@ POSTFIX_ATTRS: Mapping[str, frozenset[str]] = MappingProxyType(
     }
 )
 OUR_ATTRS = frozenset({"optout", "requiretls"})
+#: TLS protocol names Postfix knows (tls_misc.c protocol_table), for ``protocols=`` lists and ``!`` exclusions.
+PROTOCOLS: tuple[str, ...] = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+#: Names allowed in ``>=`` / ``<=`` bounds (tls_misc.c tls_version_table: no SSLv2 there).
+PROTOCOL_BOUNDS: tuple[str, ...] = PROTOCOLS[1:]
+#: Cipher grades of the ``ciphers=`` attribute (tls_misc.c tls_cipher_grade_table; low/export mean medium now).
+CIPHER_GRADES = frozenset({"high", "medium", "low", "export", "null"})
+#: Attributes Postfix refuses when given twice in one policy (smtp_tls_policy.c tls_policy_lookup_one()).
+_ONCE = frozenset({"ciphers", "protocols", "servername", "exclude"})
 _BOOL = {"yes": True, "no": False}
 _DOMAIN = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _NEXTHOP = re.compile(r"\[[^\[\]\s]+\](?::\d{1,5})?|[^\[\]\s:]+:\d{1,5}")
@@ -145,6 +153,44 @@ def _check_key(key: str, kind: TableKind, filename: str, line: int) -> str:
     raise ConfigError(filename, line, key, "not an address, @domain, domain, .parent domain, user@ or <>")
 
 
+def protocols_problem(value: str) -> str | None:
+    """Why Postfix would not understand a ``protocols=`` value (smtp_tls_protocols syntax, postconf(5)), or None.
+
+    Items are separated by colons, commas or spaces (inside a policy table only colons survive the attribute
+    split); each is a protocol name to include, ``!NAME`` to exclude, or ``>=NAME`` / ``<=NAME`` to bound the
+    version.  Names are case-insensitive, as in Postfix.  Hexadecimal bounds (``>=0x0303``), which Postfix also
+    reads, are refused here: write the name."""
+    items = [t for t in re.split(r"[\s,:]+", value) if t]
+    if not items:
+        return "empty protocol list"
+    known = {p.lower(): p for p in PROTOCOLS}
+    for item in items:
+        if item.startswith((">=", "<=")):
+            name, allowed = item[2:], PROTOCOL_BOUNDS
+        else:
+            name, allowed = item.removeprefix("!"), PROTOCOLS
+        if known.get(name.lower()) not in allowed:
+            return f"unknown TLS protocol {name!r} in {item!r}; known: {', '.join(allowed)}"
+    return None
+
+
+def _hostname_ok(name: str) -> bool:
+    return len(name) <= 253 and _DOMAIN.fullmatch(name.lower().rstrip(".")) is not None
+
+
+def _attr_problem(name: str, val: str) -> str | None:
+    """Why Postfix would refuse or misread this attribute value (smtp_tls_policy.c), or None."""
+    if name == "protocols":
+        return protocols_problem(val)
+    if name == "ciphers" and val.lower() not in CIPHER_GRADES:
+        return f"unknown cipher grade {val!r}; one of {', '.join(sorted(CIPHER_GRADES))}"
+    if name in ("connection_reuse", "enable_rpk") and val.lower() not in _BOOL:
+        return f"must be yes or no, not {val!r}"
+    if name == "servername" and not _hostname_ok(val):
+        return f"not a host name: {val!r}"
+    return None
+
+
 def parse_entry(key_text: str, value: str, kind: TableKind, filename: str, line: int) -> TableEntry:
     key = _check_key(key_text, kind, filename, line)
     tokens = [t for t in re.split(r"[\s,]+", value) if t]
@@ -179,6 +225,11 @@ def parse_entry(key_text: str, value: str, kind: TableKind, filename: str, line:
             raise ConfigError(filename, line, f"{key}: {name}", f"not valid with level {level!r}")
         if not val:
             raise ConfigError(filename, line, f"{key}: {name}", "empty value")
+        if name in _ONCE and any(n == name for n, _ in attrs):
+            raise ConfigError(filename, line, f"{key}: {name}", "given twice (Postfix refuses the policy)")
+        problem = _attr_problem(name, val)
+        if problem:
+            raise ConfigError(filename, line, f"{key}: {name}", problem)
         attrs.append((name, val))
     return TableEntry(key, level, tuple(attrs), ours.get("optout"), ours.get("requiretls"), filename, line)
 

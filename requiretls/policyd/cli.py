@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 
+from requiretls.addresses import ListenAddress
 from requiretls.config import load
 from requiretls.errors import ConfigError
 from requiretls.log import kv, setup
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = load(args.config)
-    setup("policyd", settings.get("log", "target"), settings.get("log", "level"))
+    pd = settings.policyd
+    setup("policyd", settings.log.target, settings.log.level)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -32,13 +34,12 @@ def run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     service = PolicyService(
         settings.local_policy.table,
-        destination_resolver(settings),
+        destination_resolver(settings.dns, settings.mta_sts, settings.cache),
         metrics,
-        ServiceSettings(float(settings.get("policyd", "answer_ttl")), float(settings.get("policyd", "lookup_timeout")),
-                        int(settings.get("policyd", "answer_cache_size"))),
+        ServiceSettings(pd.answer_ttl, pd.lookup_timeout, pd.answer_cache_size),
     )
-    if settings.get("policyd", "metrics"):
-        metrics.serve(settings.get("policyd", "metrics"))
+    if pd.metrics is not None:
+        metrics.serve(str(pd.metrics))
 
     def reload() -> None:
         try:
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         refresher = asyncio.create_task(refresh_sts())
         try:
-            await serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"), reload)
+            listen = [ListenAddress.parse(a) for a in args.listen] if args.listen else pd.listen
+            await serve_forever(PolicyServer(service), [str(a) for a in listen], reload)
         finally:
             refresher.cancel()
 

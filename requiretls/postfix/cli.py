@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
         plan = generate(
             env,
             settings.local_policy,
-            settings.get("milter", "socket"),
-            settings.get("relay", "listen"),
-            settings.get("relay", "reinject"),
-            settings.get("policyd", "listen")[0] if use_policyd else None,
+            settings.milter.socket,
+            settings.relay.listen,
+            str(settings.relay.reinject),
+            settings.policyd.listen[0] if use_policyd else None,
         )
         if not args.apply:
             sys.stdout.write(render(plan, env))

@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
 from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
 from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, TLS_REQUIRED
@@ -79,16 +80,12 @@ class Plan:
     files: tuple[tuple[str, str], ...]
 
 
-def postfix_socket(spec: str, queue_directory: str) -> str:
-    """libmilter / our socket spec -> Postfix's: ``unix:/qdir/x`` -> ``unix:x`` (relative to the queue
-    directory, so chrooted daemons reach it); ``inet:PORT@HOST`` -> ``inet:HOST:PORT``."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("unix", "local"):
-        prefix = queue_directory.rstrip("/") + "/"
-        return "unix:" + (rest[len(prefix) :] if rest.startswith(prefix) else rest)
-    port, _, host = rest.partition("@")
-    host = host or "127.0.0.1"
-    return f"{kind}:[{host}]:{port}" if ":" in host else f"{kind}:{host}:{port}"
+def postfix_socket(spec: str | ListenAddress, queue_directory: str) -> str:
+    """A listen address (or its text, old forms included) -> Postfix's: ``unix:/qdir/x`` -> ``unix:x``
+    (relative to the queue directory, so chrooted daemons reach it); ``inet:PORT@HOST`` -> ``inet:HOST:PORT``;
+    IPv6 as ``inet:[::1]:PORT`` (Postfix's milter client knows only ``inet`` and ``unix``, milter8.c)."""
+    address = spec if isinstance(spec, ListenAddress) else ListenAddress.parse(spec)
+    return address.postfix(queue_directory)
 
 
 def _split_list(value: str) -> list[str]:
@@ -139,8 +136,9 @@ def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str, relay_socket: str, reinject: str,
-             policyd_socket: str | None = None) -> Plan:
+def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
+             relay_socket: str | ListenAddress, reinject: str,
+             policyd_socket: str | ListenAddress | None = None) -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
     opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only."""
     cdir = env.config_directory.rstrip("/")

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
+from requiretls.addresses import Endpoint, ListenAddress, NextHop
 from requiretls.dest import DestinationResolver, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy import eligibility
@@ -50,8 +51,9 @@ _QUEUE_ID = re.compile(r"\bid ([0-9A-Za-z]+)")
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
-    reinject: tuple[str, int] = ("127.0.0.1", 10026)
-    relayhost: str = ""
+    reinject: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10026))
+    #: Postfix's relayhost: every recipient the agent delivers goes there (MX hosts of a domain, or one host).
+    relayhost: NextHop | None = None
     send: SendSettings = field(default_factory=SendSettings)
     max_parallel: int = 32
 
@@ -188,11 +190,11 @@ class AgentHandler:
         async with self._slots:
             send = self.settings.send
             try:
-                if self.settings.relayhost:
+                hop = self.settings.relayhost
+                if hop is not None:
                     # The relayhost is the one next hop for every recipient, under the same rules as an MX.
-                    host, port = _hostport(self.settings.relayhost)
-                    send = replace(send, port=port)
-                    dest = await self.resolver.nexthop(host, port)
+                    send = replace(send, port=hop.port)
+                    dest = await self.resolver.resolve(hop)
                 else:
                     dest = await self.resolver.lookup(domain)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
@@ -206,7 +208,7 @@ class AgentHandler:
             return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
 
     async def _precheck(self, rcpt: str) -> tuple[str, Outcome | None]:
-        if self.settings.relayhost:
+        if self.settings.relayhost is not None:
             return rcpt, None  # Postfix sends everything to the relayhost and enforces REQUIRETLS there
         domain = split_address(rcpt)[1]
         try:
@@ -220,7 +222,7 @@ class AgentHandler:
         return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)
 
     def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
-        host, port = self.settings.reinject
+        host, port = self.settings.reinject.host, self.settings.reinject.port
         where = f"reinject[{host}]:{port}"
         base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, "none", "none", None)
         try:
@@ -262,16 +264,6 @@ def _smtp(code: int, msg: bytes, base: Outcome) -> Outcome:
     return Outcome(status, code, dsn, f"{base.mx} said: {text}", base.mx)
 
 
-def _hostport(relayhost: str) -> tuple[str, int]:
-    """``[host]:port``, ``[host]``, ``host:port`` or ``host`` -> (host, port); SMTP's 25 by default."""
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", relayhost.strip())
-    if not m:
-        raise ValueError(f"bad relayhost {relayhost!r}")
-    host = m.group(1) or m.group(3)
-    port = m.group(2) or m.group(4)
-    return host, int(port) if port else 25
-
-
 def _params(options: Sequence[str]) -> dict[str, str]:
     out = {}
     for o in options:
@@ -280,9 +272,9 @@ def _params(options: Sequence[str]) -> dict[str, str]:
     return out
 
 
-async def serve(listen: str, resolver: DestinationResolver, settings: AgentSettings,
+async def serve(listen: ListenAddress, resolver: DestinationResolver, settings: AgentSettings,
                 stop: asyncio.Event | None = None, ready: Callable[[], None] | None = None) -> None:
-    """Run the LMTP listener (``unix:/path`` or ``inet:PORT@HOST``) until ``stop`` is set."""
+    """Run the LMTP listener (``unix:/path`` or ``inet:HOST:PORT``) until ``stop`` is set."""
     loop = asyncio.get_running_loop()
     handler = AgentHandler(resolver, settings)
 
@@ -290,7 +282,7 @@ async def serve(listen: str, resolver: DestinationResolver, settings: AgentSetti
         return AgentLMTP(handler, enable_SMTPUTF8=True, decode_data=False, ident="requiretls relay",
                          data_size_limit=0, timeout=600)
 
-    kind, _, rest = listen.partition(":")
+    kind, rest = listen.kind, listen.path
     if kind == "unix":
         os.makedirs(os.path.dirname(rest) or ".", mode=0o755, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -299,9 +291,9 @@ async def serve(listen: str, resolver: DestinationResolver, settings: AgentSetti
         server = await loop.create_unix_server(factory, rest)
         os.chmod(rest, 0o666)
     else:
-        port, _, host = rest.partition("@")
-        server = await loop.create_server(factory, host or "127.0.0.1", int(port), reuse_address=True)
-    log.info("%s", kv(listening=listen))
+        assert listen.endpoint is not None
+        server = await loop.create_server(factory, listen.endpoint.host, listen.endpoint.port, reuse_address=True)
+    log.info("%s", kv(listening=str(listen)))
     if ready is not None:
         ready()
     stop = stop or asyncio.Event()

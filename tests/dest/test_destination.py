@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 
+from requiretls.addresses import NextHop
 from requiretls.dest.destination import (
     DaneState,
     Destination,
@@ -271,3 +272,49 @@ def test_relayhost_tlsa_is_looked_up_at_its_own_port(fake_dns: FakeDns) -> None:
     on_25 = run(resolver.nexthop("smart.relay.test"))
     assert on_25.requirement is TlsRequirement.OPPORTUNISTIC
     assert on_25.hosts[0].dane is DaneState.NONE
+
+
+def _resolver(fake_dns: FakeDns) -> DestinationResolver:
+    return DestinationResolver(DnsClient(ResolverSettings(address="127.0.0.1", port=fake_dns.port, timeout=0.5,
+                                                          attempts=1)))
+
+
+def test_relayhost_without_brackets_is_an_mx_lookup(fake_dns: FakeDns) -> None:
+    """smtp(8) / postconf(5) relayhost: ``example.com`` means the MX hosts of example.com, as for a recipient
+    domain (MX with its DNSSEC state); only ``[example.com]`` suppresses the MX lookup."""
+    _secure_mx(fake_dns, "relay.test", "mx1.relay.test")
+    fake_dns.add("_25._tcp.mx1.relay.test", "TLSA", TLSA_311)
+    fake_dns.host("relay.test", "127.0.0.9")  # the name's own address must not be used
+    d = run(_resolver(fake_dns).resolve(NextHop.parse("relay.test")))
+    assert ("relay.test", "MX") in fake_dns.queries
+    assert ("relay.test", "A") not in fake_dns.queries
+    assert d.source is MxSource.MX and [h.name for h in d.hosts] == ["mx1.relay.test"]
+    assert d.requirement is TlsRequirement.DANE and d.hosts[0].dane is DaneState.USABLE
+    assert d == _dest(fake_dns, "relay.test")  # exactly lookup(domain)
+
+
+def test_relayhost_without_brackets_uses_its_port_for_tlsa(fake_dns: FakeDns) -> None:
+    """``relay.test:587``: the MX hosts of relay.test, reached on 587, so TLSA at ``_587._tcp`` (RFC 7672
+    section 2.2.3)."""
+    _secure_mx(fake_dns, "sub.relay.test", "mx.sub.relay.test")
+    fake_dns.add("_587._tcp.mx.sub.relay.test", "TLSA", TLSA_311)
+    resolver = _resolver(fake_dns)
+    on_587 = run(resolver.resolve(NextHop.parse("sub.relay.test:587")))
+    assert on_587.hosts[0].name == "mx.sub.relay.test" and on_587.hosts[0].dane is DaneState.USABLE
+    assert on_587.requirement is TlsRequirement.DANE
+    on_25 = run(resolver.resolve(NextHop.parse("sub.relay.test")))  # not the 587 answer from the flight
+    assert on_25.hosts[0].dane is DaneState.NONE and on_25.requirement is TlsRequirement.OPPORTUNISTIC
+
+
+def test_bracketed_relayhost_is_an_address_lookup_with_tlsa_at_its_port(fake_dns: FakeDns) -> None:
+    """``[smart.relay.test]:587``: no MX lookup, the host's A/AAAA, TLSA at ``_587._tcp.smart.relay.test``."""
+    fake_dns.host("smart.relay.test")
+    fake_dns.add("smart.relay.test", "MX", "10 elsewhere.relay.test.")  # must be ignored
+    fake_dns.add("_587._tcp.smart.relay.test", "TLSA", TLSA_311)
+    d = run(_resolver(fake_dns).resolve(NextHop.parse("[smart.relay.test]:587")))
+    assert ("smart.relay.test", "MX") not in fake_dns.queries
+    assert ("smart.relay.test", "A") in fake_dns.queries
+    assert ("_587._tcp.smart.relay.test", "TLSA") in fake_dns.queries
+    assert ("_25._tcp.smart.relay.test", "TLSA") not in fake_dns.queries
+    assert [h.name for h in d.hosts] == ["smart.relay.test"]
+    assert d.requirement is TlsRequirement.DANE and d.hosts[0].dane is DaneState.USABLE

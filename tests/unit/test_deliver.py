@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 
+import pytest
+
+from requiretls.addresses import NextHop
 from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
 from requiretls.dest.destination import DaneState
-from requiretls.relay.deliver import DeliveryStatus, LmtpEnvelope, SendSettings, deliver_requiretls
+from requiretls.relay import agent
+from requiretls.relay.deliver import DeliveryStatus, LmtpEnvelope, Outcome, SendSettings, deliver_requiretls
 
 
 def _cutting_server() -> tuple[int, threading.Thread]:
@@ -49,3 +54,44 @@ def test_connection_cut_during_starttls_defers_instead_of_bouncing_5_7_10() -> N
     t.join(5)
     o = out["b@cut.example"]
     assert o.status is DeliveryStatus.DEFERRED and o.code == 451, o
+
+
+class _HopResolver:
+    """Records what the agent asked for: the relayhost as a next hop, never a recipient domain."""
+
+    def __init__(self, dest: Destination) -> None:
+        self.dest = dest
+        self.asked: list[object] = []
+
+    async def lookup(self, domain: str) -> Destination:
+        self.asked.append(domain)
+        return self.dest
+
+    async def resolve(self, hop: NextHop) -> Destination:
+        self.asked.append(hop)
+        return self.dest
+
+
+@pytest.mark.parametrize(
+    ("relayhost", "port"),
+    [("[smart.example]:587", 587), ("[smart.example]", 25), ("relay.example", 25), ("relay.example:2525", 2525)],
+)
+def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.MonkeyPatch, relayhost: str,
+                                                           port: int) -> None:
+    hop = NextHop.parse(relayhost)
+    dest = Destination(hop.host, MxSource.MX, DnssecState.SECURE, (), None, TlsRequirement.OPPORTUNISTIC, "x", 60)
+    sent: list[tuple[Destination, SendSettings]] = []
+
+    def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                  settings: SendSettings) -> dict[str, Outcome]:
+        sent.append((d, settings))
+        return dict.fromkeys(rcpts, Outcome(DeliveryStatus.SENT, 250, "2.0.0", "ok"))
+
+    monkeypatch.setattr(agent, "deliver_requiretls", fake_send)
+    resolver = _HopResolver(dest)
+    handler = agent.AgentHandler(resolver, agent.AgentSettings(relayhost=hop))  # type: ignore[arg-type]
+    env = LmtpEnvelope("a@s.example", {}, ("b@rcpt.example",))
+    out = asyncio.run(handler._deliver("rcpt.example", env, ["b@rcpt.example"], b"Subject: x\r\n\r\n", False))
+    assert out["b@rcpt.example"].status is DeliveryStatus.SENT
+    assert resolver.asked == [hop]  # the parsed next hop itself: [host] and host stay different hops
+    assert sent == [(dest, SendSettings(port=port))]

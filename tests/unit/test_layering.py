@@ -1,7 +1,7 @@
 """The declared layering (architecture, "Components"): facts are gathered by ``dest``, judged by ``policy``,
-acted on by adapters.  ``policy`` and ``facts`` import no I/O library and nothing from ``dest``; ``dest``
-imports nothing from ``policy``; no adapter imports another adapter; no package imports another's private
-names."""
+acted on by adapters.  ``policy``, ``facts`` and ``addresses`` import no I/O library and nothing from
+``dest``; ``dest`` imports nothing from ``policy``; no adapter imports another adapter; no package imports
+another's private names."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def _target(module: str, name: str) -> str:
 FILES = sorted(PKG.rglob("*.py"))
 
 
-@pytest.mark.parametrize("pure", ["requiretls.policy", "requiretls.facts"])
+@pytest.mark.parametrize("pure", ["requiretls.policy", "requiretls.facts", "requiretls.addresses"])
 def test_pure_modules_load_no_io_library(pure: str) -> None:
     code = (f"import sys, {pure}, requiretls.policy.eligibility, requiretls.policy.tlsmap; "
             f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))")
@@ -57,7 +57,7 @@ def test_pure_modules_load_no_io_library(pure: str) -> None:
 
 
 def test_policy_and_facts_import_nothing_from_dest_or_adapters() -> None:
-    bad = [f"{f.relative_to(PKG)}: {m}.{n}" for f in FILES if _package(f) in ("policy", "facts")
+    bad = [f"{f.relative_to(PKG)}: {m}.{n}" for f in FILES if _package(f) in ("policy", "facts", "addresses")
            for m, n in _imports(f) if _target(m, n) in ADAPTERS | {"dest", "config", "runtime", "cli"}]
     assert bad == []
 

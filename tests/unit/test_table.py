@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from requiretls.config import load
 from requiretls.errors import ConfigError
 from requiretls.policy import PolicyTable
 
@@ -82,6 +85,70 @@ def test_errors_name_file_line_and_key(line: str, needle: str) -> None:
     text = str(exc.value)
     assert text.startswith("/etc/requiretls/policy:3: ")
     assert needle in text
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        # protocols= as Postfix reads it (tls_misc.c tls_proto_mask_lims()): names, !exclusions, >= / <= bounds
+        ("example.com  dane protocols=>=TLSv9", "protocols: unknown TLS protocol 'TLSv9' in '>=TLSv9'"),
+        ("example.com  dane protocols=<=TLSv1.4", "unknown TLS protocol 'TLSv1.4'"),
+        ("example.com  dane protocols=!SSLv2:!TLSv2", "unknown TLS protocol 'TLSv2' in '!TLSv2'"),
+        ("example.com  dane protocols=TLS1.2", "unknown TLS protocol 'TLS1.2'"),
+        ("example.com  dane protocols=>=SSLv2", "unknown TLS protocol 'SSLv2'"),  # no SSLv2 bound in Postfix
+        ("example.com  dane protocols=>=", "unknown TLS protocol ''"),
+        ("example.com  dane protocols=>=0x0303", "unknown TLS protocol '0x0303'"),  # stricter than Postfix
+        ("example.com  dane protocols=:", "empty protocol list"),
+        ("example.com  dane protocols=>=TLSv1.2 protocols=<=TLSv1.3", "protocols: given twice"),
+        # a comma splits attributes in a policy table, so Postfix sees '!SSLv3' as a malformed attribute
+        ("example.com  dane protocols=!SSLv2,!SSLv3", "expected name=value, got '!SSLv3'"),
+        ("example.com  secure ciphers=ultra", "ciphers: unknown cipher grade 'ultra'"),
+        ("example.com  secure ciphers=high ciphers=medium", "ciphers: given twice"),
+        ("example.com  dane connection_reuse=sometimes", "connection_reuse: must be yes or no"),
+        ("example.com  dane enable_rpk=1", "enable_rpk: must be yes or no"),
+        ("example.com  secure servername=bad_name!", "servername: not a host name"),
+        ("example.com  dane exclude=aNULL exclude=MD5", "exclude: given twice"),
+    ],
+)
+def test_postfix_attribute_values_postfix_would_not_understand_are_errors(line: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        PolicyTable.parse(f"ok.example dane\n{line}\n", "/etc/requiretls/policy")
+    text = str(exc.value)
+    assert text.startswith("/etc/requiretls/policy:2: example.com: ")
+    assert needle in text
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        "protocols=>=TLSv1.2",
+        "protocols=<=TLSv1.3",
+        "protocols=>=TLSv1.2:<=TLSv1.3",
+        "protocols=!SSLv2:!SSLv3:!TLSv1:!TLSv1.1",
+        "protocols=TLSv1.2:TLSv1.3",
+        "protocols=>=tlsv1.2",  # Postfix compares protocol names without regard to case
+        "protocols=>=SSLv3",
+        "ciphers=high",
+        "ciphers=MEDIUM",
+        "ciphers=null",
+        "connection_reuse=yes enable_rpk=no",
+        "servername=hostname",
+        "servername=mx.example.com",
+        "exclude=aNULL:MD5",
+        "match=hostname match=nexthop:dot-nexthop",
+    ],
+)
+def test_postfix_attribute_values_postfix_understands_are_served_as_written(attrs: str) -> None:
+    entry = PolicyTable.parse(f"example.com secure {attrs}\n", "t").lookup_domain("example.com")
+    assert entry is not None and entry.postfix_policy() == f"secure {attrs}"
+
+
+def test_the_table_error_reaches_the_config_loader_with_the_table_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "policy").write_text("# destinations\nexample.net dane-only protocols=>=TLSv9\n")
+    (tmp_path / "requiretls.toml").write_text('[policy]\ntable = "policy"\n')
+    with pytest.raises(ConfigError) as exc:
+        load(str(tmp_path / "requiretls.toml"))
+    assert str(exc.value).startswith(f"{tmp_path / 'policy'}:2: example.net: protocols: unknown TLS protocol")
 
 
 def test_duplicate_key_is_an_error_naming_both_lines() -> None:
