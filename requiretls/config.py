@@ -56,7 +56,7 @@ def _networks(v: Any) -> str | None:
 def _resolver(v: Any) -> str | None:
     if v == "":
         return None
-    host, port = _split_hostport(v)
+    host, port = split_hostport(v)
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -103,7 +103,8 @@ def _version(v: Any) -> str | None:
     return None if v == "" or re.fullmatch(r"\d+\.\d+(\.\d+)?", v) else f"must be X.Y, not {v!r}"
 
 
-def _split_hostport(v: str) -> tuple[str, int | None]:
+def split_hostport(v: str) -> tuple[str, int | None]:
+    """``IP``, ``IP:PORT`` or ``[IPv6]:PORT`` -> (host, port or None); a port that is not a number gives -1."""
     m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?", v)
     if m:
         return m.group(1), int(m.group(2)) if m.group(2) else None

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from requiretls.config import Settings, _split_hostport
+from requiretls.config import Settings, split_hostport
 from requiretls.dest import DestinationResolver, DestSettings, DnsClient, ResolverSettings, StsResolver, StsSettings
 from requiretls.dest.cache import create_cache
 
 
 def destination_resolver(settings: Settings) -> DestinationResolver:
-    host, port = _split_hostport(settings.get("dns", "resolver")) if settings.get("dns", "resolver") else (None, None)
+    host, port = split_hostport(settings.get("dns", "resolver")) if settings.get("dns", "resolver") else (None, None)
     cache = create_cache(
         settings.get("cache", "backend"),
         sqlite_path=settings.get("cache", "sqlite_path"),

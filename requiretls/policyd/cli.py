@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import logging
 
-from requiretls.config import load
-from requiretls.errors import ConfigError
+from requiretls.config import Settings, load
+from requiretls.daemon import Reloader
 from requiretls.log import kv, setup
 from requiretls.policyd.metrics import Metrics
 from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings, serve_forever
@@ -40,14 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if settings.get("policyd", "metrics"):
         metrics.serve(settings.get("policyd", "metrics"))
 
-    def reload() -> None:
-        try:
-            fresh = load(args.config)
-        except ConfigError as e:
-            log.error("%s", kv(reload="failed, keeping the old configuration", error=str(e)))
-            return
+    def apply(fresh: Settings) -> dict[str, object]:
         service.set_table(fresh.local_policy.table)
-        log.info("%s", kv(reload="done", table_entries=len(fresh.local_policy.table)))
+        return {"table_entries": len(fresh.local_policy.table)}
 
     resolver = service.resolver
 
@@ -64,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         refresher = asyncio.create_task(refresh_sts())
         try:
-            await serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"), reload)
+            await serve_forever(PolicyServer(service), args.listen or settings.get("policyd", "listen"),
+                                Reloader(args.config, apply))
         finally:
             refresher.cancel()
 

@@ -1,15 +1,19 @@
-"""``requiretls relay``: run the REQUIRETLS delivery agent (LMTP server)."""
+"""``requiretls relay``: run the REQUIRETLS delivery agent (LMTP server).
+
+SIGHUP re-reads the configuration file: the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
+timeout, CA file) and the policy tables take effect for the next message, on connections already open too.
+The listen address, DNS, MTA-STS and cache settings are read at start only.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
-from requiretls.config import _split_hostport, load
+from requiretls.config import Settings, load, split_hostport
+from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.log import setup
-from requiretls.policyd.server import notify_systemd
-from requiretls.relay.agent import AgentSettings, serve
+from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.runtime import destination_resolver
 
@@ -19,27 +23,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="SPEC", help="override relay.listen (unix:/path or inet:PORT@HOST)")
 
 
+def agent_state(settings: Settings) -> AgentState:
+    """The agent's reloadable state from a loaded configuration."""
+    host, port = split_hostport(settings.get("relay", "reinject"))
+    return AgentState(
+        AgentSettings(
+            reinject=(host, port or 10026),
+            relayhost=settings.get("relay", "relayhost"),
+            send=SendSettings(
+                helo_name=settings.get("relay", "helo_name"),
+                timeout=float(settings.get("relay", "timeout")),
+                cafile=settings.get("relay", "cafile") or None,
+            ),
+        ),
+        settings.local_policy,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load(args.config)
     setup("relay", settings.get("log", "target"), settings.get("log", "level"))
-    host, port = _split_hostport(settings.get("relay", "reinject"))
-    agent = AgentSettings(
-        reinject=(host, port or 10026),
-        relayhost=settings.get("relay", "relayhost"),
-        send=SendSettings(
-            helo_name=settings.get("relay", "helo_name"),
-            timeout=float(settings.get("relay", "timeout")),
-            cafile=settings.get("relay", "cafile") or None,
-        ),
-    )
 
     async def main() -> None:
+        handler = AgentHandler(destination_resolver(settings), agent_state(settings))
+
+        def apply(fresh: Settings) -> dict[str, object]:
+            handler.state = agent_state(fresh)
+            return table_sizes(fresh)
+
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(args.listen or settings.get("relay", "listen"), destination_resolver(settings), agent, stop,
-                    ready=lambda: notify_systemd("READY=1"))
+        install_signals(stop, Reloader(args.config, apply))
+        await serve(args.listen or settings.get("relay", "listen"), handler, stop)
 
     asyncio.run(main())
     return 0
