@@ -8,6 +8,10 @@ version, connect), ``{auth_authen}`` (envfrom), ``{tls_version}`` (read at envfr
 macros), ``{rcpt_mailer}`` / ``{rcpt_host}`` (envrcpt), ``i`` (eom) -- all in Postfix's default macro lists.
 We do not narrow those lists with ``smfi_setsymlist``: on Postfix 3.7 that measured slower, not faster
 (docs/benchmarks.md, "Milter overhead on real Postfix 3.7").
+
+SIGHUP re-reads the configuration and the tables: :attr:`RequireTLSMilter.policy_source` returns the new local
+policy from the next end-of-message on, on connections already open too.  libmilter would take SIGHUP as
+*stop*; :func:`requiretls.daemon.run_blocking_server` keeps it for the reload.
 """
 
 from __future__ import annotations
