@@ -114,28 +114,47 @@ class Reloader:
     def __init__(self, config_file: str | None, apply: Callable[[Settings], Mapping[str, object]]) -> None:
         self.config_file = config_file
         self.apply = apply
-        self._lock = threading.Lock()
+        self._busy = threading.Lock()
+        self._wanted = False
 
     def __call__(self) -> bool:
-        """Reload once; True if the new configuration is in use."""
-        with self._lock:
-            notify_reloading()
+        """Reload; True if a new configuration is in use.
+
+        A SIGHUP that arrives during a reload (a Python signal handler can run inside the one before it, in
+        the same thread) does not wait for it, which would deadlock: it asks for one more round, and the
+        reload in progress runs it once it is done, so the last change to the files is never missed.
+        """
+        self._wanted = True
+        ok = False
+        while self._wanted:
+            if not self._busy.acquire(blocking=False):
+                return False  # the reload in progress does this one too
             try:
-                try:
-                    fresh = load(self.config_file)
-                except ConfigError as e:
-                    log.error("%s", kv(reload="failed, keeping the old configuration", error=str(e)))
-                    return False
-                try:
-                    details = self.apply(fresh)
-                except Exception as e:  # a reload must never take the daemon down
-                    log.error("%s", kv(reload="failed, keeping the old configuration",
-                                       error=f"{type(e).__name__}: {e}"))
-                    return False
-                log.info("%s", kv(reload="done", **details))
-                return True
+                while self._wanted:
+                    self._wanted = False
+                    ok = self._reload()
             finally:
-                notify("READY=1")
+                self._busy.release()
+        return ok
+
+    def _reload(self) -> bool:
+        notify_reloading()
+        try:
+            try:
+                fresh = load(self.config_file)
+            except ConfigError as e:
+                log.error("%s", kv(reload="failed, keeping the old configuration", error=str(e)))
+                return False
+            try:
+                details = self.apply(fresh)
+            except Exception as e:  # a reload must never take the daemon down
+                log.error("%s", kv(reload="failed, keeping the old configuration",
+                                   error=f"{type(e).__name__}: {e}"))
+                return False
+            log.info("%s", kv(reload="done", **details))
+            return True
+        finally:
+            notify("READY=1")
 
 
 def table_sizes(settings: Settings) -> dict[str, object]:

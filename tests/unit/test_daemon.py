@@ -225,6 +225,29 @@ def test_reload_that_fails_to_apply_keeps_the_daemon_running(tmp_path: Path,
         'reload="failed, keeping the old configuration", error="ValueError: cannot use it"')
 
 
+def test_sighup_during_a_reload_runs_one_more_reload_instead_of_deadlocking(tmp_path: Path) -> None:
+    """In the milter the reload runs in a Python signal handler, and the next SIGHUP's handler can run inside
+    it, in the same thread: waiting for the first would wait forever."""
+    cfg = _config(tmp_path, "a.example requiretls=yes\n")
+    seen: list[int] = []
+    results: list[bool] = []
+
+    def apply(fresh: Settings) -> dict[str, object]:
+        seen.append(len(fresh.local_policy.table))
+        if len(seen) == 1:  # the admin edits the table again and sends SIGHUP while we apply
+            (tmp_path / "policy").write_text("a.example requiretls=yes\nb.example requiretls=yes\n")
+            results.append(reloader())
+        return {}
+
+    reloader = Reloader(str(cfg), apply)
+    t = threading.Thread(target=lambda: results.append(reloader()), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the nested reload deadlocked"
+    assert seen == [1, 2]  # the second edit was picked up, after the first reload
+    assert results == [False, True]  # the nested call left the work to the outer one
+
+
 # --- signals -----------------------------------------------------------------------------------------
 
 
