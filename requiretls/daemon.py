@@ -173,6 +173,16 @@ def install_signals(stop: asyncio.Event, reload: Callable[[], object] | None = N
         loop.add_signal_handler(signal.SIGHUP, reload)
 
 
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
+def block_stop_signals() -> None:
+    """Block SIGTERM and SIGINT in the calling thread and so in every thread it starts from now on: for a
+    daemon whose library waits for them itself (:func:`run_blocking_server`), call it before starting any
+    thread of your own, or the kernel may hand SIGTERM to that thread, and the process dies on the spot."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] | None,
                         name: str = "server") -> None:
     """Run ``serve`` (a library's blocking main loop that handles SIGTERM/SIGINT itself) with SIGHUP ours.
@@ -184,7 +194,8 @@ def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] 
     Linux gives a process-directed signal (``kill PID``) to the thread-group leader, the main thread, whenever
     that thread does not block it, so SIGHUP always reaches our handler and never libmilter's signal thread.
     The main thread blocks SIGTERM and SIGINT instead, so they go to libmilter's thread and stop it as
-    libmilter intends (it stops accepting, then returns).  Must be called from the main thread.
+    libmilter intends (it stops accepting, then returns); threads started earlier must block them too
+    (:func:`block_stop_signals`).  Must be called from the main thread.
     """
     failure: list[BaseException] = []
 
@@ -200,7 +211,7 @@ def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] 
             reload()
 
         signal.signal(signal.SIGHUP, on_sighup)
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         # The thread inherits this mask: SIGTERM and SIGINT blocked (libmilter's sigwait takes them), SIGHUP not.
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -25,7 +25,15 @@ from typing import Any
 
 import Milter
 
-from requiretls.daemon import Reloader, UnixSocket, prepare_unix_socket, run_blocking_server, socket_umask, table_sizes
+from requiretls.daemon import (
+    Reloader,
+    UnixSocket,
+    block_stop_signals,
+    prepare_unix_socket,
+    run_blocking_server,
+    socket_umask,
+    table_sizes,
+)
 from requiretls.log import kv
 from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
@@ -240,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load(args.config)
     setup("milter", settings.get("log", "target"), settings.get("log", "level"))
     spec = args.socket or settings.get("milter", "socket")
+    # Before the pre-flight's thread starts: SIGTERM must reach libmilter's signal thread, not that one.
+    block_stop_signals()
     preflight = None
     if settings.local_policy.preflight is not PreflightMode.OFF:
         from requiretls.dest import Prober, ProbeSettings

@@ -88,13 +88,19 @@ class MilterClient:
 
 
 @pytest.fixture
-def milter(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+def policy_extra() -> str:
+    """Extra ``[policy]`` lines for the milter's configuration."""
+    return ""
+
+
+@pytest.fixture
+def milter(tmp_path: Path, policy_extra: str) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     (tmp_path / "policy").write_text("old.example requiretls=yes\n")
     (tmp_path / "senders").write_text("")
     sock = tmp_path / "run" / "milter.sock"
     cfg = tmp_path / "requiretls.toml"
-    cfg.write_text(f'[policy]\ntable = "policy"\nsender_table = "senders"\n[dns]\nresolver = "127.0.0.1:9"\n'
-                   f'[milter]\nsocket = "unix:{sock}"\nsocket_group = ""\n')
+    cfg.write_text(f'[policy]\ntable = "policy"\nsender_table = "senders"\n{policy_extra}\n'
+                   f'[dns]\nresolver = "127.0.0.1:9"\n[milter]\nsocket = "unix:{sock}"\nsocket_group = ""\n')
     logf = tmp_path / "milter.log"
     with open(logf, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "requiretls", "milter", "--config", str(cfg)],
@@ -176,6 +182,24 @@ def test_bad_table_at_sighup_keeps_the_old_one_and_the_milter_serving(
 
 def test_sigterm_still_stops_the_milter(milter: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
     proc, _, logf = milter
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert "milter stopped" in logf.read_text()
+
+
+@pytest.mark.parametrize("policy_extra", ['preflight = "warn"'])
+def test_with_preflight_on_sighup_reloads_and_sigterm_still_stops_cleanly(
+        milter: tuple[subprocess.Popen[bytes], Path, Path], tmp_path: Path) -> None:
+    """The pre-flight runs its own thread, started before libmilter's: neither signal may land there (SIGTERM
+    used to, and killed the process on the spot, exit status 143, without libmilter's orderly stop)."""
+    proc, sock, logf = milter
+    os.kill(proc.pid, signal.SIGHUP)
+    log = _wait_log(logf, "reload=done")
+    assert "reload=done, table_entries=1" in log
+    c = MilterClient(str(sock))
+    c.connect()
+    assert _route(c.message("a@sender.test", "bob@old.example")) == "relay"
+    c.close()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     assert "milter stopped" in logf.read_text()
