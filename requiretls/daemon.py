@@ -41,7 +41,8 @@ class SocketPathError(OSError):
 @dataclass(frozen=True, slots=True)
 class UnixSocket:
     """Where a unix socket goes and who may connect: ``group`` owns the directory (setgid, so the socket
-    inherits it; "" leaves the directory's group alone), ``mode`` is the socket's own mode."""
+    inherits it; "" leaves the directory's group alone), ``mode`` is the socket's own mode (set by
+    :func:`set_socket_mode` once it exists, or beforehand through :func:`socket_umask`)."""
 
     path: str
     mode: int = 0o660
@@ -71,6 +72,11 @@ def prepare_unix_socket(sock: UnixSocket) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise SocketPathError(f"{sock.path}: exists and is not a socket; not removing it")
     os.unlink(sock.path)
+
+
+def set_socket_mode(sock: UnixSocket) -> None:
+    """Give the socket we just created (bind) its mode."""
+    os.chmod(sock.path, sock.mode)
 
 
 def socket_umask(mode: int) -> int:

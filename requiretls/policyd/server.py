@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from requiretls.daemon import UnixSocket, install_signals, notify, prepare_unix_socket
+from requiretls.daemon import UnixSocket, install_signals, notify, prepare_unix_socket, set_socket_mode
 from requiretls.dest import DestinationResolver
 from requiretls.dest.cache import evict
 from requiretls.log import kv
@@ -200,9 +200,10 @@ class PolicyServer:
         for spec in specs:
             kind, _, rest = spec.partition(":")
             if kind == "unix":
-                prepare_unix_socket(UnixSocket(rest, socket_mode))
+                sock = UnixSocket(rest, socket_mode)
+                prepare_unix_socket(sock)
                 srv = await loop.create_unix_server(lambda: SocketmapProtocol(self.service, self), rest, backlog=512)
-                os.chmod(rest, socket_mode)
+                set_socket_mode(sock)
                 self.unix_paths.append(rest)
             elif kind == "inet":
                 host, _, port = rest.rpartition(":")

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
-from requiretls.daemon import UnixSocket, notify, prepare_unix_socket
+from requiretls.daemon import UnixSocket, notify, prepare_unix_socket, set_socket_mode
 from requiretls.dest import DestinationResolver, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
@@ -310,9 +310,10 @@ async def serve(listen: str, handler: AgentHandler, stop: asyncio.Event) -> None
 
     kind, _, rest = listen.partition(":")
     if kind == "unix":
-        prepare_unix_socket(UnixSocket(rest, 0o666))
+        sock = UnixSocket(rest, 0o666)
+        prepare_unix_socket(sock)
         server = await loop.create_unix_server(factory, rest)
-        os.chmod(rest, 0o666)
+        set_socket_mode(sock)
     else:
         port, _, host = rest.partition("@")
         server = await loop.create_server(factory, host or "127.0.0.1", int(port), reuse_address=True)

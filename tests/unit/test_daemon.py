@@ -98,6 +98,14 @@ def test_socket_umask_gives_a_library_made_socket_the_mode(tmp_path: Path, mode:
     assert stat.S_IMODE((tmp_path / "x.sock").lstat().st_mode) == mode
 
 
+def test_set_socket_mode_after_bind(tmp_path: Path) -> None:
+    sock = UnixSocket(str(tmp_path / "x.sock"), mode=0o666)
+    prepare_unix_socket(sock)
+    _stale_socket(tmp_path / "x.sock")
+    daemon.set_socket_mode(sock)
+    assert stat.S_IMODE((tmp_path / "x.sock").lstat().st_mode) == 0o666
+
+
 # --- sd_notify ---------------------------------------------------------------------------------------
 
 
