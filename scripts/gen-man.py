@@ -192,10 +192,12 @@ def render_requiretls_8() -> str:
         ".RE",
         ".SH SIGNALS",
         esc(
-            "SIGTERM stops a daemon: the policy service stops accepting, finishes the answers in progress and "
-            "closes. SIGHUP makes the policy service re-read its configuration and policy table; a bad new "
-            "configuration is logged and the old one kept. The milter and the delivery agent read their "
-            "configuration at start: restart them after a change."
+            "SIGTERM (or SIGINT) stops a daemon: the policy service stops accepting, finishes the answers in "
+            "progress and closes. SIGHUP makes each daemon (milter, policy service, delivery agent) re-read its "
+            "configuration file and policy tables without dropping connections; the next message, or answer, "
+            "uses them. Each logs reload=done, or reload=\"failed, keeping the old configuration\" with the "
+            "error; a bad new configuration changes nothing. Listen addresses and the [dns], [mta_sts] and "
+            "[cache] settings are read at start only."
         ),
         ".SH FILES",
         ".TP",

@@ -8,23 +8,32 @@ version, connect), ``{auth_authen}`` (envfrom), ``{tls_version}`` (read at envfr
 macros), ``{rcpt_mailer}`` / ``{rcpt_host}`` (envrcpt), ``i`` (eom) -- all in Postfix's default macro lists.
 We do not narrow those lists with ``smfi_setsymlist``: on Postfix 3.7 that measured slower, not faster
 (docs/benchmarks.md, "Milter overhead on real Postfix 3.7").
+
+SIGHUP re-reads the configuration and the tables: :attr:`RequireTLSMilter.policy_source` returns the new local
+policy from the next end-of-message on, on connections already open too.  libmilter would take SIGHUP as
+*stop*; :func:`requiretls.daemon.run_blocking_server` keeps it for the reload.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import grp
 import logging
-import os
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import Milter
 
+from requiretls.daemon import (
+    Reloader,
+    UnixSocket,
+    block_stop_signals,
+    prepare_unix_socket,
+    run_blocking_server,
+    socket_umask,
+    table_sizes,
+)
 from requiretls.log import kv
 from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
@@ -197,35 +206,15 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                                                           reason="; ".join(r.reasons)))
 
 
-def _prepare_socket(spec: str, group: str = "postfix", mode: int = 0o660) -> None:
-    """Make the directory of a ``unix:`` socket and remove a stale socket file left by a crash.
-
-    Postfix's smtpd and cleanup run as ``postfix``: the directory is made setgid ``group`` and the umask is set
-    so that the socket libmilter creates gets ``mode`` (group-writable for Postfix, closed to everyone else by
-    default; a Postfix in a chroot with other ids needs 0666).
-    """
-    if not spec.startswith(("unix:", "local:")):
-        return
-    path = spec.split(":", 1)[1]
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    try:
-        gid = grp.getgrnam(group).gr_gid if group else -1
-    except KeyError:
-        gid = -1
-    if os.geteuid() == 0 and gid >= 0:
-        os.chown(directory, -1, gid)
-        os.chmod(directory, 0o2755)
-    os.umask(0o777 & ~mode)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-
-
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
-          socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None) -> None:
-    """Run the milter until SIGTERM/SIGINT.  Any exception in a callback makes the MTA tempfail the message."""
+          socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None,
+          reload: Callable[[], object] | None = None) -> None:
+    """Run the milter until SIGTERM/SIGINT; SIGHUP calls ``reload``, which swaps what ``policy_source`` returns.
+
+    Any exception in a callback makes the MTA tempfail the message.  libmilter takes SIGHUP as *stop*:
+    :func:`requiretls.daemon.run_blocking_server` keeps it for ``reload`` (and explains how).
+    """
     RequireTLSMilter.policy_source = staticmethod(policy_source)
     if mta == "sendmail":
         RequireTLSMilter.postfix_override = PostfixFeatures((0, 0), postfix=False)
@@ -238,9 +227,12 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
-    _prepare_socket(socket_spec, socket_group, socket_mode)
+    kind, _, path = socket_spec.partition(":")
+    if kind in ("unix", "local"):
+        prepare_unix_socket(UnixSocket(path, socket_mode, socket_group))
+        socket_umask(socket_mode)  # libmilter creates the socket: the umask gives it socket_mode
     log.info("milter listening on %s", socket_spec)
-    Milter.runmilter("requiretls", socket_spec, timeout)
+    run_blocking_server(lambda: Milter.runmilter("requiretls", socket_spec, timeout), reload, "libmilter")
     log.info("milter stopped")
 
 
@@ -251,13 +243,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from requiretls.addresses import ListenAddress
-    from requiretls.config import load
+    from requiretls.config import Settings, load
     from requiretls.log import setup
 
     settings = load(args.config)
     m = settings.milter
     setup("milter", settings.log.target, settings.log.level)
     spec = (ListenAddress.parse(args.socket) if args.socket else m.socket).libmilter()
+    # Before the pre-flight's thread starts: SIGTERM must reach libmilter's signal thread, not that one.
+    block_stop_signals()
     preflight = None
     if settings.local_policy.preflight is not PreflightMode.OFF:
         from requiretls.dest import Prober, ProbeSettings
@@ -268,8 +262,17 @@ def run(args: argparse.Namespace) -> int:
             prober = Prober(ProbeSettings(cafile=m.probe_cafile, helo_name=m.probe_helo_name or None))
         preflight = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), prober,
                               m.preflight_timeout)
-    serve(spec, lambda: settings.local_policy, m.timeout,
-          m.postfix_version, str(m.relayhost) if m.relayhost else "",
-          m.socket_group, m.socket_mode,
-          m.mta, preflight)
+    policy = settings.local_policy
+
+    def current_policy() -> LocalPolicy:
+        return policy
+
+    def apply(fresh: Settings) -> dict[str, object]:
+        # One assignment: a message already in eom keeps the policy it read; the next one gets the new one.
+        nonlocal policy
+        policy = fresh.local_policy
+        return table_sizes(fresh)
+
+    serve(spec, current_policy, m.timeout, m.postfix_version, str(m.relayhost) if m.relayhost else "",
+          m.socket_group, m.socket_mode, m.mta, preflight, Reloader(args.config, apply))
     return 0

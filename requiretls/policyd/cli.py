@@ -8,8 +8,8 @@ import contextlib
 import logging
 
 from requiretls.addresses import ListenAddress
-from requiretls.config import load
-from requiretls.errors import ConfigError
+from requiretls.config import Settings, load
+from requiretls.daemon import Reloader
 from requiretls.log import kv, setup
 from requiretls.policyd.metrics import Metrics
 from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings, serve_forever
@@ -41,14 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if pd.metrics is not None:
         metrics.serve(str(pd.metrics))
 
-    def reload() -> None:
-        try:
-            fresh = load(args.config)
-        except ConfigError as e:
-            log.error("%s", kv(reload="failed, keeping the old configuration", error=str(e)))
-            return
+    def apply(fresh: Settings) -> dict[str, object]:
         service.set_table(fresh.local_policy.table)
-        log.info("%s", kv(reload="done", table_entries=len(fresh.local_policy.table)))
+        return {"table_entries": len(fresh.local_policy.table)}
 
     resolver = service.resolver
 
@@ -66,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         refresher = asyncio.create_task(refresh_sts())
         try:
             listen = [ListenAddress.parse(a) for a in args.listen] if args.listen else pd.listen
-            await serve_forever(PolicyServer(service), [str(a) for a in listen], reload)
+            await serve_forever(PolicyServer(service), [str(a) for a in listen], Reloader(args.config, apply))
         finally:
             refresher.cancel()
 

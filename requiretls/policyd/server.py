@@ -14,14 +14,13 @@ import collections
 import contextlib
 import logging
 import os
-import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from requiretls.daemon import UnixSocket, install_signals, notify, prepare_unix_socket, set_socket_mode
 from requiretls.dest import DestinationResolver
 from requiretls.dest.cache import evict
 from requiretls.log import kv
@@ -201,9 +200,10 @@ class PolicyServer:
         for spec in specs:
             kind, _, rest = spec.partition(":")
             if kind == "unix":
-                _prepare_unix(rest)
+                sock = UnixSocket(rest, socket_mode)
+                prepare_unix_socket(sock)
                 srv = await loop.create_unix_server(lambda: SocketmapProtocol(self.service, self), rest, backlog=512)
-                os.chmod(rest, socket_mode)
+                set_socket_mode(sock)
                 self.unix_paths.append(rest)
             elif kind == "inet":
                 host, _, port = rest.rpartition(":")
@@ -232,39 +232,16 @@ class PolicyServer:
                 os.unlink(path)
 
 
-def _prepare_unix(path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-
-
-def notify_systemd(state: str) -> None:
-    """sd_notify(3) without libsystemd: a datagram to $NOTIFY_SOCKET, if systemd gave one."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(state.encode())
-
-
-async def serve_forever(server: PolicyServer, specs: Sequence[str], reload: Callable[[], None] | None = None,
+async def serve_forever(server: PolicyServer, specs: Sequence[str], reload: Callable[[], object] | None = None,
                         ready: Callable[[], None] | None = None) -> None:
     """Listen, tell systemd, and run until SIGTERM/SIGINT; SIGHUP calls ``reload``."""
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if reload is not None:
-        loop.add_signal_handler(signal.SIGHUP, reload)
+    install_signals(stop, reload)
     await server.listen(specs)
-    notify_systemd("READY=1")
+    notify("READY=1")
     if ready is not None:
         ready()
     await stop.wait()
-    notify_systemd("STOPPING=1")
+    notify("STOPPING=1")
     log.info("%s", kv(shutdown="SIGTERM", connections=len(server.connections)))
     await server.shutdown()

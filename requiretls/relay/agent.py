@@ -16,19 +16,20 @@ import logging
 import os
 import re
 import smtplib
-import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
 
 from requiretls.addresses import Endpoint, ListenAddress, NextHop
+from requiretls.daemon import UnixSocket, notify, prepare_unix_socket, set_socket_mode
 from requiretls.dest import DestinationResolver, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy import eligibility
 from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
 from requiretls.policy.headers import REQUIRE_TLS_ESMTP, parse_header_block
+from requiretls.policy.local import LocalPolicy
 from requiretls.policy.route import Route
 from requiretls.policy.table import split_address
 from requiretls.relay.deliver import (
@@ -56,6 +57,15 @@ class AgentSettings:
     relayhost: NextHop | None = None
     send: SendSettings = field(default_factory=SendSettings)
     max_parallel: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class AgentState:
+    """Everything a SIGHUP reload replaces, in one object that the handler swaps whole (one assignment):
+    an LMTP connection in progress keeps running, and what it reads next is the new configuration."""
+
+    settings: AgentSettings = field(default_factory=AgentSettings)
+    local_policy: LocalPolicy = field(default_factory=LocalPolicy)
 
 
 def strip_private(message: bytes) -> bytes:
@@ -124,10 +134,15 @@ def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dic
 
 
 class AgentHandler:
-    def __init__(self, resolver: DestinationResolver, settings: AgentSettings) -> None:
+    def __init__(self, resolver: DestinationResolver, state: AgentState) -> None:
         self.resolver = resolver
-        self.settings = settings
-        self._slots = asyncio.Semaphore(settings.max_parallel)
+        #: Replaced whole by a reload (:class:`AgentState`); read where it is used, never copied.
+        self.state = state
+        self._slots = asyncio.Semaphore(state.settings.max_parallel)
+
+    @property
+    def settings(self) -> AgentSettings:
+        return self.state.settings
 
     async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -272,11 +287,9 @@ def _params(options: Sequence[str]) -> dict[str, str]:
     return out
 
 
-async def serve(listen: ListenAddress, resolver: DestinationResolver, settings: AgentSettings,
-                stop: asyncio.Event | None = None, ready: Callable[[], None] | None = None) -> None:
-    """Run the LMTP listener (``unix:/path`` or ``inet:HOST:PORT``) until ``stop`` is set."""
+async def serve(listen: ListenAddress, handler: AgentHandler, stop: asyncio.Event) -> None:
+    """Run the LMTP listener (``unix:/path`` or ``inet:HOST:PORT``) until ``stop`` is set; tell systemd."""
     loop = asyncio.get_running_loop()
-    handler = AgentHandler(resolver, settings)
 
     def factory() -> AgentLMTP:
         return AgentLMTP(handler, enable_SMTPUTF8=True, decode_data=False, ident="requiretls relay",
@@ -284,21 +297,18 @@ async def serve(listen: ListenAddress, resolver: DestinationResolver, settings: 
 
     kind, rest = listen.kind, listen.path
     if kind == "unix":
-        os.makedirs(os.path.dirname(rest) or ".", mode=0o755, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.stat(rest).st_mode):
-                os.unlink(rest)
+        sock = UnixSocket(rest, 0o666)
+        prepare_unix_socket(sock)
         server = await loop.create_unix_server(factory, rest)
-        os.chmod(rest, 0o666)
+        set_socket_mode(sock)
     else:
         assert listen.endpoint is not None
         server = await loop.create_server(factory, listen.endpoint.host, listen.endpoint.port, reuse_address=True)
     log.info("%s", kv(listening=str(listen)))
-    if ready is not None:
-        ready()
-    stop = stop or asyncio.Event()
+    notify("READY=1")
     try:
         await stop.wait()
+        notify("STOPPING=1")
     finally:
         server.close()
         await server.wait_closed()

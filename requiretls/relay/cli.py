@@ -1,16 +1,20 @@
-"""``requiretls relay``: run the REQUIRETLS delivery agent (LMTP server)."""
+"""``requiretls relay``: run the REQUIRETLS delivery agent (LMTP server).
+
+SIGHUP re-reads the configuration file: the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
+timeout, CA file) and the policy tables take effect for the next message, on connections already open too.
+The listen address, DNS, MTA-STS and cache settings are read at start only.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 
 from requiretls.addresses import ListenAddress
-from requiretls.config import load
+from requiretls.config import Settings, load
+from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.log import setup
-from requiretls.policyd.server import notify_systemd
-from requiretls.relay.agent import AgentSettings, serve
+from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.runtime import destination_resolver
 
@@ -20,28 +24,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="SPEC", help="override relay.listen (unix:/path or inet:HOST:PORT)")
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = load(args.config)
+def agent_state(settings: Settings) -> AgentState:
+    """The agent's reloadable state from a loaded configuration."""
     relay = settings.relay
-    setup("relay", settings.log.target, settings.log.level)
-    agent = AgentSettings(
-        reinject=relay.reinject,
-        relayhost=relay.relayhost,
-        send=SendSettings(
-            helo_name=relay.helo_name,
-            timeout=relay.timeout,
-            cafile=relay.cafile,
+    return AgentState(
+        AgentSettings(
+            reinject=relay.reinject,
+            relayhost=relay.relayhost,
+            send=SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile),
         ),
+        settings.local_policy,
     )
 
+
+def run(args: argparse.Namespace) -> int:
+    settings = load(args.config)
+    setup("relay", settings.log.target, settings.log.level)
+
     async def main() -> None:
+        handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache),
+                               agent_state(settings))
+
+        def apply(fresh: Settings) -> dict[str, object]:
+            handler.state = agent_state(fresh)
+            return table_sizes(fresh)
+
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(ListenAddress.parse(args.listen) if args.listen else relay.listen,
-                    destination_resolver(settings.dns, settings.mta_sts, settings.cache), agent, stop,
-                    ready=lambda: notify_systemd("READY=1"))
+        install_signals(stop, Reloader(args.config, apply))
+        await serve(ListenAddress.parse(args.listen) if args.listen else settings.relay.listen, handler, stop)
 
     asyncio.run(main())
     return 0

@@ -267,6 +267,45 @@ def test_daemons_run_as_their_user_and_only_postfix_reaches_the_sockets(
         assert p.poll() is None
 
 
+def test_sighup_reloads_the_installed_daemons_on_debian_python3_milter(
+        chroot: Chroot, notify: dict[str, socket.socket], daemons: dict[str, subprocess.Popen[bytes]]) -> None:
+    """``systemctl reload`` is ``kill -HUP``: each daemon re-reads the table and keeps running, the milter too,
+    on Debian 12's own python3-milter and libmilter (where SIGHUP, left to libmilter, would stop it)."""
+    for name, s in notify.items():
+        assert s.recv(100) == b"READY=1", name
+    sock = chroot.root / SOCKDIR.lstrip("/") / "milter.sock"
+    end = time.monotonic() + 30
+    while not sock.exists() and time.monotonic() < end:
+        assert daemons["milter"].poll() is None, (chroot.root / "tmp/milter.log").read_text()
+        time.sleep(0.1)
+    table = chroot.root / "etc/requiretls/policy"
+    before = table.read_text()
+    try:
+        table.write_text(before + "\nreload.example requiretls=yes\n")
+        for p in daemons.values():
+            os.kill(p.pid, signal.SIGHUP)
+        for name, s in notify.items():  # systemd hears the reload begin and end
+            assert s.recv(100).startswith(b"RELOADING=1\nMONOTONIC_USEC="), name
+            assert s.recv(100) == b"READY=1", name
+        end = time.monotonic() + 30
+        logs = {}
+        while time.monotonic() < end:
+            logs = {n: (chroot.root / f"tmp/{n}.log").read_text() for n in daemons}
+            if all("reload=done" in text for text in logs.values()):
+                break
+            time.sleep(0.1)
+        for name, text in logs.items():
+            assert "reload=done, table_entries=" in text and "reload=\"failed" not in text, f"{name}:\n{text}"
+        time.sleep(2)  # libmilter stops a second or so after it takes a SIGHUP itself: give it the time
+        for name, p in daemons.items():
+            assert p.poll() is None, f"{name} ended:\n{(chroot.root / f'tmp/{name}.log').read_text()}"
+        probe = f"import socket; socket.socket(socket.AF_UNIX).connect('{SOCKDIR}/milter.sock')"
+        r = chroot.run("python3", "-c", probe, user="postfix")
+        assert r.returncode == 0, _tail(r)
+    finally:
+        table.write_text(before)
+
+
 def test_purge_removes_state_and_keeps_the_user(chroot: Chroot) -> None:
     r = chroot.run("apt-get", "purge", "-y", "-q", "requiretls", timeout=300)
     assert r.returncode == 0, _tail(r)

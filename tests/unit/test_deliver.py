@@ -89,7 +89,7 @@ def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.M
 
     monkeypatch.setattr(agent, "deliver_requiretls", fake_send)
     resolver = _HopResolver(dest)
-    handler = agent.AgentHandler(resolver, agent.AgentSettings(relayhost=hop))  # type: ignore[arg-type]
+    handler = agent.AgentHandler(resolver, agent.AgentState(agent.AgentSettings(relayhost=hop)))  # type: ignore[arg-type]
     env = LmtpEnvelope("a@s.example", {}, ("b@rcpt.example",))
     out = asyncio.run(handler._deliver("rcpt.example", env, ["b@rcpt.example"], b"Subject: x\r\n\r\n", False))
     assert out["b@rcpt.example"].status is DeliveryStatus.SENT

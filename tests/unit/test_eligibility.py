@@ -35,7 +35,7 @@ from requiretls.policy import Readiness
 from requiretls.policy.eligibility import Outcome, Verdict, candidates, judge, mx_validated, qualifies
 from requiretls.policy.table import PolicyTable
 from requiretls.policy.tlsmap import Query, Zone, answer, parse_key
-from requiretls.relay.agent import AgentHandler, AgentSettings
+from requiretls.relay.agent import AgentHandler, AgentState
 from requiretls.relay.deliver import DeliveryStatus, LmtpEnvelope, SendSettings, deliver_requiretls, verdict_outcome
 
 TLSA = TlsaRecord(3, 1, 1, hashlib.sha256(b"key").digest())
@@ -236,7 +236,7 @@ class _Resolver:
     (CASES[0][1], "451 4.4.3 MX lookup bogus"), (CASES[7][1], "550 5.7.10"), (SECURE, None),
     (CASES[4][1], "451 4.4.3")], ids=["dns", "unvalidated", "secure", "sts-fetch"])
 def test_agent_precheck_on_3_11_follows_the_verdict(dest: Destination, reply: str | None) -> None:
-    handler = AgentHandler(_Resolver(dest), AgentSettings())  # type: ignore[arg-type]
+    handler = AgentHandler(_Resolver(dest), AgentState())  # type: ignore[arg-type]
     rcpt, outcome = asyncio.run(handler._precheck("b@example.test"))
     assert rcpt == "b@example.test"
     if reply is None:
