@@ -6,11 +6,10 @@ Run as root from the repository (it binds ports 53 and 443 on a loopback address
     .venv/bin/python bench/policyd_vs_peer.py            # 3 runs x 10 s per point: 7-10 minutes
     .venv/bin/python bench/policyd_vs_peer.py --quick    # 1 run x 2 s per point: about a minute
     .venv/bin/python bench/policyd_vs_peer.py --record docs/benchmarks.md
-    .venv/bin/python bench/policyd_vs_peer.py --cold-only --clients http11,aiohttp --old-ref HEAD~2
+    .venv/bin/python bench/policyd_vs_peer.py --cold-only --old-ref main --runs 7
 
-``--cold-only`` measures only policyd's first (cold) pass, once per MTA-STS HTTP client (``--clients``) and, with
-``--old-ref``, for the tree of that git revision too; each variant runs ``--runs`` times in a fresh process,
-interleaved; no peer, no load generator.
+``--cold-only`` measures only policyd's first (cold) pass: this tree's and, with ``--old-ref``, that git
+revision's; each runs ``--runs`` times in a fresh process, interleaved; no peer, no load generator.
 
 What it does:
 
@@ -557,33 +556,12 @@ def record(path: Path, body: str) -> None:
     path.write_text(text)
 
 
-# --- cold pass only: policyd's MTA-STS HTTP clients side by side -------------------------------------------
-
-# Runs policyd with the HTTP client named in argv[1] ("default" keeps the tree's own).  Bench-only: it swaps the
-# fetcher of the resolver that policyd builds, nothing in the product reads an environment variable for it.
-_CLIENT_WRAPPER = """
-import sys
-client = sys.argv.pop(1)
-import requiretls.policyd.cli as pcli
-if client != "default":
-    from requiretls.dest.mtasts.fetch import PolicyFetcher, http11_get
-    get = http11_get
-    if client == "aiohttp":
-        from requiretls.dest.mtasts.fetch_aiohttp import aiohttp_get as get
-    build = pcli.destination_resolver
-    def destination_resolver(settings):
-        resolver = build(settings)
-        resolver.sts.fetcher = PolicyFetcher(get)
-        return resolver
-    pcli.destination_resolver = destination_resolver
-from requiretls.cli import main
-sys.exit(main())
-"""
+# --- cold pass only: two trees of policyd side by side -----------------------------------------------------
 
 
-def start_ours_variant(procs: Processes, rundir: Path, pki_ca: Path, label: str, source: Path,
-                       client: str) -> Daemon:
-    """policyd from the tree at ``source`` (its code first on sys.path) with MTA-STS HTTP client ``client``."""
+def start_ours_variant(procs: Processes, rundir: Path, pki_ca: Path, label: str, source: Path) -> Daemon:
+    """policyd from the tree at ``source``: its code first on sys.path, ahead of the venv's install (``-P``:
+    not the current directory either)."""
     port = free_port()
     cfg = rundir / f"requiretls-{label}.toml"
     cfg.write_text(
@@ -595,8 +573,7 @@ def start_ours_variant(procs: Processes, rundir: Path, pki_ca: Path, label: str,
     env = _clean_env()
     env["PYTHONPATH"] = str(source)
     log = rundir / f"policyd-{label}.log"
-    cmd = ["taskset", "-c", str(SERVER_CPU), sys.executable, "-P", "-c", _CLIENT_WRAPPER, client, "policyd",
-           "--config", str(cfg)]
+    cmd = ["taskset", "-c", str(SERVER_CPU), sys.executable, "-P", "-m", "requiretls", "policyd", "--config", str(cfg)]
     d = Daemon(label, procs.start(cmd, log, env), {"tcp": f"tcp:127.0.0.1:{port}"}, OUR_ZONE, log)
     wait_listening(d)
     return d
@@ -613,7 +590,7 @@ def stop_one(procs: Processes, d: Daemon) -> None:
 
 
 def cold_only(args: argparse.Namespace, rundir: Path, procs: Processes) -> str:
-    variants: list[tuple[str, Path, str]] = []
+    variants: list[tuple[str, Path]] = []
     if args.old_ref:
         old = rundir / "old-tree"
         old.mkdir()
@@ -622,23 +599,22 @@ def cold_only(args: argparse.Namespace, rundir: Path, procs: Processes) -> str:
         if archive.returncode:
             raise BenchError(f"git archive {args.old_ref}: {archive.stderr.decode(errors='replace')}")
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
-        variants.append((f"old ({args.old_ref})", old, "default"))
-    variants += [(f"new, {c}", REPO, c) for c in args.clients]
+        variants.append((f"{args.old_ref}", old))
+    variants.append(("this tree", REPO))
     pki = make_pki(rundir, args.domains)
     zone = BenchZone(BENCH_IP, MX_IP, args.domains, pki)
     try:
         zone.start()
     except (RuntimeError, OSError) as e:
         raise BenchError(f"cannot serve DNS/HTTPS on {BENCH_IP}:53/443 ({e}); is something else there?") from e
-    results: dict[str, list[Daemon]] = {label: [] for label, _, _ in variants}
+    results: dict[str, list[Daemon]] = {label: [] for label, _ in variants}
     # policyd's own CPU time over both warm-up passes: the second pass is 1000 cache hits (milliseconds), so this
     # is the cold pass's cost in policyd, far less sensitive than wall time to the rest of a shared machine
-    cpu: dict[str, list[float]] = {label: [] for label, _, _ in variants}
+    cpu: dict[str, list[float]] = {label: [] for label, _ in variants}
     try:
         for run in range(args.runs):
-            for label, source, client in variants:
-                d = start_ours_variant(procs, rundir, pki.cafile, f"{label}-{run}".replace(" ", "_"), source,
-                                       client)
+            for k, (label, source) in enumerate(variants):
+                d = start_ours_variant(procs, rundir, pki.cafile, f"v{k}-{run}", source)
                 d.label = label
                 try:
                     cpu0 = cpu_seconds(d.pid)
@@ -688,14 +664,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--record", metavar="FILE", help="write the report into FILE (markdown section, replaced)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (configs, logs, certificates)")
     p.add_argument("--cold-only", action="store_true",
-                   help="only policyd's cold first pass, once per --clients entry (and --old-ref); no peer")
-    p.add_argument("--clients", default="http11,aiohttp",
-                   help="with --cold-only: MTA-STS HTTP clients, comma-separated (http11, aiohttp, default)")
+                   help="only policyd's cold first pass (this tree, and --old-ref's); no peer, no load generator")
     p.add_argument("--old-ref", metavar="REV", help="with --cold-only: also the requiretls tree of this git revision")
     args = p.parse_args(argv)
-    args.clients = [c.strip() for c in args.clients.split(",") if c.strip()]
-    if not set(args.clients) <= {"http11", "aiohttp", "default"}:
-        p.error("--clients takes http11, aiohttp and default")
     if args.quick:
         args.runs, args.seconds = 1, 2.0
     if args.quiet_wait is None:

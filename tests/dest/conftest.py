@@ -14,7 +14,6 @@ import pytest
 
 from requiretls.dest.cache import Cache, MemoryCache, RedisCache, SQLiteCache
 from requiretls.dest.dnssec import DnsClient, ResolverSettings
-from requiretls.dest.mtasts.fetch import HttpGet, http11_get
 
 from .support import FakeDns, PolicyServer, TestCA, run, server_context
 
@@ -112,13 +111,3 @@ def cache_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ca
         backend = RedisCache(url, prefix=f"t{time.monotonic_ns()}:")
     yield backend
     run(backend.close())
-
-
-@pytest.fixture(params=["http11", "aiohttp"])
-def http_get(request: pytest.FixtureRequest) -> HttpGet:
-    """Each HTTP client of the MTA-STS fetcher: the built-in HTTP/1.1 one and the aiohttp one (when installed)."""
-    if request.param == "aiohttp":
-        pytest.importorskip("aiohttp")
-        from requiretls.dest.mtasts.fetch_aiohttp import aiohttp_get
-        return aiohttp_get
-    return http11_get

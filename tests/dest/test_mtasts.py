@@ -25,7 +25,6 @@ from requiretls.dest.errors import (
 )
 from requiretls.dest.mtasts import (
     MAX_AGE_LIMIT,
-    PolicyFetcher,
     StsMode,
     StsResolver,
     StsSettings,
@@ -34,17 +33,8 @@ from requiretls.dest.mtasts import (
     parse_sts_record,
     select_sts_record,
 )
-from requiretls.dest.mtasts.fetch import HttpGet, http11_get
 
 from .support import FakeDns, HttpAnswer, PolicyServer, TestCA, policy_text, run, server_context
-
-_GET: dict[str, HttpGet] = {"get": http11_get}  # the HTTP client of the resolvers made by _resolver
-
-
-@pytest.fixture(autouse=True)
-def _every_http_client(http_get: HttpGet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run every test of this module with each HTTP client of the fetcher."""
-    monkeypatch.setitem(_GET, "get", http_get)
 
 # --- TXT record (section 3.1) -----------------------------------------------------------
 
@@ -148,8 +138,7 @@ def _resolver(fake_dns: FakeDns, server: PolicyServer, cafile: str, cache: Cache
     dns_client = DnsClient(ResolverSettings(address="127.0.0.1", port=fake_dns.port, timeout=0.5, attempts=1))
     settings = StsSettings(cafile=cafile, https_port=server.port, fetch_timeout=kw.pop("fetch_timeout", 3.0), **kw)
     now = clock if clock is not None else [1_000_000.0]
-    return StsResolver(dns_client, settings, cache if cache is not None else MemoryCache(), clock=lambda: now[0],
-                       fetcher=PolicyFetcher(_GET["get"]))
+    return StsResolver(dns_client, settings, cache if cache is not None else MemoryCache(), clock=lambda: now[0])
 
 
 def _publish(fake_dns: FakeDns, server: PolicyServer, domain: str, answer: HttpAnswer | None = None,
