@@ -118,7 +118,7 @@ async def run(n: int, cap: str, kind: str) -> tuple[float, list[Row], str]:
             for ans in answers(d, kind):
                 await cache.set(f"dns:{ans.qname}:{ans.rdtype}", ans.to_json(), ans.ttl)
             if kind == "sts":  # what a successful fetch stores: the cache entry and the in-memory copy
-                await sts_resolver._store(d, StsPolicy(StsMode.ENFORCE, 604800, (f"mx.{d}",), "1", time.time()))
+                await sts_resolver.store.put(d, StsPolicy(StsMode.ENFORCE, 604800, (f"mx.{d}",), "1", time.time()))
             await service.reply(f"default {d}".encode())
         fill = time.perf_counter() - t0
         filled = step

@@ -4,6 +4,7 @@ server for MTA-STS policies and STARTTLS SMTP servers.  All on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import http.server
 import socket
@@ -268,6 +269,8 @@ class HttpAnswer:
     chunked: bool = False
     no_length: bool = False
     delay: float = 0.0
+    endless: bool = False  # repeat ``body`` until the client goes away (chunked or no_length framing)
+    pause: float = 0.0  # seconds between the parts of an endless body
 
 
 class PolicyServer:
@@ -277,9 +280,11 @@ class PolicyServer:
         self.answers: dict[str, HttpAnswer] = {}
         self.contexts: dict[str, ssl.SSLContext] = {}
         self.requests: list[tuple[str, str]] = []
+        self.sni_names: list[str | None] = []
         outer = self
 
         def sni(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            outer.sni_names.append(name)
             if name and name in outer.contexts:
                 sock.context = outer.contexts[name]
 
@@ -310,7 +315,15 @@ class PolicyServer:
                     self.send_header("Content-Length", str(len(ans.body)))
                 self.send_header("Connection", "close")
                 self.end_headers()
-                if ans.chunked:
+                if ans.endless:
+                    with contextlib.suppress(OSError):
+                        while True:
+                            part = ans.body or b"#" * 1000
+                            self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n" if ans.chunked else part)
+                            self.wfile.flush()
+                            if ans.pause:
+                                time.sleep(ans.pause)
+                elif ans.chunked:
                     for i in range(0, len(ans.body), 1000):
                         part = ans.body[i:i + 1000]
                         self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")

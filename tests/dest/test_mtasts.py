@@ -287,7 +287,7 @@ def test_fetch_failure_with_cached_policy_applies_the_cached_policy(
         fake_dns.replies.pop(("_mta-sts.good.test", "TXT"))
         _publish(fake_dns, policy_server, "good.test", HttpAnswer(500), record_id="id2")
         if not isinstance(cache_backend, MemoryCache):
-            r._mirror.clear()  # the persistent backend alone must carry the policy
+            r.store._local.clear()  # the persistent backend alone must carry the policy
         else:  # with the memory backend the in-memory copy is the only copy (no duplicate in the cache)
             assert await cache_backend.keys("sts:") == []
         r.dns.cache = MemoryCache()  # forget the DNS answers (their TTL would hide the new id)
