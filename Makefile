@@ -28,7 +28,7 @@ chroots: deps
 lint: venv
 	$(VENV)/bin/ruff check requiretls tests
 	$(VENV)/bin/mypy requiretls
-	$(VENV)/bin/mypy --strict requiretls/policy requiretls/dest requiretls/facts.py
+	$(VENV)/bin/mypy --strict requiretls/policy requiretls/dest requiretls/facts.py requiretls/addresses.py
 
 # The fault-injection run (see soak below) is part of it, at SOAK_MESSAGES (1,000) messages, counts printed (~80 s).
 test: venv lint chroots
