@@ -207,6 +207,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=_path_or_none,
         ),
         "fetch_timeout": _timeout(30.0, "Seconds for one MTA-STS policy fetch."),
+        "retry_after_failure": _timeout(
+            300.0,
+            "Seconds a failed policy fetch is not tried again for the same policy id (RFC 8461 section 3.3 asks "
+            "senders to rate-limit fetches of a host that fails). Meanwhile ordinary mail is sent as if the "
+            "domain had no policy and REQUIRETLS mail is deferred.",
+        ),
     },
     "cache": {
         "backend": Setting(
@@ -371,6 +377,7 @@ class MtaStsSettings:
     enabled: bool
     cafile: str | None
     fetch_timeout: float
+    retry_after_failure: float
 
 
 @dataclass(frozen=True, slots=True)

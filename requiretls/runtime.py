@@ -14,5 +14,6 @@ def destination_resolver(dns: DnsSettings, mta_sts: MtaStsSettings, cache: Cache
     client = DnsClient(ResolverSettings(address=resolver.host if resolver else None,
                                         port=resolver.port if resolver else 53, timeout=dns.timeout),
                        cache=store)
-    sts = StsResolver(client, StsSettings(cafile=mta_sts.cafile, fetch_timeout=mta_sts.fetch_timeout), cache=store)
+    sts = StsResolver(client, StsSettings(cafile=mta_sts.cafile, fetch_timeout=mta_sts.fetch_timeout,
+                                         retry_after_failure=mta_sts.retry_after_failure), cache=store)
     return DestinationResolver(client, sts, DestSettings(use_mta_sts=mta_sts.enabled))

@@ -29,6 +29,7 @@ class Plugin:
     extra: str = ""  # extra TOML sections
     milter_extra: str = ""  # extra [milter] lines
     relay_extra: str = ""  # extra [relay] lines
+    mta_sts_extra: str = ""  # extra [mta_sts] lines
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apply_args: tuple[str, ...] = ()  # extra postfix-config arguments, e.g. ("--policyd",)
 
@@ -57,6 +58,7 @@ timeout = 3
 [mta_sts]
 cafile = "{ca}"
 fetch_timeout = 5
+{self.mta_sts_extra}
 [milter]
 socket = "unix:{self.milter_sock}"
 socket_mode = "0666"
