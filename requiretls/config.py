@@ -199,6 +199,17 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=_endpoint(53),
         ),
         "timeout": _timeout(5.0, "Seconds for one DNS lookup before it fails (defer)."),
+        "untrusted_resolver": Setting(
+            str,
+            "refuse",
+            "What policyd, relay and the milter's pre-flight do at start when the resolver's AD bit cannot be "
+            "trusted (RFC 7672 section 2.1.1): it does not validate (no AD on the root DNSKEY answer), or, with "
+            "resolver empty, the first nameserver of /etc/resolv.conf is not on loopback. refuse: log an error "
+            "and exit; warn: log a warning at start and run. A resolver named in resolver is trusted to be on a "
+            "trusted path, but must still validate. A resolver that does not answer at start is logged and the "
+            "daemon runs: its lookups defer until it answers.",
+            _choice("refuse", "warn"),
+        ),
     },
     "mta_sts": {
         "enabled": Setting(bool, True, "Look up MTA-STS policies (RFC 8461) for destinations without DANE."),
@@ -370,6 +381,7 @@ class DnsSettings:
 
     resolver: Endpoint | None
     timeout: float
+    untrusted_resolver: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -323,18 +323,21 @@ class DnsClient:
         return DnsAnswer(qname, rdtype, LookupStatus.ERROR, DnssecState.INDETERMINATE, 0, qname, (),
                          f"resolver {self.address}:{self.settings.port}: {last_error}")
 
-    async def check_resolver(self) -> ResolverCheck:
+    async def check_resolver(self, ask_remote: bool = False) -> ResolverCheck:
         """Is the resolver one whose AD bit may be trusted (RFC 7672 section 2.1.1, RFC 6698 section 4.1)?
 
         It must be reached over a trusted path (a loopback address) and must validate: asked for the root
         zone's DNSKEY RRset with DO set, a validating resolver answers with AD (it checked the set against its
-        trust anchor); a plain forwarder or a non-validating cache does not.
+        trust anchor); a plain forwarder or a non-validating cache does not.  A resolver off loopback is asked
+        only with ``ask_remote`` (the admin named it).
         """
         try:
             address = self.address
         except DnsLookupError as e:
             return ResolverCheck("", self.settings.port, False, None, str(e))
         loopback = is_loopback(address)
+        if not loopback and not ask_remote:
+            return ResolverCheck(address, self.settings.port, False, None, "not on loopback, not asked")
         q = dns.message.make_query(dns.name.root, dns.rdatatype.DNSKEY, use_edns=0, want_dnssec=True, payload=1232)
         q.flags |= dns.flags.AD | dns.flags.RD
         try:

@@ -255,13 +255,14 @@ def run(args: argparse.Namespace) -> int:
     preflight = None
     if settings.local_policy.preflight is not PreflightMode.OFF:
         from requiretls.dest import Prober, ProbeSettings
-        from requiretls.runtime import destination_resolver
+        from requiretls.runtime import destination_resolver, trust_resolver
 
         prober = None
         if m.preflight_probe:
             prober = Prober(ProbeSettings(cafile=m.probe_cafile, helo_name=m.probe_helo_name or None))
         preflight = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), prober,
                               m.preflight_timeout)
+        preflight.call(trust_resolver(preflight.resolver, settings.dns, settings.filename))
     policy = settings.local_policy
 
     def current_policy() -> LocalPolicy:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
+from typing import Any, TypeVar
 
 from requiretls.dest import DestinationResolver, Prober
 from requiretls.policy import DestinationReadiness, Readiness
 from requiretls.policy.eligibility import Outcome, Verdict, candidates, judge
+
+T = TypeVar("T")
 
 
 class Preflight:
@@ -27,6 +30,10 @@ class Preflight:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="preflight", daemon=True)
         self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the pre-flight's loop (where its resolver lives) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def readiness(self, domains: Iterable[str]) -> tuple[tuple[str, DestinationReadiness], ...]:
         todo = sorted(set(domains))

@@ -13,7 +13,7 @@ from requiretls.daemon import Reloader
 from requiretls.log import kv, setup
 from requiretls.policyd.metrics import Metrics
 from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings, serve_forever
-from requiretls.runtime import destination_resolver
+from requiretls.runtime import destination_resolver, trust_resolver
 
 log = logging.getLogger("requiretls")
 
@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s", kv(mta_sts_refresh="failed", error=f"{type(e).__name__}: {e}"))
 
     async def main() -> None:
+        if service.resolver is not None:
+            await trust_resolver(service.resolver, settings.dns, settings.filename)
         refresher = asyncio.create_task(refresh_sts())
         try:
             listen = [ListenAddress.parse(a) for a in args.listen] if args.listen else pd.listen

@@ -16,7 +16,7 @@ from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.log import setup
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
-from requiretls.runtime import destination_resolver
+from requiretls.runtime import destination_resolver, trust_resolver
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache),
                                agent_state(settings))
+        await trust_resolver(handler.resolver, settings.dns, settings.filename)
 
         def apply(fresh: Settings) -> dict[str, object]:
             handler.state = agent_state(fresh)
