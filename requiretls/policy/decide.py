@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from requiretls.policy.headers import (
+    HANDBACK_HEADER,
     ORIGINAL_TLS_REQUIRED,
+    PRIVATE_HEADERS,
+    ROUTE_HEADER,
     TLS_REQUIRED,
     TlsRequiredState,
     decode_subject,
@@ -29,12 +32,8 @@ from requiretls.policy.model import (
 )
 from requiretls.policy.table import TableEntry, split_address
 
-#: Private header the milter adds to steer delivery; ``milter_header_checks`` turns it into FILTER.  Inbound
-#: copies are forgeries and are removed (by header_checks IGNORE first, and by the milter as well).
-ROUTE_HEADER = "X-RequireTLS-Route"
-#: Private header listing the recipients the delivery agent hands back to Postfix (local, transport_maps).
-HANDBACK_HEADER = "X-RequireTLS-Handback"
-PRIVATE_HEADERS = (ROUTE_HEADER, HANDBACK_HEADER)
+# The private header names live in headers.py; re-exported here for existing callers.
+__all__ = ["HANDBACK_HEADER", "PRIVATE_HEADERS", "ROUTE_HEADER", "decide"]
 
 
 def _where(entry: TableEntry) -> str:

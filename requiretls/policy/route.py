@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
+from requiretls.policy.headers import HANDBACK_HEADER, ROUTE_HEADER, format_handback
 from requiretls.policy.model import Decision, HeaderEdit, MessageClass
 from requiretls.policy.table import split_address
 
@@ -135,5 +135,5 @@ def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence
         return decision
     edits = [*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))]
     if handback_rcpts and route in (Route.RELAY, Route.RELAY_OPTOUT, Route.REINJECT):
-        edits.append(HeaderEdit("add", HANDBACK_HEADER, ", ".join(f"<{a}>" for a in handback_rcpts)))
+        edits.append(HeaderEdit("add", HANDBACK_HEADER, format_handback(handback_rcpts)))
     return replace(decision, header_edits=tuple(edits))
