@@ -26,6 +26,7 @@ from requiretls.policy.headers import (
     TLS_REQUIRED,
     TlsRequired,
     TlsRequiredState,
+    decision_fields,
     decode_subject,
     encode_subject,
     find_cookie,
@@ -95,11 +96,13 @@ class Signals:
     """What the message claims, read once (RFC 8689 §2 parameter, §3 header field; cookies by trust only).
 
     The cookies are already filtered by trust: an untrusted client's cookie reads as absent (and is noted).
+    ``trusted`` is None when nothing asked for it (no cookie, no ``TLS-Required: No``): most messages then skip
+    the trusted_networks walk.
     ``subject_text`` is the decoded first Subject, None when the message has none.
     """
 
     null_sender: bool
-    trusted: bool
+    trusted: bool | None
     trust_reason: str
     esmtp_param: bool
     syntax_reject: Rejection | None
@@ -111,18 +114,26 @@ class Signals:
     notes: tuple[str, ...] = ()
 
 
-def read_signals(facts: MessageFacts, policy: LocalPolicy) -> Signals:
+def read_signals(
+    facts: MessageFacts, policy: LocalPolicy, headers: Sequence[tuple[str, str]] | None = None
+) -> Signals:
     """Step 1: read the MAIL FROM parameter (RFC 8689 §2), ``TLS-Required`` (§3), the Require-TLS-ESMTP carrier
     and the subject cookies.  Subject cookies are honoured only from trusted clients: anyone else could put
-    them in a Subject."""
-    env, headers = facts.envelope, facts.headers
+    them in a Subject.  ``headers``: ``facts.headers`` already narrowed by :func:`decision_fields`, if done."""
+    env = facts.envelope
+    if headers is None:
+        headers = facts.headers
     notes: list[str] = []
-    trusted, trust_reason = trust(facts.session, policy)
     subject_values = header_values(headers, "Subject")
     subject_text = decode_subject(subject_values[0])[0] if subject_values else None
     text = subject_text or ""
     rt_cookie = find_cookie(text, policy.requiretls_cookie) >= 0
     oo_cookie = find_cookie(text, policy.optout_cookie) >= 0
+    tls_required = parse_tls_required(headers)
+    trusted: bool | None = None
+    trust_reason = ""
+    if rt_cookie or oo_cookie or tls_required.state is TlsRequiredState.NO:
+        trusted, trust_reason = trust(facts.session, policy)
     if (rt_cookie or oo_cookie) and not trusted:
         notes.append(f"subject cookie ignored: {trust_reason}")
         rt_cookie = oo_cookie = False
@@ -138,7 +149,7 @@ def read_signals(facts: MessageFacts, policy: LocalPolicy) -> Signals:
         carrier=require_tls_esmtp(headers),
         requiretls_cookie=rt_cookie,
         optout_cookie=oo_cookie,
-        tls_required=parse_tls_required(headers),
+        tls_required=tls_required,
         subject_text=subject_text,
         notes=tuple(notes),
     )
@@ -169,6 +180,10 @@ class RequireTlsTag:
         return bool(self.message or self.destinations)
 
 
+#: The common case, shared: no signal, no rule, nothing to note.
+_UNTAGGED = RequireTlsTag((), (), False, False)
+
+
 def requiretls_tag(
     env: Envelope,
     policy: LocalPolicy,
@@ -192,14 +207,15 @@ def requiretls_tag(
             reasons.append(f"subject cookie {policy.requiretls_cookie} from trusted client ({signals.trust_reason})")
     if sender_rule is not None and sender_rule.requiretls:
         reasons.append(f"sender rule {_where(sender_rule)} requiretls=yes")
-    dests = tuple(
-        (rcpt, f"destination rule {_where(entry)} requiretls=yes for {rcpt}")
-        for rcpt, entry in zip(env.recipients, rules, strict=True)
-        if entry is not None and entry.requiretls
-    )
+    dests: list[tuple[str, str]] = []
+    for rcpt, entry in zip(env.recipients, rules, strict=True):
+        if entry is not None and entry.requiretls:
+            dests.append((rcpt, f"destination rule {_where(entry)} requiretls=yes for {rcpt}"))
+    if not (reasons or dests or notes):
+        return _UNTAGGED
     native = not signals.null_sender and (signals.esmtp_param or signals.carrier)
     cookie = not signals.null_sender and signals.requiretls_cookie
-    return RequireTlsTag(tuple(reasons), dests, native, cookie, tuple(notes))
+    return RequireTlsTag(tuple(reasons), tuple(dests), native, cookie, tuple(notes))
 
 
 # --- step 3: opt-out governance -------------------------------------------------------------------------------
@@ -220,6 +236,10 @@ class OptoutGrant:
     notes: tuple[str, ...] = ()
 
 
+#: The common case, shared: no opt-out was asked for.
+_NOT_ASKED = OptoutGrant(False, False, "", False)
+
+
 def optout_grant(policy: LocalPolicy, signals: Signals, sender_rule: TableEntry | None, tagged: bool) -> OptoutGrant:
     """Step 3: REQUIRETLS wins over ``TLS-Required: No`` (RFC 8689 §4.1); malformed or duplicated fields are
     ignored (§3); otherwise ``optout_from`` and the sender table decide who may opt out."""
@@ -230,7 +250,7 @@ def optout_grant(policy: LocalPolicy, signals: Signals, sender_rule: TableEntry 
     if tlsreq.state in (TlsRequiredState.MALFORMED, TlsRequiredState.DUPLICATE):
         notes.append(tlsreq.detail)
     if not (requested or cookie):
-        return OptoutGrant(False, False, "", False, tuple(notes))
+        return OptoutGrant(False, False, "", False, tuple(notes)) if notes else _NOT_ASKED
     if tagged:
         notes.append("opt-out ignored: REQUIRETLS wins over TLS-Required: No (RFC 8689 §4.1)")
         return OptoutGrant(requested, False, "", False, tuple(notes))
@@ -265,7 +285,7 @@ def recipient_classes(
     """Step 4a: the effective class of each recipient, with its reasons.  A ``requiretls=yes`` destination
     makes every copy REQUIRETLS (Postfix routes a message as a whole: stricter for the others, never weaker);
     ``optout=no`` keeps a destination on its normal policy whatever the sender asked."""
-    dest_rt = dict(tag.destinations)
+    dest_rt = dict(tag.destinations) if tag.destinations else {}
     out: list[RecipientDecision] = []
     for rcpt, entry in zip(env.recipients, rules, strict=True):
         why: tuple[str, ...]
@@ -388,15 +408,16 @@ def decide_classes(facts: MessageFacts, policy: LocalPolicy) -> Decision:
     then a permitted opt-out; else the destination's normal policy.
     """
     env = facts.envelope
-    signals = read_signals(facts, policy)
+    headers = decision_fields(facts.headers)
+    signals = read_signals(facts, policy, headers)
     sender_rule = policy.senders.lookup_sender(env.sender)
     rules = destination_rules(env, policy)
     tag = requiretls_tag(env, policy, signals, sender_rule, rules)
     grant = optout_grant(policy, signals, sender_rule, tag.tagged)
     recipients = recipient_classes(env, rules, tag, grant)
     msg_class, lead = message_class(recipients, tag, grant)
-    removal, removal_notes = private_header_removal(facts.headers)
-    edits = removal + header_edits(facts.headers, policy, signals, tag, grant, msg_class)
+    removal, removal_notes = private_header_removal(headers)
+    edits = removal + header_edits(headers, policy, signals, tag, grant, msg_class)
     reasons = (*lead, *removal_notes, *signals.notes, *tag.notes, *grant.notes)
     # RFC 8689 §5: a bounce of a REQUIRETLS message carries headers only, whatever RET the client gave.
     params = ("RET=HDRS",) if msg_class is MessageClass.REQUIRETLS else ()
