@@ -197,3 +197,16 @@ def test_decide_classes_leads_with_the_class_reason_and_keeps_every_note() -> No
                          "removed 1 inbound X-RequireTLS-Route field(s): private to this MTA",
                          "opt-out ignored: REQUIRETLS wins over TLS-Required: No (RFC 8689 §4.1)")
     assert d.envelope_params == ("RET=HDRS",) and d.native_requiretls
+
+
+def test_trust_is_not_carried_over_to_a_reloaded_policy() -> None:
+    """The trust check is remembered per client, but a reload (new trusted_networks) decides afresh."""
+    import ipaddress
+
+    facts = _facts(NO, session=Session(client_ip="192.0.2.9"))
+    first = LocalPolicy(optout_from=OptoutFrom.TRUSTED)
+    assert read_signals(facts, first).trusted is False
+    reloaded = LocalPolicy(optout_from=OptoutFrom.TRUSTED, trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+    assert read_signals(facts, reloaded).trusted is True
+    assert read_signals(facts, first).trusted is False
+    assert read_signals(_facts(NO, session=Session(client_ip="192.0.2.9", sasl_user="bob")), first).trusted is True
