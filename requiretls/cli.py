@@ -17,6 +17,7 @@ from requiretls import __version__
 from requiretls.config import load, render_default_config
 from requiretls.errors import ConfigError
 from requiretls.policy import (
+    Classification,
     Decision,
     DestinationReadiness,
     Envelope,
@@ -25,10 +26,8 @@ from requiretls.policy import (
     RcptRoute,
     Readiness,
     Session,
-    decide,
+    classify,
     parse_header_block,
-    plan_route,
-    with_route,
 )
 
 # Subcommands that live with their component: module -> (name, help).  Each module exposes
@@ -61,16 +60,50 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--postfix-version",
-        default="3.7",
+        default=None,
         metavar="X.Y",
-        help="Postfix version whose routing to show (default 3.7); recipients are taken as remote",
+        help="Postfix version whose routing to show (default: milter.postfix_version, else 3.7)",
     )
+    p.add_argument(
+        "--mta",
+        choices=("auto", "postfix", "sendmail"),
+        default=None,
+        help="the MTA the milter runs in (default: milter.mta); sendmail shows the REQUIRETLS refusal",
+    )
+    p.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="RCPT=MAILER[:HOST]",
+        help="what Postfix's resolver says of a recipient ({rcpt_mailer}, {rcpt_host}), e.g. "
+        "u@example.org=local or b@example.net=smtp:[relay.example]:587 (repeat; default smtp to its MX)",
+    )
+    p.add_argument("--relayhost", default=None, metavar="HOST", help="Postfix's relayhost (default: relay.relayhost)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("message", nargs="?", metavar="FILE", help="the message (default: standard input)")
 
 
+def _routes(rcpts: Sequence[str], specs: Sequence[str]) -> tuple[RcptRoute, ...]:
+    """``--route RCPT=MAILER[:HOST]`` for some recipients; the others go over SMTP to their domain's MX."""
+    given: dict[str, RcptRoute] = {}
+    for spec in specs:
+        rcpt, eq, target = spec.rpartition("=")
+        mailer, _, host = target.partition(":")
+        if not eq or not rcpt or not mailer:
+            raise ValueError(f"--route {spec!r}: expected RCPT=MAILER[:HOST]")
+        if rcpt not in rcpts:
+            raise ValueError(f"--route {spec!r}: {rcpt} is not a --rcpt")
+        given[rcpt] = RcptRoute(rcpt, mailer, host or None)
+    return tuple(given.get(r) or RcptRoute(r, "smtp", None) for r in rcpts)
+
+
 def _explain(args: argparse.Namespace) -> int:
     settings = load(args.config)
+    try:
+        routes = _routes(args.rcpt, args.route)
+    except ValueError as e:
+        print(f"requiretls explain: {e}", file=sys.stderr)
+        return 2
     raw = sys.stdin.buffer.read() if args.message in (None, "-") else _read_bytes(args.message)
     readiness = []
     for item in args.impossible:
@@ -82,14 +115,16 @@ def _explain(args: argparse.Namespace) -> int:
         headers=parse_header_block(raw),
         readiness=tuple(readiness),
     )
-    decision = decide(facts, settings.local_policy)
-    rcpts = [RcptRoute(r, "smtp", None) for r in args.rcpt]
-    postfix = PostfixFeatures.from_macro(args.postfix_version)
-    decision = with_route(decision, plan_route(decision, rcpts, postfix, decision.native_requiretls))
+    mta = args.mta or settings.milter.mta
+    version = args.postfix_version or settings.milter.postfix_version or "3.7"
+    configured = settings.milter.relayhost
+    relayhost = args.relayhost if args.relayhost is not None else (str(configured) if configured else "")
+    result = classify(facts, settings.local_policy, PostfixFeatures.configured(mta, version),
+                      routes, relayhost)
     if args.json:
-        print(json.dumps(decision.to_json(), indent=2, ensure_ascii=False))
+        print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     else:
-        print(format_decision(decision))
+        print(format_classification(result))
     return 0
 
 
@@ -117,6 +152,14 @@ def format_decision(d: Decision) -> str:
     out.append("envelope:    " + (" ".join(d.envelope_params) or "unchanged"))
     out.append("reject:      " + (f"{d.reject.code} {d.reject.dsn} {d.reject.text}" if d.reject else "no"))
     return "\n".join(out)
+
+
+def format_classification(c: Classification) -> str:
+    """:func:`format_decision` with the route the message takes."""
+    route = str(c.route) if c.route is not None else "postfix (normal delivery)"
+    if c.handback:
+        route += "; handed back to Postfix: " + ", ".join(c.handback)
+    return f"{format_decision(c.decision)}\nroute:       {route}"
 
 
 def _default_config(args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """The milter.  One instance per SMTP connection (libmilter's threads); the decision is
-:func:`requiretls.policy.decide`, everything here is collecting facts and applying edits.
+:func:`requiretls.policy.classify` (the same pipeline as ``requiretls explain``), everything here is
+collecting facts, supplying pre-flight readiness and applying edits.
 
 Callbacks negotiated: connect, envfrom, envrcpt and header without replies (they only collect facts and
 always continue, so the MTA need not wait for us), and eom, the one step that answers; helo, eoh, body, data
@@ -20,7 +21,6 @@ import argparse
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import Milter
@@ -40,19 +40,13 @@ from requiretls.policy import (
     Decision,
     Envelope,
     LocalPolicy,
-    MessageClass,
     MessageFacts,
     PostfixFeatures,
     PreflightMode,
     RcptRoute,
-    Rejection,
     Session,
-    decide,
-    plan_route,
-    with_route,
+    classify,
 )
-from requiretls.policy.route import handback
-from requiretls.policy.table import split_address
 
 log = logging.getLogger("requiretls")
 CONTINUE: int = Milter.CONTINUE
@@ -143,28 +137,17 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
     def eom(self) -> int:
         queue_id = self.getsymval("i") or "NOQUEUE"
+        routes = tuple(self.rcpts)
         facts = MessageFacts(
-            Envelope(self.sender, tuple(r.address for r in self.rcpts), self.params),
+            Envelope(self.sender, tuple(r.address for r in routes), self.params),
             Session(self.sasl_user, self.client_ip, self.tls_version),
             tuple(self.headers),
         )
-        policy = self.policy_source()
-        decision = decide(facts, policy)
-        if self.preflight is not None and decision.msg_class is MessageClass.REQUIRETLS and decision.reject is None:
-            # Only the recipients that leave through the REQUIRETLS path: local and transport_maps routes
-            # are handed back to Postfix and have nothing to check.
-            back = set(handback(self.rcpts, self.relayhost))
-            domains = {split_address(r.address)[1] for r in self.rcpts if r.address not in back}
-            readiness = self.preflight.readiness(d for d in domains if d)
-            if readiness:
-                decision = decide(replace(facts, readiness=readiness), policy)
-        if not self.postfix.postfix and decision.msg_class is MessageClass.REQUIRETLS and decision.reject is None:
-            # Nothing on this MTA can enforce REQUIRETLS on delivery: refuse rather than send weaker.
-            decision = replace(decision, reject=Rejection(
-                550, "5.7.30", "REQUIRETLS cannot be enforced by this MTA; send through a REQUIRETLS-capable relay"))
-        route = plan_route(decision, self.rcpts, self.postfix, decision.native_requiretls)
-        decision = with_route(decision, route, handback(self.rcpts, self.relayhost))
-        self._log(queue_id, decision, route)
+        # The pipeline asks for pre-flight readiness itself, only when it matters (REQUIRETLS, not refused).
+        result = classify(facts, self.policy_source(), self.postfix, routes, self.relayhost,
+                          self.preflight.readiness if self.preflight is not None else None)
+        decision = result.decision
+        self._log(queue_id, decision, result.route)
         if decision.reject is not None:
             r = decision.reject
             self.setreply(str(r.code), r.dsn, r.text)

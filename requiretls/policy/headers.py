@@ -1,5 +1,7 @@
 """Header-level rules: the ``TLS-Required`` field (RFC 8689 §3), Postfix 3.11's ``Require-TLS-ESMTP`` carrier,
-and the subject cookies (RFC 2047 encoded words).
+the subject cookies (RFC 2047 encoded words), and the names, format and parse of our private header fields
+(the route header and the hand-back list), so that the milter that writes them and the agent that reads them
+share one definition.
 
 All functions are pure: strings in, typed results out.
 """
@@ -18,6 +20,12 @@ TLS_REQUIRED = "TLS-Required"
 #: Postfix does not apply it natively before local governance has been applied; the milter restores it.
 ORIGINAL_TLS_REQUIRED = "X-Original-TLS-Required"
 REQUIRE_TLS_ESMTP = "Require-TLS-ESMTP"
+#: Private field the milter adds to steer delivery; ``milter_header_checks`` turns it into FILTER.  Inbound
+#: copies are forgeries and are removed (by header_checks IGNORE first, and by the milter as well).
+ROUTE_HEADER = "X-RequireTLS-Route"
+#: Private field listing the recipients the delivery agent hands back to Postfix (local, transport_maps).
+HANDBACK_HEADER = "X-RequireTLS-Handback"
+PRIVATE_HEADERS = (ROUTE_HEADER, HANDBACK_HEADER)
 
 # RFC 5322 §3.2.2 FWS, standard and obsolete forms, as it may precede the value.  The line break of a fold is
 # CRLF on the wire; milters and queue files may give a bare LF, so both are accepted.
@@ -52,6 +60,20 @@ def header_values(headers: Iterable[tuple[str, str]], name: str) -> list[str]:
     """All values of the fields called ``name`` (field names are case-insensitive, RFC 5322 §1.2.2)."""
     lname, size = name.lower(), len(name)
     return [v for n, v in headers if len(n) == size and n.lower() == lname]  # the length test skips most lower()
+
+
+#: Every field the decision reads (lower case), and their lengths for a cheap first test.
+_DECISION_FIELDS = frozenset(
+    n.lower() for n in ("Subject", TLS_REQUIRED, ORIGINAL_TLS_REQUIRED, REQUIRE_TLS_ESMTP, *PRIVATE_HEADERS)
+)
+_DECISION_LENGTHS = frozenset(len(n) for n in _DECISION_FIELDS)
+
+
+def decision_fields(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """The fields the decision reads, in order: one pass over the header instead of one per name (a message
+    has dozens of Received and DKIM fields that no rule looks at)."""
+    lengths, names = _DECISION_LENGTHS, _DECISION_FIELDS
+    return tuple((n, v) for n, v in headers if len(n) in lengths and n.lower() in names)
 
 
 def parse_tls_required(headers: Sequence[tuple[str, str]]) -> TlsRequired:
@@ -149,3 +171,48 @@ def parse_header_block(raw: bytes) -> tuple[tuple[str, str], ...]:
             continue
         fields.append([name, value[1:] if value.startswith(" ") else value])
     return tuple((n, v) for n, v in fields)
+
+
+def route_value(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The value of the first route field, unfolded and trimmed, or None when there is none."""
+    values = header_values(headers, ROUTE_HEADER)
+    return unfold(values[0]).strip() if values else None
+
+
+def format_handback(addresses: Iterable[str]) -> str:
+    """The hand-back field value: each address in angle brackets, as a path is written (RFC 5321 §4.1.2),
+    separated by ``", "``.  The addresses are as the milter got them, without brackets."""
+    return ", ".join(f"<{a}>" for a in addresses)
+
+
+def parse_handback(values: Iterable[str]) -> tuple[str, ...]:
+    """The addresses in hand-back field values (see :func:`format_handback`), in order.
+
+    A ``>``, ``<`` or ``,`` inside a quoted local part (RFC 5321 §4.1.2 Quoted-string, with ``\\`` escapes)
+    belongs to the address; text outside brackets (separators, folding) is skipped, and an unclosed bracket
+    yields nothing.  Without this, ``<"a>b"@x>`` would hand back an address that is not a recipient and keep
+    the real one, which the agent would then send out itself.
+    """
+    out: list[str] = []
+    for value in values:
+        i, n = 0, len(value)
+        while True:
+            i = value.find("<", i)
+            if i < 0:
+                break
+            j, quoted = i + 1, False
+            while j < n:
+                c = value[j]
+                if quoted and c == "\\":
+                    j += 2
+                    continue
+                if c == '"':
+                    quoted = not quoted
+                elif c == ">" and not quoted:
+                    break
+                j += 1
+            if j >= n:
+                break
+            out.append(value[i + 1 : j])
+            i = j + 1
+    return tuple(out)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
+from requiretls.policy.headers import HANDBACK_HEADER, ROUTE_HEADER, format_handback
 from requiretls.policy.model import Decision, HeaderEdit, MessageClass
 from requiretls.policy.table import split_address
 
@@ -63,6 +63,16 @@ class PostfixFeatures:
         if t and not t.lower().startswith("postfix") and not re.fullmatch(r"[3-7]\.\d+(\.\d+)?", t):
             return cls((int(m.group(1)), int(m.group(2))) if m else (0, 0), postfix=False)
         return cls((int(m.group(1)), int(m.group(2)))) if m else cls()
+
+    @classmethod
+    def configured(cls, mta: str = "auto", postfix_version: str = "", macro: str | None = None) -> PostfixFeatures:
+        """The MTA as the ``milter.mta`` and ``milter.postfix_version`` settings describe it, else from the
+        ``v`` macro: ``sendmail`` has no FILTER and enforces nothing; a set version wins over the macro."""
+        if mta == "sendmail":
+            return cls((0, 0), postfix=False)
+        if postfix_version:
+            return cls.from_macro(f"Postfix {postfix_version}")
+        return cls.from_macro(macro)
 
     @property
     def native_requiretls(self) -> bool:
@@ -129,11 +139,22 @@ def handback(rcpts: Sequence[RcptRoute], relayhost: str = "") -> tuple[str, ...]
     return tuple(out)
 
 
+#: Routes that end at the delivery agent, which reads the hand-back list.
+AGENT_ROUTES = frozenset({Route.RELAY, Route.RELAY_OPTOUT, Route.REINJECT})
+
+
+def route_edits(route: Route | None, handback_rcpts: Sequence[str] = ()) -> tuple[HeaderEdit, ...]:
+    """The header fields that carry the route (and, for the agent, the hand-back list)."""
+    if route is None:
+        return ()
+    if handback_rcpts and route in AGENT_ROUTES:
+        return (HeaderEdit("add", ROUTE_HEADER, str(route)),
+                HeaderEdit("add", HANDBACK_HEADER, format_handback(handback_rcpts)))
+    return (HeaderEdit("add", ROUTE_HEADER, str(route)),)
+
+
 def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence[str] = ()) -> Decision:
     """The decision with the route header (and, for the agent, the hand-back list) added to its edits."""
     if route is None:
         return decision
-    edits = [*decision.header_edits, HeaderEdit("add", ROUTE_HEADER, str(route))]
-    if handback_rcpts and route in (Route.RELAY, Route.RELAY_OPTOUT, Route.REINJECT):
-        edits.append(HeaderEdit("add", HANDBACK_HEADER, ", ".join(f"<{a}>" for a in handback_rcpts)))
-    return replace(decision, header_edits=tuple(edits))
+    return replace(decision, header_edits=decision.header_edits + route_edits(route, handback_rcpts))

@@ -27,8 +27,15 @@ from requiretls.daemon import UnixSocket, notify, prepare_unix_socket, set_socke
 from requiretls.dest import DestinationResolver, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy import eligibility
-from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
-from requiretls.policy.headers import REQUIRE_TLS_ESMTP, parse_header_block
+from requiretls.policy.headers import (
+    HANDBACK_HEADER,
+    REQUIRE_TLS_ESMTP,
+    ROUTE_HEADER,
+    header_values,
+    parse_handback,
+    parse_header_block,
+    route_value,
+)
 from requiretls.policy.local import LocalPolicy
 from requiretls.policy.route import Route
 from requiretls.policy.table import split_address
@@ -153,9 +160,8 @@ class AgentHandler:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         message: bytes = envelope.original_content
         headers = parse_header_block(message)
-        route = next((v.strip() for n, v in headers if n.lower() == ROUTE_HEADER.lower()), str(Route.RELAY))
-        back_raw = " ".join(v for n, v in headers if n.lower() == HANDBACK_HEADER.lower())
-        back = {a.lower() for a in _ADDR.findall(back_raw)}
+        route = route_value(headers) or str(Route.RELAY)
+        back = {a.lower() for a in parse_handback(header_values(headers, HANDBACK_HEADER))}
         received = next((v for n, v in headers if n.lower() == "received"), "")
         m = _QUEUE_ID.search(received)
         qid = m.group(1) if m else "NOQUEUE"
