@@ -120,7 +120,7 @@ def _explain(args: argparse.Namespace) -> int:
     configured = settings.milter.relayhost
     relayhost = args.relayhost if args.relayhost is not None else (str(configured) if configured else "")
     result = classify(facts, settings.local_policy, PostfixFeatures.configured(mta, version),
-                      routes, relayhost)
+                      routes, relayhost, local_transports=settings.milter.local_transports)
     if args.json:
         print(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     else:

@@ -52,6 +52,13 @@ class Setting:
     convert: Converter | None = None
 
 
+def _strings(v: Any) -> str | None:
+    for item in v:
+        if not isinstance(item, str) or not item.strip() or any(c.isspace() for c in item.strip()):
+            return f"items must be non-empty strings without spaces, not {item!r}"
+    return None
+
+
 def _choice(*values: str) -> Checker:
     def check(v: Any) -> str | None:
         return None if v in values else f"must be one of {', '.join(map(repr, values))}, not {v!r}"
@@ -331,6 +338,17 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "routed there are not handed back to Postfix. Empty: MX lookups.",
             convert=_nexthop,
         ),
+        "local_transports": Setting(
+            list,
+            [],
+            "Postfix transports that deliver on this host besides local, virtual, discard and error, as MAILER "
+            "or MAILER:NEXTHOP the way Postfix resolves them (e.g. \"lmtp:unix:private/dovecot-lmtp\", "
+            "\"dovecot\"): the agent hands REQUIRETLS recipients routed there back to Postfix. A recipient "
+            "that Postfix routes to any other non-SMTP transport (LMTP or a pipe to elsewhere) bounces with "
+            "5.7.30: nothing would carry REQUIRETLS on from there. The milter reads it too.",
+            _strings,
+            convert=lambda v: frozenset(str(x).strip() for x in v),
+        ),
         "cafile": Setting(
             str, "",
             "CA bundle for MX certificates (PKIX), for the agent and for the milter's pre-flight probes. Empty: "
@@ -414,6 +432,7 @@ class PolicydSettings:
 class RelaySettings:
     listen: ListenAddress
     relayhost: NextHop | None
+    local_transports: frozenset[str]
     cafile: str | None
     helo_name: str
     timeout: float
@@ -435,6 +454,7 @@ class MilterSettings:
     mta: str
     postfix_version: str
     relayhost: NextHop | None = None
+    local_transports: frozenset[str] = frozenset()
     probe_cafile: str | None = None
     probe_helo_name: str = ""
 
@@ -603,7 +623,8 @@ def _settings(parsed: _Parsed, filename: str, local_policy: LocalPolicy) -> Sett
     policy = dict(t["policy"], table=_table_path(t["policy"]["table"], filename),
                   sender_table=_table_path(t["policy"]["sender_table"], filename))
     relay = RelaySettings(**t["relay"])
-    milter = MilterSettings(**t["milter"], relayhost=relay.relayhost, probe_cafile=relay.cafile,
+    milter = MilterSettings(**t["milter"], relayhost=relay.relayhost, local_transports=relay.local_transports,
+                            probe_cafile=relay.cafile,
                             probe_helo_name=relay.helo_name)
     return Settings(
         filename, PolicySettings(**policy), DnsSettings(**t["dns"]), MtaStsSettings(**t["mta_sts"]),

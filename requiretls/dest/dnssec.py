@@ -50,6 +50,8 @@ log = logging.getLogger("requiretls.dest.dns")
 #: RFC 8914 EDE codes that say the resolver found a DNSSEC validation failure.
 EDE_BOGUS_CODES = frozenset({6, 7, 8, 9, 10, 11, 12})
 _MAX_CNAME_CHAIN = 16
+#: Seconds :meth:`DnsClient.check_resolver` waits for the resolver at most.
+CHECK_TIMEOUT = 2.0
 
 
 class LookupStatus(enum.Enum):
@@ -340,10 +342,10 @@ class DnsClient:
             return ResolverCheck(address, self.settings.port, False, None, "not on loopback, not asked")
         q = dns.message.make_query(dns.name.root, dns.rdatatype.DNSKEY, use_edns=0, want_dnssec=True, payload=1232)
         q.flags |= dns.flags.AD | dns.flags.RD
+        wait = min(self.settings.timeout, CHECK_TIMEOUT)  # a start-up check: never hold a daemon's start long
         try:
             response, _tcp = await asyncio.wait_for(
-                dns.asyncquery.udp_with_fallback(q, address, timeout=self.settings.timeout, port=self.settings.port),
-                self.settings.timeout * 2)
+                dns.asyncquery.udp_with_fallback(q, address, timeout=wait, port=self.settings.port), wait * 2)
         except (dns.exception.DNSException, TimeoutError, OSError, EOFError) as e:
             return ResolverCheck(address, self.settings.port, loopback, None,
                                  f"no answer to the root DNSKEY query: {type(e).__name__} {e}".strip())

@@ -70,6 +70,8 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
     postfix_override: PostfixFeatures | None = None
     #: Postfix's relayhost as the agent sees it (``relay.relayhost``): recipients routed there are not handed back.
     relayhost: str = ""
+    #: ``relay.local_transports``: more transports that deliver on this host (hand-back).
+    local_transports: frozenset[str] = frozenset()
     #: Destination pre-flight (``policy.preflight`` warn/reject); None when off.
     preflight: Preflight | None = None
 
@@ -145,7 +147,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
         )
         # The pipeline asks for pre-flight readiness itself, only when it matters (REQUIRETLS, not refused).
         result = classify(facts, self.policy_source(), self.postfix, routes, self.relayhost,
-                          self.preflight.readiness if self.preflight is not None else None)
+                          self.preflight.readiness if self.preflight is not None else None, self.local_transports)
         decision = result.decision
         self._log(queue_id, decision, result.route)
         if decision.reject is not None:
@@ -192,7 +194,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
           socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None,
-          reload: Callable[[], object] | None = None) -> None:
+          reload: Callable[[], object] | None = None, local_transports: frozenset[str] = frozenset()) -> None:
     """Run the milter until SIGTERM/SIGINT; SIGHUP calls ``reload``, which swaps what ``policy_source`` returns.
 
     Any exception in a callback makes the MTA tempfail the message.  libmilter takes SIGHUP as *stop*:
@@ -206,6 +208,7 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     else:
         RequireTLSMilter.postfix_override = None
     RequireTLSMilter.relayhost = relayhost
+    RequireTLSMilter.local_transports = local_transports
     RequireTLSMilter.preflight = preflight
     Milter.factory = RequireTLSMilter
     Milter.set_exception_policy(Milter.TEMPFAIL)
@@ -258,5 +261,5 @@ def run(args: argparse.Namespace) -> int:
         return table_sizes(fresh)
 
     serve(spec, current_policy, m.timeout, m.postfix_version, str(m.relayhost) if m.relayhost else "",
-          m.socket_group, m.socket_mode, m.mta, preflight, Reloader(args.config, apply))
+          m.socket_group, m.socket_mode, m.mta, preflight, Reloader(args.config, apply), m.local_transports)
     return 0

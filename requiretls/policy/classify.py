@@ -29,7 +29,18 @@ from requiretls.policy.model import (
     PreflightMode,
     Rejection,
 )
-from requiretls.policy.route import AGENT_ROUTES, PostfixFeatures, RcptRoute, Route, handback, plan_route, route_edits
+from requiretls.policy.route import (
+    AGENT_ROUTES,
+    Leg,
+    PostfixFeatures,
+    RcptRoute,
+    Route,
+    handback,
+    nexthops,
+    plan_recipients,
+    plan_route,
+    route_edits,
+)
 from requiretls.policy.table import split_address
 
 #: The adapter's pre-flight: recipient domains (lower case, sorted) in, ``(domain, readiness)`` pairs out.
@@ -77,10 +88,12 @@ def remote_routes(recipients: Iterable[str]) -> tuple[RcptRoute, ...]:
     return tuple(RcptRoute(r, "smtp", None) for r in recipients)
 
 
-def _outbound_domains(routes: Sequence[RcptRoute], back: Iterable[str]) -> tuple[str, ...]:
-    """Domains of the recipients that leave through the REQUIRETLS path: hand-back ones have nothing to check."""
-    skip = set(back)
-    return tuple(sorted({d for r in routes if r.address not in skip and (d := split_address(r.address)[1])}))
+def _outbound_domains(routes: Sequence[RcptRoute], relayhost: str,
+                      local_transports: frozenset[str]) -> tuple[str, ...]:
+    """Domains of the recipients that go to their own MX: those are what pre-flight can judge (hand-back ones
+    have nothing to check; a next hop of Postfix's choosing is judged by the agent)."""
+    plans = plan_recipients(routes, relayhost, local_transports)
+    return tuple(sorted({d for p in plans if p.leg is Leg.MX and (d := split_address(p.address)[1])}))
 
 
 def classify(
@@ -90,6 +103,7 @@ def classify(
     routes: Sequence[RcptRoute],
     relayhost: str = "",
     readiness: ReadinessSource | None = None,
+    local_transports: frozenset[str] = frozenset(),
 ) -> Classification:
     """Run the whole pipeline for one message (see the module docstring for the steps).
 
@@ -103,7 +117,9 @@ def classify(
     reject, reasons = d.reject, d.reasons
     route = plan_route(d, routes, mta, d.native_requiretls)
     # Worked out only when someone reads it: most messages have no route and no pre-flight.
-    back: tuple[str, ...] | None = handback(routes, relayhost) if route in AGENT_ROUTES else None
+    optout = route is Route.RELAY_OPTOUT
+    back: tuple[str, ...] | None = (handback(routes, relayhost, local_transports, optout)
+                                    if route in AGENT_ROUTES else None)
     asked: tuple[str, ...] = ()
     if d.msg_class is MessageClass.REQUIRETLS and reject is None:
         if not mta.postfix:
@@ -111,7 +127,7 @@ def classify(
             reasons = (*reasons, "refused: this MTA is not Postfix and nothing here enforces REQUIRETLS on delivery "
                                  "(RFC 8689 §4.2.1)")
         elif policy.preflight is not PreflightMode.OFF:
-            asked = _outbound_domains(routes, handback(routes, relayhost) if back is None else back)
+            asked = _outbound_domains(routes, relayhost, local_transports)
             if asked:
                 source = readiness if readiness is not None else static_readiness(facts.readiness)
                 wanted = set(asked)
@@ -119,7 +135,8 @@ def classify(
                 reject, notes = preflight_rejection(rcpts, policy, answers)
                 reasons = (*reasons, *notes)
     listed = back or ()
+    hops = nexthops(routes, relayhost, local_transports, optout) if route in AGENT_ROUTES else ()
     if route is not None or reject is not d.reject or reasons is not d.reasons:
-        edits = d.header_edits + route_edits(route, listed)
+        edits = d.header_edits + route_edits(route, listed, hops)
         d = Decision(d.msg_class, d.recipients, edits, reject, reasons, d.envelope_params, d.native_requiretls)
     return Classification(d, route, listed, asked)

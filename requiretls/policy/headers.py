@@ -25,7 +25,10 @@ REQUIRE_TLS_ESMTP = "Require-TLS-ESMTP"
 ROUTE_HEADER = "X-RequireTLS-Route"
 #: Private field listing the recipients the delivery agent hands back to Postfix (local, transport_maps).
 HANDBACK_HEADER = "X-RequireTLS-Handback"
-PRIVATE_HEADERS = (ROUTE_HEADER, HANDBACK_HEADER)
+#: Private field giving the agent, per recipient, the SMTP next hop Postfix chose (relayhost, sender-dependent
+#: relayhost, transport_maps) or why no transport here can carry REQUIRETLS to it (``refuse:MAILER``).
+NEXTHOP_HEADER = "X-RequireTLS-Nexthop"
+PRIVATE_HEADERS = (ROUTE_HEADER, HANDBACK_HEADER, NEXTHOP_HEADER)
 
 # RFC 5322 §3.2.2 FWS, standard and obsolete forms, as it may precede the value.  The line break of a fold is
 # CRLF on the wire; milters and queue files may give a bare LF, so both are accepted.
@@ -185,34 +188,55 @@ def format_handback(addresses: Iterable[str]) -> str:
     return ", ".join(f"<{a}>" for a in addresses)
 
 
+def _bracketed(value: str) -> Iterable[tuple[str, int]]:
+    """Each ``<address>`` in ``value`` with the index just past its ``>``.  A ``>``, ``<`` or ``,`` inside a
+    quoted local part (RFC 5321 §4.1.2 Quoted-string, with ``\\`` escapes) belongs to the address; an unclosed
+    bracket ends the scan."""
+    i, n = 0, len(value)
+    while True:
+        i = value.find("<", i)
+        if i < 0:
+            return
+        j, quoted = i + 1, False
+        while j < n:
+            c = value[j]
+            if quoted and c == "\\":
+                j += 2
+                continue
+            if c == '"':
+                quoted = not quoted
+            elif c == ">" and not quoted:
+                break
+            j += 1
+        if j >= n:
+            return
+        yield value[i + 1 : j], j + 1
+        i = j + 1
+
+
 def parse_handback(values: Iterable[str]) -> tuple[str, ...]:
     """The addresses in hand-back field values (see :func:`format_handback`), in order.
 
-    A ``>``, ``<`` or ``,`` inside a quoted local part (RFC 5321 §4.1.2 Quoted-string, with ``\\`` escapes)
-    belongs to the address; text outside brackets (separators, folding) is skipped, and an unclosed bracket
-    yields nothing.  Without this, ``<"a>b"@x>`` would hand back an address that is not a recipient and keep
-    the real one, which the agent would then send out itself.
+    Text outside brackets (separators, folding) is skipped.  Without the quoting rule of :func:`_bracketed`,
+    ``<"a>b"@x>`` would hand back an address that is not a recipient and keep the real one, which the agent
+    would then send out itself.
     """
-    out: list[str] = []
+    return tuple(addr for value in values for addr, _ in _bracketed(value))
+
+
+def format_nexthops(pairs: Iterable[tuple[str, str]]) -> str:
+    """The next-hop field value: ``<address> VALUE`` per recipient, separated by ``", "``.  A VALUE holds no
+    white space and no comma (the milter refuses a next hop that does)."""
+    return ", ".join(f"<{a}> {v}" for a, v in pairs)
+
+
+def parse_nexthops(values: Iterable[str]) -> dict[str, str]:
+    """Recipient -> VALUE from next-hop field values (see :func:`format_nexthops`); an entry without a value
+    is skipped (the recipient then goes the default way, its domain's MX, which never weakens it)."""
+    out: dict[str, str] = {}
     for value in values:
-        i, n = 0, len(value)
-        while True:
-            i = value.find("<", i)
-            if i < 0:
-                break
-            j, quoted = i + 1, False
-            while j < n:
-                c = value[j]
-                if quoted and c == "\\":
-                    j += 2
-                    continue
-                if c == '"':
-                    quoted = not quoted
-                elif c == ">" and not quoted:
-                    break
-                j += 1
-            if j >= n:
-                break
-            out.append(value[i + 1 : j])
-            i = j + 1
-    return tuple(out)
+        for addr, end in _bracketed(value):
+            token = value[end:].lstrip(" \t\r\n").split(",", 1)[0].split("<", 1)[0].strip()
+            if token:
+                out[addr] = token
+    return out

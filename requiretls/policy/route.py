@@ -13,7 +13,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from requiretls.policy.headers import HANDBACK_HEADER, ROUTE_HEADER, format_handback
+from requiretls.addresses import NextHop
+from requiretls.policy.headers import HANDBACK_HEADER, NEXTHOP_HEADER, ROUTE_HEADER, format_handback, format_nexthops
 from requiretls.policy.model import Decision, HeaderEdit, MessageClass
 from requiretls.policy.table import split_address
 
@@ -117,44 +118,109 @@ def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixF
     return None
 
 
-def _hop(nexthop: str) -> str:
-    """A next hop in one form for comparing: ``[Host]:25`` and ``host`` are the same hop."""
-    h = nexthop.strip().lower()
-    if h.endswith(":25"):
-        h = h[:-3]
-    return h.strip("[]").rstrip(".")
+class Leg(enum.StrEnum):
+    """How one recipient of a message routed to the agent leaves this host."""
+
+    #: To the recipient domain's MX: the agent looks it up (DNSSEC, MTA-STS) and delivers.
+    MX = "mx"
+    #: To the SMTP next hop Postfix chose (relayhost, sender-dependent relayhost, transport_maps, relay_domains
+    #: via a relayhost): the agent delivers there under the same rules (RFC 8689 section 4.2.1).
+    NEXTHOP = "nexthop"
+    #: Delivered on this host by Postfix (local, virtual, discard, error, or a transport the admin declared
+    #: local): the agent hands it back.
+    HANDBACK = "handback"
+    #: A transport that cannot carry REQUIRETLS on (LMTP or a pipe to elsewhere, a next hop that is not one SMTP
+    #: destination): the agent bounces it, 5.7.30, rather than let Postfix send it without REQUIRETLS.
+    REFUSE = "refuse"
 
 
-def handback(rcpts: Sequence[RcptRoute], relayhost: str = "") -> tuple[str, ...]:
-    """Recipients the agent must give back to Postfix (it would not send them to their domain's MX itself):
-    local/virtual/pipe delivery and transport_maps routes.  The relayhost is not among them: the agent sends
-    REQUIRETLS mail to it under the same rules as to an MX."""
-    out = []
-    for r in rcpts:
-        if _goes_to_mx(r):
-            continue
-        if relayhost and r.mailer and r.mailer.lower() in _SMTP_MAILERS and _hop(r.host or "") == _hop(relayhost):
-            continue
-        out.append(r.address)
-    return tuple(out)
+#: Postfix delivery agents that deliver on this host.  local(8) may still forward a copy (an alias or .forward
+#: that expands off-site); on Postfix < 3.11 that copy leaves without REQUIRETLS (docs/operations.md).
+LOCAL_MAILERS = frozenset({"local", "virtual", "discard", "error"})
+
+
+@dataclass(frozen=True, slots=True)
+class RcptPlan:
+    """Where one recipient goes.  ``value``: the next hop in Postfix form (NEXTHOP) or ``refuse:MAILER``."""
+
+    address: str
+    leg: Leg
+    value: str = ""
+    reason: str = ""
+
+
+def plan_recipient(r: RcptRoute, relayhost: str = "", local_transports: frozenset[str] = frozenset()) -> RcptPlan:
+    """The leg of one recipient from what Postfix's resolver said of it (``{rcpt_mailer}``, ``{rcpt_host}``).
+
+    The invariant (issue "REQUIRETLS on every path"): a recipient is handed back to Postfix only when Postfix
+    delivers it on this host; whatever Postfix would send over the network goes through the agent (MX or
+    NEXTHOP) or is refused.  ``local_transports`` are ``MAILER`` or ``MAILER:HOST`` values the admin declared
+    local (a mailbox server on this host reached over LMTP, a local pipe).
+    """
+    mailer = (r.mailer or "").lower()
+    host = (r.host or "").strip()
+    if not mailer:
+        # Non-SMTP submissions (sendmail, pickup) carry no route macros: the relayhost if there is one, else
+        # the recipient's MX.  Never a hand-back: that would be Postfix's own smtp without REQUIRETLS.
+        if relayhost:
+            return RcptPlan(r.address, Leg.NEXTHOP, relayhost, "no route macros: the configured relayhost")
+        return RcptPlan(r.address, Leg.MX, "", "no route macros: the recipient's MX")
+    if mailer in LOCAL_MAILERS or mailer in local_transports or f"{mailer}:{host}" in local_transports:
+        return RcptPlan(r.address, Leg.HANDBACK, "", f"delivered on this host by {mailer}")
+    if mailer not in _SMTP_MAILERS:
+        return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}",
+                        f"transport {mailer}:{host} is not declared local and cannot carry REQUIRETLS on")
+    domain = split_address(r.address)[1]
+    if not host or host.lower().rstrip(".") == domain:
+        return RcptPlan(r.address, Leg.MX, "", "the recipient domain's MX")
+    try:
+        hop = NextHop.parse(host)
+    except ValueError:
+        return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}", f"next hop {host!r} is not one SMTP destination")
+    return RcptPlan(r.address, Leg.NEXTHOP, str(hop), f"next hop {hop} ({mailer})")
+
+
+def plan_recipients(rcpts: Sequence[RcptRoute], relayhost: str = "",
+                    local_transports: frozenset[str] = frozenset()) -> tuple[RcptPlan, ...]:
+    return tuple(plan_recipient(r, relayhost, local_transports) for r in rcpts)
+
+
+def handback(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),
+             optout: bool = False) -> tuple[str, ...]:
+    """Recipients the agent gives back to Postfix: those delivered on this host; for an opt-out message also the
+    refused ones (Postfix then applies the destination's normal policy, never weaker than the opt-out)."""
+    legs = (Leg.HANDBACK, Leg.REFUSE) if optout else (Leg.HANDBACK,)
+    return tuple(p.address for p in plan_recipients(rcpts, relayhost, local_transports) if p.leg in legs)
+
+
+def nexthops(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),
+             optout: bool = False) -> tuple[tuple[str, str], ...]:
+    """(recipient, value) for the recipients the agent sends to a next hop of Postfix's choosing or refuses."""
+    legs = (Leg.NEXTHOP,) if optout else (Leg.NEXTHOP, Leg.REFUSE)
+    return tuple((p.address, p.value) for p in plan_recipients(rcpts, relayhost, local_transports)
+                 if p.leg in legs)
 
 
 #: Routes that end at the delivery agent, which reads the hand-back list.
 AGENT_ROUTES = frozenset({Route.RELAY, Route.RELAY_OPTOUT, Route.REINJECT})
 
 
-def route_edits(route: Route | None, handback_rcpts: Sequence[str] = ()) -> tuple[HeaderEdit, ...]:
-    """The header fields that carry the route (and, for the agent, the hand-back list)."""
+def route_edits(route: Route | None, handback_rcpts: Sequence[str] = (),
+                hops: Sequence[tuple[str, str]] = ()) -> tuple[HeaderEdit, ...]:
+    """The header fields that carry the route (and, for the agent, the hand-back list and the next hops)."""
     if route is None:
         return ()
+    edits = [HeaderEdit("add", ROUTE_HEADER, str(route))]
     if handback_rcpts and route in AGENT_ROUTES:
-        return (HeaderEdit("add", ROUTE_HEADER, str(route)),
-                HeaderEdit("add", HANDBACK_HEADER, format_handback(handback_rcpts)))
-    return (HeaderEdit("add", ROUTE_HEADER, str(route)),)
+        edits.append(HeaderEdit("add", HANDBACK_HEADER, format_handback(handback_rcpts)))
+    if hops and route in AGENT_ROUTES:
+        edits.append(HeaderEdit("add", NEXTHOP_HEADER, format_nexthops(hops)))
+    return tuple(edits)
 
 
-def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence[str] = ()) -> Decision:
+def with_route(decision: Decision, route: Route | None, handback_rcpts: Sequence[str] = (),
+               hops: Sequence[tuple[str, str]] = ()) -> Decision:
     """The decision with the route header (and, for the agent, the hand-back list) added to its edits."""
     if route is None:
         return decision
-    return replace(decision, header_edits=decision.header_edits + route_edits(route, handback_rcpts))
+    return replace(decision, header_edits=decision.header_edits + route_edits(route, handback_rcpts, hops))

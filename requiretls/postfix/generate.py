@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
-from requiretls.policy.decide import HANDBACK_HEADER, ROUTE_HEADER
-from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, TLS_REQUIRED
+from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, ROUTE_HEADER, TLS_REQUIRED
 from requiretls.policy.route import PostfixFeatures, Route
 
 RELAXED_SERVICE = "requiretls-relaxed"
@@ -169,7 +168,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
 
     header_rules = [
         "# requiretls: inbound copies of the private headers are forgeries.",
-        f"/^({ROUTE_HEADER}|{HANDBACK_HEADER}):/ IGNORE",
+        f"/^({'|'.join(PRIVATE_HEADERS)}):/ IGNORE",
     ]
     if env.version.native_tls_required:
         header_rules += [
@@ -185,7 +184,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     reinject_rules = [
         "# requiretls re-injection and relaxed delivery: only the private headers go; TLS-Required and",
         "# Require-TLS-ESMTP stay.",
-        f"/^({ROUTE_HEADER}|{HANDBACK_HEADER}):/ IGNORE",
+        f"/^({'|'.join(PRIVATE_HEADERS)}):/ IGNORE",
     ]
     files = (
         (HEADER_CHECKS, "\n".join(header_rules) + "\n"),

@@ -24,16 +24,18 @@ from aiosmtpd.lmtp import LMTP
 
 from requiretls.addresses import Endpoint, ListenAddress, NextHop
 from requiretls.daemon import UnixSocket, notify, prepare_unix_socket, set_socket_mode
-from requiretls.dest import DestinationResolver, TlsRequirement
+from requiretls.dest import Destination, DestinationResolver, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy import eligibility
 from requiretls.policy.headers import (
     HANDBACK_HEADER,
+    NEXTHOP_HEADER,
+    PRIVATE_HEADERS,
     REQUIRE_TLS_ESMTP,
-    ROUTE_HEADER,
     header_values,
     parse_handback,
     parse_header_block,
+    parse_nexthops,
     route_value,
 )
 from requiretls.policy.local import LocalPolicy
@@ -51,7 +53,7 @@ from requiretls.relay.deliver import (
 
 log = logging.getLogger("requiretls")
 
-_PRIVATE = (ROUTE_HEADER.lower(), HANDBACK_HEADER.lower())
+_PRIVATE = tuple(h.lower() for h in PRIVATE_HEADERS)
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 _ADDR = re.compile(r"<([^<>]*)>")
 _QUEUE_ID = re.compile(r"\bid ([0-9A-Za-z]+)")
@@ -140,6 +142,31 @@ def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dic
     return " ".join([head, *rest]), taken
 
 
+#: Where the agent sends a recipient: a next hop of Postfix's choosing, or the recipient domain (its MX).
+Target = NextHop | str
+
+
+def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outcome:
+    """The milter's plan for ``rcpt`` (``X-RequireTLS-Nexthop``), else the configured relayhost, else the
+    recipient's own domain.  A ``refuse:MAILER`` plan is a 5.7.30 bounce (RFC 8689 section 5): Postfix would
+    send it on without REQUIRETLS."""
+    if planned.startswith("refuse:"):
+        mailer = planned.partition(":")[2] or "?"
+        return Outcome(DeliveryStatus.BOUNCED, 550, "5.7.30",
+                       f"REQUIRETLS support required: Postfix routes this recipient to transport {mailer}, which "
+                       "cannot carry REQUIRETLS on", requiretls=False)
+    if planned:
+        try:
+            return NextHop.parse(planned)
+        except ValueError:
+            return Outcome(DeliveryStatus.BOUNCED, 550, "5.7.30",
+                           f"REQUIRETLS support required: next hop {planned!r} is not one SMTP destination",
+                           requiretls=False)
+    if relayhost is not None:
+        return relayhost
+    return split_address(rcpt)[1]
+
+
 class AgentHandler:
     def __init__(self, resolver: DestinationResolver, state: AgentState) -> None:
         self.resolver = resolver
@@ -158,42 +185,52 @@ class AgentHandler:
         return [*responses[:-1], "250-DSN", responses[-1]]
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        state = self.state  # one configuration for the whole message, whatever a reload does meanwhile
         message: bytes = envelope.original_content
         headers = parse_header_block(message)
         route = route_value(headers) or str(Route.RELAY)
         back = {a.lower() for a in parse_handback(header_values(headers, HANDBACK_HEADER))}
+        hops = {a.lower(): v for a, v in parse_nexthops(header_values(headers, NEXTHOP_HEADER)).items()}
         received = next((v for n, v in headers if n.lower() == "received"), "")
         m = _QUEUE_ID.search(received)
         qid = m.group(1) if m else "NOQUEUE"
         mail_params = _params(envelope.mail_options)
         mail_params.update(getattr(server, "_dsn_mail", {}) or {})
         env = LmtpEnvelope(envelope.mail_from, mail_params, tuple(envelope.rcpt_tos),
-                       dict(getattr(server, "_dsn_rcpt", {}) or {}))
+                           dict(getattr(server, "_dsn_rcpt", {}) or {}))
         server._dsn_rcpt = {}
         clean = strip_private(message)
         outcomes: dict[str, Outcome] = {}
+        targets: dict[str, Target] = {}
+        for r in env.rcpts:
+            if r.lower() in back:
+                continue
+            target = _target(r, hops.get(r.lower(), ""), state.settings.relayhost)
+            if isinstance(target, Outcome):
+                outcomes[r] = target
+            else:
+                targets[r] = target
         if route == Route.REINJECT:
             # Postfix 3.11 enforces REQUIRETLS itself; the agent only refuses what can never qualify (no MX
             # validated by DNSSEC or MTA-STS: 3.11 would defer that for days as a TLS-level problem) and DNS
             # trouble, then re-injects the rest with the carrier header.
-            checks = await asyncio.gather(*(self._precheck(r) for r in env.rcpts if r.lower() not in back))
-            refused = {r: o for r, o in checks if o is not None}
-            outcomes.update(refused)
-            rest = [r for r in env.rcpts if r not in refused]
+            checks = await asyncio.gather(*(self._precheck(r, t) for r, t in targets.items()))
+            outcomes.update({r: o for r, o in checks if o is not None})
+            rest = [r for r in env.rcpts if r not in outcomes]
             if rest:
                 carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
                 outcomes.update(await self._reinject(env, rest, carried))
         else:
-            mine = [r for r in env.rcpts if r.lower() not in back]
             handed = [r for r in env.rcpts if r.lower() in back]
             jobs = []
             if handed:
                 jobs.append(self._reinject(env, handed, clean))
-            by_domain: dict[str, list[str]] = {}
-            for r in mine:
-                by_domain.setdefault(split_address(r)[1], []).append(r)
+            grouped: dict[Target, list[str]] = {}
+            for r, target in targets.items():
+                grouped.setdefault(target, []).append(r)
             optout = route == Route.RELAY_OPTOUT
-            jobs += [self._deliver(domain, env, rcpts, clean, optout) for domain, rcpts in by_domain.items()]
+            jobs += [self._deliver(target, env, rcpts, clean, optout, state.settings)
+                     for target, rcpts in grouped.items()]
             for result in await asyncio.gather(*jobs):
                 outcomes.update(result)
         replies = []
@@ -206,18 +243,20 @@ class AgentHandler:
             replies.append(o.lmtp_reply())
         return "\r\n".join(replies)
 
-    async def _deliver(self, domain: str, env: LmtpEnvelope, rcpts: list[str], message: bytes,
-                       optout: bool) -> dict[str, Outcome]:
+    async def _destination(self, target: Target) -> Destination:
+        """A next hop of Postfix's choosing (brackets: that host; else its MX), or the recipient domain's MX."""
+        if isinstance(target, NextHop):
+            return await self.resolver.resolve(target)
+        return await self.resolver.lookup(target)
+
+    async def _deliver(self, target: Target, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                       optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
         async with self._slots:
-            send = self.settings.send
+            send = settings.send
+            if isinstance(target, NextHop):
+                send = replace(send, port=target.port)
             try:
-                hop = self.settings.relayhost
-                if hop is not None:
-                    # The relayhost is the one next hop for every recipient, under the same rules as an MX.
-                    send = replace(send, port=hop.port)
-                    dest = await self.resolver.resolve(hop)
-                else:
-                    dest = await self.resolver.lookup(domain)
+                dest = await self._destination(target)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
                 return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
             if optout:
@@ -228,12 +267,9 @@ class AgentHandler:
                 return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send)
             return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
 
-    async def _precheck(self, rcpt: str) -> tuple[str, Outcome | None]:
-        if self.settings.relayhost is not None:
-            return rcpt, None  # Postfix sends everything to the relayhost and enforces REQUIRETLS there
-        domain = split_address(rcpt)[1]
+    async def _precheck(self, rcpt: str, target: Target) -> tuple[str, Outcome | None]:
         try:
-            dest = await self.resolver.lookup(domain)
+            dest = await self._destination(target)
         except Exception as e:  # trouble defers
             return rcpt, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}")
         verdict = eligibility.judge(dest)

@@ -49,8 +49,11 @@ class Asked:
 def test_requiretls_goes_to_the_agent_with_local_and_transport_recipients_handed_back() -> None:
     c = classify(_facts(), LocalPolicy(), P37, ROUTES, relayhost="[relay.example]:587")
     assert c.route is Route.RELAY and c.handback == ("u@me.example",)
-    assert c.decision.header_edits[-2:] == (HeaderEdit("add", "X-RequireTLS-Route", "relay"),
-                                           HeaderEdit("add", "X-RequireTLS-Handback", "<u@me.example>"))
+    # The relayhost recipient stays with the agent, which sends it to the next hop Postfix chose.
+    assert c.decision.header_edits[-3:] == (HeaderEdit("add", "X-RequireTLS-Route", "relay"),
+                                           HeaderEdit("add", "X-RequireTLS-Handback", "<u@me.example>"),
+                                           HeaderEdit("add", "X-RequireTLS-Nexthop",
+                                                      "<r@x.example> [relay.example]:587"))
     assert c.decision.envelope_params == ("RET=HDRS",) and c.decision.reject is None
 
 
@@ -77,7 +80,9 @@ def test_preflight_asks_only_outbound_domains_and_only_for_requiretls() -> None:
     asked = Asked({"d.example": IMPOSSIBLE})
     policy = LocalPolicy(preflight=PreflightMode.REJECT)
     c = classify(_facts(), policy, P37, ROUTES, relayhost="[relay.example]:587", readiness=asked)
-    assert asked.calls == [("d.example", "x.example")] and c.preflight_domains == ("d.example", "x.example")
+    # Only the recipient that goes to its own MX: the one routed to the relayhost is judged by the agent at
+    # that next hop, the local one has nothing to check.
+    assert asked.calls == [("d.example",)] and c.preflight_domains == ("d.example",)
     assert c.decision.reject is not None and c.decision.reject.dsn == "5.7.30"
     assert c.route is Route.RELAY  # the route is still shown, as before
     asked = Asked({})
@@ -141,5 +146,6 @@ def test_routes_must_match_the_envelope() -> None:
 
 def test_json_adds_route_handback_and_preflight_domains() -> None:
     j = classify(_facts(), LocalPolicy(), P37, ROUTES).to_json()
-    assert (j["route"], j["handback"], j["preflight_domains"]) == ("relay", ["u@me.example", "r@x.example"], [])
+    # r@x.example goes to Postfix's next hop [relay.example]:587 through the agent, not back to Postfix.
+    assert (j["route"], j["handback"], j["preflight_domains"]) == ("relay", ["u@me.example"], [])
     assert j["class"] == "requiretls"

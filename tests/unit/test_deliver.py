@@ -89,9 +89,13 @@ def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.M
 
     monkeypatch.setattr(agent, "deliver_requiretls", fake_send)
     resolver = _HopResolver(dest)
-    handler = agent.AgentHandler(resolver, agent.AgentState(agent.AgentSettings(relayhost=hop)))  # type: ignore[arg-type]
+    settings = agent.AgentSettings(relayhost=hop)
+    handler = agent.AgentHandler(resolver, agent.AgentState(settings))  # type: ignore[arg-type]
     env = LmtpEnvelope("a@s.example", {}, ("b@rcpt.example",))
-    out = asyncio.run(handler._deliver("rcpt.example", env, ["b@rcpt.example"], b"Subject: x\r\n\r\n", False))
+    target = agent._target("b@rcpt.example", "", settings.relayhost)  # no plan from the milter: the relayhost
+    assert target == hop
+    out = asyncio.run(handler._deliver(target, env, ["b@rcpt.example"], b"Subject: x\r\n\r\n", False,
+                                       settings))
     assert out["b@rcpt.example"].status is DeliveryStatus.SENT
     assert resolver.asked == [hop]  # the parsed next hop itself: [host] and host stay different hops
     assert sent == [(dest, SendSettings(port=port))]

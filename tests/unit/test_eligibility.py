@@ -237,7 +237,7 @@ class _Resolver:
     (CASES[4][1], "451 4.4.3")], ids=["dns", "unvalidated", "secure", "sts-fetch"])
 def test_agent_precheck_on_3_11_follows_the_verdict(dest: Destination, reply: str | None) -> None:
     handler = AgentHandler(_Resolver(dest), AgentState())  # type: ignore[arg-type]
-    rcpt, outcome = asyncio.run(handler._precheck("b@example.test"))
+    rcpt, outcome = asyncio.run(handler._precheck("b@example.test", "example.test"))
     assert rcpt == "b@example.test"
     if reply is None:
         assert outcome is None

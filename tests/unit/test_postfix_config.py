@@ -33,7 +33,8 @@ def test_every_version_gets_tempfail_milter_and_forgery_stripping(version: str) 
     main, files = _plan(version)
     assert main["milter_default_action"] == "tempfail"
     assert main["smtpd_milters"] == "{ unix:requiretls/milter.sock, default_action=tempfail }"
-    assert "/^(X-RequireTLS-Route|X-RequireTLS-Handback):/ IGNORE" in files["requiretls_header_checks"]
+    assert ("/^(X-RequireTLS-Route|X-RequireTLS-Handback|X-RequireTLS-Nexthop):/ IGNORE"
+            in files["requiretls_header_checks"])
     assert "FILTER lmtp:unix:requiretls/relay.sock" in files["requiretls_milter_header_checks"]
     assert "FILTER requiretls-relaxed:" in files["requiretls_milter_header_checks"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from requiretls.policy import Envelope, LocalPolicy, MessageFacts, PostfixFeatures, RcptRoute, Route, decide
-from requiretls.policy.route import handback, plan_route
+from requiretls.policy.route import handback, nexthops, plan_route
 
 
 @pytest.mark.parametrize(
@@ -47,7 +47,11 @@ def test_optout_goes_to_the_relaxed_clone_only_when_every_recipient_goes_to_its_
     assert plan_route(d, relayed, PostfixFeatures(), False) == Route.RELAY_OPTOUT  # type: ignore[arg-type]
 
 
-def test_handback_lists_local_and_transport_routed_recipients_but_not_the_relayhost() -> None:
+def test_handback_lists_only_recipients_delivered_on_this_host() -> None:
+    """Issue "REQUIRETLS on every path": a transport_maps next hop (smtp:[internal.example]) and the relayhost
+    stay with the agent, which sends REQUIRETLS there; handing them back let Postfix send them without it."""
     rcpts = [*LOCAL, RcptRoute("c@t.example", "smtp", "[internal.example]"),
              RcptRoute("e@x.example", "relay", "[relay.example]:587")]
-    assert handback(rcpts, "[relay.example]:587") == ("u@me.example", "c@t.example")
+    assert handback(rcpts, "[relay.example]:587") == ("u@me.example",)
+    assert nexthops(rcpts, "[relay.example]:587") == (("c@t.example", "[internal.example]"),
+                                                      ("e@x.example", "[relay.example]:587"))
