@@ -202,31 +202,36 @@ def requiretls_tag(
     sender_rule: TableEntry | None,
     rules: Sequence[TableEntry | None],
 ) -> RequireTlsTag:
-    """Step 2: any REQUIRETLS signal tags the message (RFC 8689 §4.1).  The null sender is exempt from the
-    message's own signals (§4.2.1, §5: bounces must not bounce for lack of TLS), not from local rules."""
+    """Step 2: any REQUIRETLS signal tags the message (RFC 8689 §4.1).  A non-delivery report (the null
+    sender) is exempt from every signal and every rule, a destination or ``<>`` sender rule included (§5: it
+    is sent headers-only instead, and must not bounce for lack of TLS into a double bounce)."""
     reasons: list[str] = []
     notes: list[str] = []
-    own = signals.esmtp_param or signals.carrier or signals.requiretls_cookie
-    if signals.null_sender and own:
-        notes.append("REQUIRETLS signal ignored for the null sender (RFC 8689 §4.2.1, §5: bounces are exempt)")
-    elif not signals.null_sender:
-        if signals.esmtp_param:
-            reasons.append("MAIL FROM REQUIRETLS (RFC 8689 §4.1)")
-        if signals.carrier:
-            reasons.append("Require-TLS-ESMTP: yes header (Postfix 3.11 REQUIRETLS carrier)")
-        if signals.requiretls_cookie:
-            reasons.append(f"subject cookie {policy.requiretls_cookie} from trusted client ({signals.trust_reason})")
+    if signals.null_sender:
+        own = signals.esmtp_param or signals.carrier or signals.requiretls_cookie
+        ruled = (sender_rule is not None and sender_rule.requiretls) or any(
+            e is not None and e.requiretls for e in rules)
+        if not (own or ruled):
+            return _UNTAGGED
+        what = "REQUIRETLS signal" if own else "requiretls=yes rule"
+        notes.append(f"{what} ignored for the null sender: non-delivery reports are exempt (RFC 8689 §5)")
+        return RequireTlsTag((), (), False, False, tuple(notes))
+    if signals.esmtp_param:
+        reasons.append("MAIL FROM REQUIRETLS (RFC 8689 §4.1)")
+    if signals.carrier:
+        reasons.append("Require-TLS-ESMTP: yes header (Postfix 3.11 REQUIRETLS carrier)")
+    if signals.requiretls_cookie:
+        reasons.append(f"subject cookie {policy.requiretls_cookie} from trusted client ({signals.trust_reason})")
     if sender_rule is not None and sender_rule.requiretls:
         reasons.append(f"sender rule {_where(sender_rule)} requiretls=yes")
     dests: list[tuple[str, str]] = []
     for rcpt, entry in zip(env.recipients, rules, strict=True):
         if entry is not None and entry.requiretls:
             dests.append((rcpt, f"destination rule {_where(entry)} requiretls=yes for {rcpt}"))
-    if not (reasons or dests or notes):
+    if not (reasons or dests):
         return _UNTAGGED
-    native = not signals.null_sender and (signals.esmtp_param or signals.carrier)
-    cookie = not signals.null_sender and signals.requiretls_cookie
-    return RequireTlsTag(tuple(reasons), tuple(dests), native, cookie, tuple(notes))
+    return RequireTlsTag(tuple(reasons), tuple(dests), signals.esmtp_param or signals.carrier,
+                         signals.requiretls_cookie, ())
 
 
 # --- step 3: opt-out governance -------------------------------------------------------------------------------

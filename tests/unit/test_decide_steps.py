@@ -83,11 +83,14 @@ def test_tag_parameter_is_native_cookie_is_not() -> None:
     assert t.tagged and not t.native and t.cookie_used
 
 
-def test_tag_null_sender_signals_are_ignored_but_local_rules_hold() -> None:
-    """RFC 8689 §4.2.1/§5: bounces are exempt from the message's own signals."""
+def test_tag_null_sender_is_exempt_from_signals_and_from_local_rules() -> None:
+    """RFC 8689 §5: a non-delivery report is returned headers-only, never REQUIRETLS; a destination rule must
+    not turn a bounce into a 5.7.30 double bounce (issue "REQUIRETLS on every path")."""
     t = _tag(_facts(params=("REQUIRETLS",), sender=""))
     assert not t.tagged and not t.native and "null sender" in t.notes[0]
     t = _tag(_facts(sender="", rcpts=("u@rt.example",)))
+    assert not t.tagged and t.destinations == () and "requiretls=yes rule ignored for the null sender" in t.notes[0]
+    t = _tag(_facts(sender="a@s.example", rcpts=("u@rt.example",)))
     assert t.tagged and t.destinations == (("u@rt.example", "destination rule policy:1 rt.example requiretls=yes "
                                                            "for u@rt.example"),)
 

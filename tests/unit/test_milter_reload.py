@@ -100,7 +100,9 @@ def milter(tmp_path: Path, policy_extra: str) -> Iterator[tuple[subprocess.Popen
     sock = tmp_path / "run" / "milter.sock"
     cfg = tmp_path / "requiretls.toml"
     cfg.write_text(f'[policy]\ntable = "policy"\nsender_table = "senders"\n{policy_extra}\n'
-                   f'[dns]\nresolver = "127.0.0.1:9"\n[milter]\nsocket = "unix:{sock}"\nsocket_group = ""\n')
+                   # Nothing answers at 127.0.0.1:9: keep the pre-flight's wait for it short.
+                   f'[dns]\nresolver = "127.0.0.1:9"\ntimeout = 1\n[milter]\nsocket = "unix:{sock}"\n'
+                   f'socket_group = ""\npreflight_timeout = 2\n')
     logf = tmp_path / "milter.log"
     with open(logf, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "requiretls", "milter", "--config", str(cfg)],

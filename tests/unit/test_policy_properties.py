@@ -108,10 +108,21 @@ def test_requiretls_parameter_or_rule_is_never_classed_below_requiretls(
         (e := policy.table.lookup_domain(split_address(r)[1])) is not None and e.requiretls for r in env.recipients
     )
     srule = policy.senders.lookup_sender(env.sender)
-    if rule or (srule is not None and srule.requiretls) or (_has_param(facts) and env.sender):
+    # RFC 8689 §5: non-delivery reports (the null sender) are exempt from every signal and rule (next test).
+    null = env.sender.strip("<> ") == ""
+    if not null and (rule or (srule is not None and srule.requiretls) or _has_param(facts)):
         assert d.msg_class is MessageClass.REQUIRETLS
         assert all(r.msg_class is MessageClass.REQUIRETLS for r in d.recipients)
         assert "RET=HDRS" in d.envelope_params
+
+
+@given(message_facts(), policies())
+def test_a_non_delivery_report_is_never_requiretls(facts: MessageFacts, policy: LocalPolicy) -> None:
+    """RFC 8689 §5: whatever the rules, a bounce is never REQUIRETLS (it would bounce into a double bounce)."""
+    if facts.envelope.sender.strip("<> ") == "":
+        d = decide(facts, policy)
+        assert d.msg_class is not MessageClass.REQUIRETLS
+        assert all(r.msg_class is not MessageClass.REQUIRETLS for r in d.recipients)
 
 
 @given(message_facts(), policies())

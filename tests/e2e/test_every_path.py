@@ -1,0 +1,101 @@
+"""REQUIRETLS on every path (issue 14): wherever Postfix itself routes a REQUIRETLS recipient (relayhost,
+sender-dependent relayhost, transport_maps), the message either reaches that next hop with ``MAIL FROM ...
+REQUIRETLS`` over verified TLS or bounces 5.7.30 / 5.7.10; it never leaves without REQUIRETLS.
+
+Messages are tagged by a ``requiretls=yes`` destination rule.  On 3.7 and 3.10 the agent delivers to the next
+hop the milter read from Postfix's own resolution (``X-RequireTLS-Nexthop``); on 3.11 it checks and re-injects,
+and Postfix's native REQUIRETLS does the rest.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.plugin import Plugin
+from tests.e2e.test_relay import SECRET, SENDER, _dsn, _message, _nothing_at, _status
+
+pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
+
+
+def _run(plugin: Plugin, table: str, **main_cf: str) -> None:
+    plugin.table = table
+    plugin.apply()
+    plugin.pf.set(**main_cf)
+    for daemon in ("milter", "relay", "policyd"):
+        plugin.start_daemon(daemon)
+    plugin.pf.start()
+
+
+@pytest.mark.parametrize("relayhost", ["[mx.dane.test]:25", "[mx.dane.test]", "dane.test"])
+def test_relayhost_only_in_main_cf_gets_requiretls(plugin: Plugin, relayhost: str) -> None:
+    """relayhost in main.cf, not repeated in relay.relayhost: the milter reads it from Postfix's resolution.
+    Unbracketed, it is an MX lookup (dane.test's MX is mx.dane.test, DNSSEC-signed, DANE)."""
+    _run(plugin, "insecure.test requiretls=yes\n", relayhost=relayhost)
+    plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    d = next(x for x in plugin.wait_mx("dane", timeout=60) if "bob@insecure.test" in x.rcpt_tos)
+    assert d.tls and d.requiretls, d.mail_options
+    assert plugin.bed.mx("insecure").deliveries() == []
+
+
+def test_relayhost_without_requiretls_bounces_5_7_30(plugin: Plugin) -> None:
+    _run(plugin, "insecure.test requiretls=yes\n", relayhost="[mx.dane-norequiretls.test]:25")
+    plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    dsn = _dsn(plugin, timeout=90)
+    assert _status(dsn.raw) == ["5.7.30"] and SECRET.encode() not in dsn.raw
+    _nothing_at(plugin, "dane-norequiretls")
+    assert plugin.bed.mx("insecure").deliveries() == []
+
+
+def test_transport_maps_next_hop_without_requiretls_bounces_5_7_30(plugin: Plugin) -> None:
+    """The issue's case: a transport_maps route to an MX that does not offer REQUIRETLS was delivered over TLS
+    without REQUIRETLS; it must bounce."""
+    _run(plugin, "insecure.test requiretls=yes\n",
+         transport_maps="inline:{insecure.test=smtp:[mx.dane-norequiretls.test]}")
+    plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    dsn = _dsn(plugin, timeout=90)
+    assert _status(dsn.raw) == ["5.7.30"]
+    _nothing_at(plugin, "dane-norequiretls")
+    assert plugin.bed.mx("insecure").deliveries() == []
+
+
+def test_transport_maps_next_hop_with_requiretls_is_used(plugin: Plugin) -> None:
+    _run(plugin, "insecure.test requiretls=yes\n", transport_maps="inline:{insecure.test=relay:[mx.dane.test]}")
+    plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    d = next(x for x in plugin.wait_mx("dane", timeout=60) if "bob@insecure.test" in x.rcpt_tos)
+    assert d.tls and d.requiretls
+    assert plugin.bed.mx("insecure").deliveries() == []
+
+
+def test_sender_dependent_relayhost_without_requiretls_bounces_and_the_mx_gets_nothing(plugin: Plugin) -> None:
+    """The issue's case on 3.7: mail for a REQUIRETLS-capable domain went to the sender's relayhost (no
+    REQUIRETLS) without REQUIRETLS, and the intended MX got nothing."""
+    _run(plugin, "dane.test requiretls=yes\n",
+         sender_dependent_relayhost_maps=f"inline:{{{SENDER}=[mx.dane-norequiretls.test]}}")
+    plugin.pf.submit(SENDER, ["bob@dane.test"], _message(["bob@dane.test"]))
+    dsn = _dsn(plugin, timeout=90)
+    assert _status(dsn.raw) == ["5.7.30"]
+    _nothing_at(plugin, "dane-norequiretls")
+    assert plugin.bed.mx("dane").deliveries() == []
+
+
+def test_lmtp_transport_not_declared_local_bounces_5_7_30(plugin: Plugin) -> None:
+    """LMTP to elsewhere cannot carry REQUIRETLS on (lmtp_requiretls_policy is opportunistic even on 3.11)."""
+    port = plugin.pf.ports.extra[3]
+    _run(plugin, "insecure.test requiretls=yes\n",
+         transport_maps=f"inline:{{insecure.test=lmtp:inet:127.0.0.1:{port}}}")
+    q = plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    dsn = _dsn(plugin, timeout=90)
+    assert _status(dsn.raw) == ["5.7.30"]
+    assert plugin.pf.find_log(rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{port}") is None, plugin.pf.log()[-2000:]
+    assert "transport lmtp" in plugin.log("relay") or "lmtp" in dsn.raw.decode(errors="replace"), q
+
+
+def test_discard_transport_is_handed_back_and_nothing_leaves(plugin: Plugin) -> None:
+    _run(plugin, "insecure.test requiretls=yes\n", transport_maps="inline:{insecure.test=discard:}")
+    q = plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    plugin.pf.wait_log(r"to=<bob@insecure\.test>.*relay=none.*status=sent", timeout=60)
+    time.sleep(1)
+    assert plugin.bed.mx("insecure").deliveries() == []
+    assert plugin.pf.find_log(r"status=bounced") is None, q
