@@ -24,7 +24,7 @@ from aiosmtpd.lmtp import LMTP
 
 from requiretls.addresses import Endpoint, ListenAddress, NextHop
 from requiretls.daemon import UnixSocket, notify, prepare_unix_socket, set_socket_mode
-from requiretls.dest import Destination, DestinationResolver, TlsRequirement
+from requiretls.dest import Destination, DestinationResolver, Prober, TlsRequirement
 from requiretls.log import kv
 from requiretls.policy import eligibility
 from requiretls.policy.headers import (
@@ -168,11 +168,13 @@ def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outc
 
 
 class AgentHandler:
-    def __init__(self, resolver: DestinationResolver, state: AgentState) -> None:
+    def __init__(self, resolver: DestinationResolver, state: AgentState, prober: Prober | None = None) -> None:
         self.resolver = resolver
         #: Replaced whole by a reload (:class:`AgentState`); read where it is used, never copied.
         self.state = state
         self._slots = asyncio.Semaphore(state.settings.max_parallel)
+        #: 3.11 pre-check sessions (cached): what Postfix's own client would find, judged by the one verdict.
+        self.prober = prober
 
     @property
     def settings(self) -> AgentSettings:
@@ -273,7 +275,16 @@ class AgentHandler:
         except Exception as e:  # trouble defers
             return rcpt, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}")
         verdict = eligibility.judge(dest)
+        if verdict.deliverable and self.prober is not None and self._probe_port(target) == self.prober.settings.port:
+            # Steps 3-5 too, so that a failure bounces with the RFC 8689 section 5 code the agent itself would
+            # give (Postfix 3.11 says 5.7.30 for an MX without STARTTLS, where section 5 asks for 5.7.10).
+            sessions = await self.prober.probe_hosts(dest, eligibility.candidates(dest))
+            verdict = eligibility.judge(dest, sessions)
         return rcpt, None if verdict.deliverable else verdict_outcome(verdict)
+
+    @staticmethod
+    def _probe_port(target: Target) -> int:
+        return target.port if isinstance(target, NextHop) else 25
 
     async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
         return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)

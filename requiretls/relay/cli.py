@@ -13,6 +13,7 @@ import asyncio
 from requiretls.addresses import ListenAddress
 from requiretls.config import Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
+from requiretls.dest import Prober, ProbeSettings
 from requiretls.log import setup
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     setup("relay", settings.log.target, settings.log.level)
 
     async def main() -> None:
+        relay = settings.relay
+        prober = Prober(ProbeSettings(timeout=relay.timeout, cafile=relay.cafile, helo_name=relay.helo_name or None))
         handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache),
-                               agent_state(settings))
+                               agent_state(settings), prober)
         await trust_resolver(handler.resolver, settings.dns, settings.filename)
 
         def apply(fresh: Settings) -> dict[str, object]:

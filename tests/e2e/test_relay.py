@@ -79,9 +79,11 @@ def test_mx_without_requiretls_bounces_5_7_30_with_headers_only(plugin: Plugin) 
     _nothing_at(plugin, "dane-norequiretls")
 
 
-@pytest.mark.parametrize("domain", ["expired.test", "selfsigned.test", "insecure.test"])
+@pytest.mark.parametrize("domain", ["expired.test", "selfsigned.test", "insecure.test", "dane-mismatch.test",
+                                    "dane-nostarttls.test"])
 def test_no_authenticated_tls_or_unvalidated_mx_bounces_5_7_10(plugin: Plugin, domain: str) -> None:
-    """Bad certificate (MTA-STS domain), or an MX neither DNSSEC-signed nor listed by MTA-STS."""
+    """Bad certificate (MTA-STS domain), an MX neither DNSSEC-signed nor listed by MTA-STS, TLSA records that
+    match no certificate (the agent's own DANE match: skipping it would deliver), no STARTTLS at a DANE MX."""
     _start(plugin, domain)
     plugin.pf.submit(SENDER, [f"bob@{domain}"], _message([f"bob@{domain}"]))
     dsn = _dsn(plugin, timeout=90)
