@@ -80,10 +80,14 @@ def test_comma_separated_attributes_are_accepted() -> None:
     ],
 )
 def test_errors_name_file_line_and_key(line: str, needle: str) -> None:
+    _assert_error(f"# comment\n\n{line}\n", "/etc/requiretls/policy:3: ", needle)
+
+
+def _assert_error(table: str, prefix: str, needle: str) -> None:
     with pytest.raises(ConfigError) as exc:
-        PolicyTable.parse(f"# comment\n\n{line}\n", "/etc/requiretls/policy")
+        PolicyTable.parse(table, "/etc/requiretls/policy")
     text = str(exc.value)
-    assert text.startswith("/etc/requiretls/policy:3: ")
+    assert text.startswith(prefix)
     assert needle in text
 
 
@@ -111,11 +115,7 @@ def test_errors_name_file_line_and_key(line: str, needle: str) -> None:
     ],
 )
 def test_postfix_attribute_values_postfix_would_not_understand_are_errors(line: str, needle: str) -> None:
-    with pytest.raises(ConfigError) as exc:
-        PolicyTable.parse(f"ok.example dane\n{line}\n", "/etc/requiretls/policy")
-    text = str(exc.value)
-    assert text.startswith("/etc/requiretls/policy:2: example.com: ")
-    assert needle in text
+    _assert_error(f"ok.example dane\n{line}\n", "/etc/requiretls/policy:2: example.com: ", needle)
 
 
 @pytest.mark.parametrize(
