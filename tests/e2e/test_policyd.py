@@ -32,7 +32,8 @@ EXPECTED = [
     ("plain.test", "relaxed", None),  # optout=no, normal policy: nothing published
     ("dane.test", "strict", "dane-only"),
     ("sts.test", "strict", "secure match=mx.sts.test servername=hostname"),
-    ("sts-testing.test", "strict", "secure match=mx.sts-testing.test servername=hostname"),
+    # RFC 8461 §5: a testing policy validates no MX for REQUIRETLS (the one eligibility verdict): TEMP, never may
+    ("sts-testing.test", "strict", "TEMP"),
     ("signed.test", "strict", "secure match=hostname"),
     ("plain.test", "strict", "TEMP"),
     ("bogus.test", "strict", "TEMP"),
