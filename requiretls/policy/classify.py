@@ -35,11 +35,10 @@ from requiretls.policy.route import (
     PostfixFeatures,
     RcptRoute,
     Route,
-    handback,
-    nexthops,
     plan_recipients,
     plan_route,
     route_edits,
+    split_plans,
 )
 from requiretls.policy.table import split_address
 
@@ -117,9 +116,11 @@ def classify(
     reject, reasons = d.reject, d.reasons
     route = plan_route(d, routes, mta, d.native_requiretls)
     # Worked out only when someone reads it: most messages have no route and no pre-flight.
-    optout = route is Route.RELAY_OPTOUT
-    back: tuple[str, ...] | None = (handback(routes, relayhost, local_transports, optout)
-                                    if route in AGENT_ROUTES else None)
+    back: tuple[str, ...] = ()
+    hops: tuple[tuple[str, str], ...] = ()
+    if route in AGENT_ROUTES:
+        plans = plan_recipients(routes, relayhost, local_transports)
+        back, hops = split_plans(plans, optout=route is Route.RELAY_OPTOUT)
     asked: tuple[str, ...] = ()
     if d.msg_class is MessageClass.REQUIRETLS and reject is None:
         if not mta.postfix:
@@ -134,9 +135,7 @@ def classify(
                 answers = {dom: r for dom, r in source(asked) if dom in wanted}
                 reject, notes = preflight_rejection(rcpts, policy, answers)
                 reasons = (*reasons, *notes)
-    listed = back or ()
-    hops = nexthops(routes, relayhost, local_transports, optout) if route in AGENT_ROUTES else ()
     if route is not None or reject is not d.reject or reasons is not d.reasons:
-        edits = d.header_edits + route_edits(route, listed, hops)
+        edits = d.header_edits + route_edits(route, back, hops)
         d = Decision(d.msg_class, d.recipients, edits, reject, reasons, d.envelope_params, d.native_requiretls)
-    return Classification(d, route, listed, asked)
+    return Classification(d, route, back, asked)

@@ -185,20 +185,27 @@ def plan_recipients(rcpts: Sequence[RcptRoute], relayhost: str = "",
     return tuple(plan_recipient(r, relayhost, local_transports) for r in rcpts)
 
 
+def split_plans(plans: Sequence[RcptPlan], optout: bool = False) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """(hand-back list, next-hop list) from the plans.  The agent gives back what Postfix delivers on this
+    host; for an opt-out message also the refused recipients (Postfix then applies the destination's normal
+    policy, never weaker than the opt-out).  The next-hop list has (recipient, value) for the recipients the
+    agent sends to a next hop of Postfix's choosing or, for REQUIRETLS, refuses."""
+    back_legs = (Leg.HANDBACK, Leg.REFUSE) if optout else (Leg.HANDBACK,)
+    hop_legs = (Leg.NEXTHOP,) if optout else (Leg.NEXTHOP, Leg.REFUSE)
+    return (tuple(p.address for p in plans if p.leg in back_legs),
+            tuple((p.address, p.value) for p in plans if p.leg in hop_legs))
+
+
 def handback(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),
              optout: bool = False) -> tuple[str, ...]:
-    """Recipients the agent gives back to Postfix: those delivered on this host; for an opt-out message also the
-    refused ones (Postfix then applies the destination's normal policy, never weaker than the opt-out)."""
-    legs = (Leg.HANDBACK, Leg.REFUSE) if optout else (Leg.HANDBACK,)
-    return tuple(p.address for p in plan_recipients(rcpts, relayhost, local_transports) if p.leg in legs)
+    """The hand-back list of :func:`split_plans`."""
+    return split_plans(plan_recipients(rcpts, relayhost, local_transports), optout)[0]
 
 
 def nexthops(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),
              optout: bool = False) -> tuple[tuple[str, str], ...]:
-    """(recipient, value) for the recipients the agent sends to a next hop of Postfix's choosing or refuses."""
-    legs = (Leg.NEXTHOP,) if optout else (Leg.NEXTHOP, Leg.REFUSE)
-    return tuple((p.address, p.value) for p in plan_recipients(rcpts, relayhost, local_transports)
-                 if p.leg in legs)
+    """The next-hop list of :func:`split_plans`."""
+    return split_plans(plan_recipients(rcpts, relayhost, local_transports), optout)[1]
 
 
 #: Routes that end at the delivery agent, which reads the hand-back list.
