@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import sys
 from typing import Any, TextIO
 
+from requiretls.addresses import Endpoint
 from requiretls.dest import (
     DaneState,
     DestError,
@@ -34,22 +34,9 @@ EXIT_POSSIBLE, EXIT_NOT_POSSIBLE, EXIT_LOOKUP_ERROR = 0, 1, 2
 
 
 def parse_resolver(text: str) -> tuple[str, int]:
-    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` -> (address, port)."""
-    port = 53
-    host = text
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad resolver {text!r}")
-            port = int(rest[1:])
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text)
-    ipaddress.ip_address(host)
-    if not 0 < port < 65536:
-        raise ValueError(f"port out of range in {text!r}")
-    return host, port
+    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` -> (address, port); the config's own parse."""
+    endpoint = Endpoint.parse(text, 53)
+    return endpoint.host, endpoint.port
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ from requiretls.policy.route import (
     AGENT_ROUTES,
     Leg,
     PostfixFeatures,
+    RcptPlan,
     RcptRoute,
     Route,
     plan_recipients,
@@ -87,11 +88,9 @@ def remote_routes(recipients: Iterable[str]) -> tuple[RcptRoute, ...]:
     return tuple(RcptRoute(r, "smtp", None) for r in recipients)
 
 
-def _outbound_domains(routes: Sequence[RcptRoute], relayhost: str,
-                      local_transports: frozenset[str]) -> tuple[str, ...]:
+def _outbound_domains(plans: Sequence[RcptPlan]) -> tuple[str, ...]:
     """Domains of the recipients that go to their own MX: those are what pre-flight can judge (hand-back ones
     have nothing to check; a next hop of Postfix's choosing is judged by the agent)."""
-    plans = plan_recipients(routes, relayhost, local_transports)
     return tuple(sorted({d for p in plans if p.leg is Leg.MX and (d := split_address(p.address)[1])}))
 
 
@@ -118,6 +117,7 @@ def classify(
     # Worked out only when someone reads it: most messages have no route and no pre-flight.
     back: tuple[str, ...] = ()
     hops: tuple[tuple[str, str], ...] = ()
+    plans: tuple[RcptPlan, ...] | None = None  # worked out once, only for the agent's routes or pre-flight
     if route in AGENT_ROUTES:
         plans = plan_recipients(routes, relayhost, local_transports)
         back, hops = split_plans(plans, optout=route is Route.RELAY_OPTOUT)
@@ -128,7 +128,9 @@ def classify(
             reasons = (*reasons, "refused: this MTA is not Postfix and nothing here enforces REQUIRETLS on delivery "
                                  "(RFC 8689 §4.2.1)")
         elif policy.preflight is not PreflightMode.OFF:
-            asked = _outbound_domains(routes, relayhost, local_transports)
+            if plans is None:
+                plans = plan_recipients(routes, relayhost, local_transports)
+            asked = _outbound_domains(plans)
             if asked:
                 source = readiness if readiness is not None else static_readiness(facts.readiness)
                 wanted = set(asked)

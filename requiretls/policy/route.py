@@ -170,8 +170,7 @@ def plan_recipient(r: RcptRoute, relayhost: str = "", local_transports: frozense
     if mailer not in _SMTP_MAILERS:
         return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}",
                         f"transport {mailer}:{host} is not declared local and cannot carry REQUIRETLS on")
-    domain = split_address(r.address)[1]
-    if not host or host.lower().rstrip(".") == domain:
+    if _goes_to_mx(r):
         return RcptPlan(r.address, Leg.MX, "", "the recipient domain's MX")
     try:
         hop = NextHop.parse(host)
