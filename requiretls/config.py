@@ -367,6 +367,14 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Port: 10026 unless given.",
             convert=_endpoint(10026),
         ),
+        "reinject_local": Setting(
+            str,
+            "127.0.0.1:10027",
+            "Postfix 3.7-3.10: loopback IP:PORT of the second re-injection smtpd, for REQUIRETLS recipients "
+            "that local(8) delivers.  Its mail goes to a local(8) clone whose alias and .forward copies come "
+            "back to the agent and keep REQUIRETLS (RFC 8689 section 4.1).  Port: 10027 unless given.",
+            convert=_endpoint(10027),
+        ),
     },
     "log": {
         "target": Setting(str, "stderr", "Where daemons log: stderr (journal) or syslog (mail facility).",
@@ -437,6 +445,7 @@ class RelaySettings:
     helo_name: str
     timeout: float
     reinject: Endpoint
+    reinject_local: Endpoint
 
 
 @dataclass(frozen=True, slots=True)

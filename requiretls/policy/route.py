@@ -135,8 +135,18 @@ class Leg(enum.StrEnum):
 
 
 #: Postfix delivery agents that deliver on this host.  local(8) may still forward a copy (an alias or .forward
-#: that expands off-site); on Postfix < 3.11 that copy leaves without REQUIRETLS (docs/operations.md).
+#: that expands off-site): see :data:`LOCAL_GUARD`.
 LOCAL_MAILERS = frozenset({"local", "virtual", "discard", "error"})
+
+#: Next-hop value of a REQUIRETLS recipient that local(8) delivers.  On Postfix < 3.11 the agent hands it back
+#: through the second re-injection smtpd, whose mail goes to a local(8) clone: the copies that clone forwards
+#: (alias, .forward) come back to the agent with :data:`FORWARD_SUFFIX` on their address and keep REQUIRETLS
+#: (RFC 8689 section 4.1: "all instances of the message MUST be tagged in the same manner").
+LOCAL_GUARD = "local"
+
+#: Domain suffix the local(8) clone's forwarding cleanup puts on every address it forwards to, and that
+#: transport_maps sends to the agent, which takes it off again.  ``.invalid`` (RFC 2606): never a real domain.
+FORWARD_SUFFIX = ".requiretls-forward.invalid"
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +176,8 @@ def plan_recipient(r: RcptRoute, relayhost: str = "", local_transports: frozense
             return RcptPlan(r.address, Leg.NEXTHOP, relayhost, "no route macros: the configured relayhost")
         return RcptPlan(r.address, Leg.MX, "", "no route macros: the recipient's MX")
     if mailer in LOCAL_MAILERS or mailer in local_transports or f"{mailer}:{host}" in local_transports:
-        return RcptPlan(r.address, Leg.HANDBACK, "", f"delivered on this host by {mailer}")
+        return RcptPlan(r.address, Leg.HANDBACK, LOCAL_GUARD if mailer == "local" else "",
+                        f"delivered on this host by {mailer}")
     if mailer not in _SMTP_MAILERS:
         return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}",
                         f"transport {mailer}:{host} is not declared local and cannot carry REQUIRETLS on")
@@ -188,11 +199,13 @@ def split_plans(plans: Sequence[RcptPlan], optout: bool = False) -> tuple[tuple[
     """(hand-back list, next-hop list) from the plans.  The agent gives back what Postfix delivers on this
     host; for an opt-out message also the refused recipients (Postfix then applies the destination's normal
     policy, never weaker than the opt-out).  The next-hop list has (recipient, value) for the recipients the
-    agent sends to a next hop of Postfix's choosing or, for REQUIRETLS, refuses."""
+    agent sends to a next hop of Postfix's choosing or, for REQUIRETLS, refuses, and (REQUIRETLS) the local(8)
+    hand-backs marked :data:`LOCAL_GUARD`."""
     back_legs = (Leg.HANDBACK, Leg.REFUSE) if optout else (Leg.HANDBACK,)
     hop_legs = (Leg.NEXTHOP,) if optout else (Leg.NEXTHOP, Leg.REFUSE)
     return (tuple(p.address for p in plans if p.leg in back_legs),
-            tuple((p.address, p.value) for p in plans if p.leg in hop_legs))
+            tuple((p.address, p.value) for p in plans
+                  if p.leg in hop_legs or (not optout and p.leg is Leg.HANDBACK and p.value == LOCAL_GUARD)))
 
 
 def handback(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             settings.relay.listen,
             str(settings.relay.reinject),
             settings.policyd.listen[0] if use_policyd else None,
+            str(settings.relay.reinject_local),
         )
         if not args.apply:
             sys.stdout.write(render(plan, env))

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
 from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, ROUTE_HEADER, TLS_REQUIRED
-from requiretls.policy.route import PostfixFeatures, Route
+from requiretls.policy.route import FORWARD_SUFFIX, PostfixFeatures, Route
 
 RELAXED_SERVICE = "requiretls-relaxed"
 CLEANUP_SERVICE = "requiretls-cleanup"
@@ -38,6 +38,11 @@ HEADER_CHECKS = "requiretls_header_checks"
 MILTER_HEADER_CHECKS = "requiretls_milter_header_checks"
 REINJECT_HEADER_CHECKS = "requiretls_reinject_header_checks"
 RELAXED_POLICY = "requiretls_relaxed_policy"
+LOCAL_SERVICE = "requiretls-local"
+LOCAL_REWRITE_SERVICE = "requiretls-rewrite"
+FORWARD_CLEANUP_SERVICE = "requiretls-forward"
+FORWARD_MAPS = "requiretls_forward"
+TRANSPORT_MAPS = "requiretls_transport"
 MARK = "requiretls"
 
 #: main.cf parameters whose current values the plan builds on.
@@ -50,6 +55,7 @@ READ_PARAMS = (
     "milter_header_checks",
     "smtp_tls_security_level",
     "smtp_tls_policy_maps",
+    "transport_maps",
 )
 
 
@@ -137,9 +143,10 @@ def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
 
 def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
              relay_socket: str | ListenAddress, reinject: str,
-             policyd_socket: str | ListenAddress | None = None) -> Plan:
+             policyd_socket: str | ListenAddress | None = None, reinject_local: str = "127.0.0.1:10027") -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
-    opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only."""
+    opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only.
+    ``reinject_local``: (Postfix < 3.11) the re-injection smtpd for REQUIRETLS recipients local(8) delivers."""
     cdir = env.config_directory.rstrip("/")
     sockmap = f"socketmap:{postfix_socket(policyd_socket, env.queue_directory)}" if policyd_socket else ""
     milter = f"{{ {postfix_socket(milter_socket, env.queue_directory)}, default_action=tempfail }}"
@@ -186,13 +193,13 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         "# Require-TLS-ESMTP stay.",
         f"/^({'|'.join(PRIVATE_HEADERS)}):/ IGNORE",
     ]
-    files = (
+    files: tuple[tuple[str, str], ...] = (
         (HEADER_CHECKS, "\n".join(header_rules) + "\n"),
         (MILTER_HEADER_CHECKS, "\n".join(milter_rules) + "\n"),
         (REINJECT_HEADER_CHECKS, "\n".join(reinject_rules) + "\n"),
         (RELAXED_POLICY, relaxed_policy_table(policy, env.current.get("smtp_tls_security_level", ""))),
     )
-    master = (
+    master: tuple[MasterEntry, ...] = (
         MasterEntry(
             RELAXED_SERVICE,
             "unix",
@@ -221,7 +228,71 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             "-o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
         ),
     )
+    if not env.version.native_requiretls:
+        guard_main, guard_master, guard_files = _local_guard(env, relay, reinject_local, master[-1].line)
+        main += guard_main
+        master += guard_master
+        files += guard_files
     return Plan(tuple(main), master, files)
+
+
+def _local_guard(env: PostfixEnv, relay: str, reinject_local: str, reinject_line: str
+                 ) -> tuple[list[tuple[str, str]], tuple[MasterEntry, ...], tuple[tuple[str, str], ...]]:
+    """Postfix < 3.11: REQUIRETLS for what local(8) forwards (RFC 8689 section 4.1, "all instances of the
+    message MUST be tagged in the same manner").
+
+    Postfix 3.7-3.10 sends a copy that local(8) forwards for an alias or .forward through cleanup without
+    milters, header_checks or FILTER, so nothing of ours would see it and it would leave without REQUIRETLS.
+    So the agent hands REQUIRETLS recipients of local(8) back through a second re-injection smtpd whose
+    content_filter is a local(8) clone.  That clone resolves through a trivial-rewrite clone in which local
+    addresses belong to the clone itself (so an alias to a local user is delivered in the same process, with
+    that user's .forward under the same rule), and forwards through a cleanup clone whose virtual_alias_maps
+    puts FORWARD_SUFFIX on every forwarded address; transport_maps sends those addresses to the agent, which
+    takes the suffix off and delivers with REQUIRETLS (or bounces 5.7.30 / 5.7.10).
+    """
+    cdir = env.config_directory.rstrip("/")
+    suffix = FORWARD_SUFFIX.replace(".", "\\.")
+    forward_rules = "\n".join([
+        "# requiretls: every address the REQUIRETLS local(8) clone forwards to goes to the agent (transport_maps",
+        f"# {TRANSPORT_MAPS}), which takes the suffix off again and delivers with REQUIRETLS.",
+        f"if !/{suffix}$/",
+        f"/^(.*@.+)$/\t${{1}}{FORWARD_SUFFIX}",
+        "endif",
+    ]) + "\n"
+    transport_rules = "\n".join([
+        "# requiretls: forwarded copies of REQUIRETLS messages (see requiretls_forward) go to the agent.",
+        f"/{suffix}$/\tlmtp:{relay}",
+    ]) + "\n"
+    main = [("transport_maps", _prepend(env.current.get("transport_maps", ""), f"regexp:{cdir}/{TRANSPORT_MAPS}"))]
+    options = reinject_line.partition(" inet ")[2]
+    master = (
+        MasterEntry(
+            reinject_local,
+            "inet",
+            f"{reinject_local} inet "
+            + options.replace("postfix/requiretls-reinject", "postfix/requiretls-reinject-local")
+            .replace("-o content_filter= ", f"-o content_filter={LOCAL_SERVICE}: "),
+        ),
+        MasterEntry(
+            LOCAL_SERVICE,
+            "unix",
+            f"{LOCAL_SERVICE} unix - n n - - local -o syslog_name=postfix/{LOCAL_SERVICE} "
+            f"-o rewrite_service_name={LOCAL_REWRITE_SERVICE} -o cleanup_service_name={FORWARD_CLEANUP_SERVICE}",
+        ),
+        MasterEntry(
+            LOCAL_REWRITE_SERVICE,
+            "unix",
+            f"{LOCAL_REWRITE_SERVICE} unix - - n - - trivial-rewrite -o syslog_name=postfix/{LOCAL_REWRITE_SERVICE} "
+            f"-o local_transport={LOCAL_SERVICE}:$myhostname",
+        ),
+        MasterEntry(
+            FORWARD_CLEANUP_SERVICE,
+            "unix",
+            f"{FORWARD_CLEANUP_SERVICE} unix n - n - 0 cleanup -o syslog_name=postfix/{FORWARD_CLEANUP_SERVICE} "
+            f"-o virtual_alias_maps=regexp:{cdir}/{FORWARD_MAPS}",
+        ),
+    )
+    return main, master, ((FORWARD_MAPS, forward_rules), (TRANSPORT_MAPS, transport_rules))
 
 
 def render(plan: Plan, env: PostfixEnv) -> str:

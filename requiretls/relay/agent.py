@@ -39,7 +39,7 @@ from requiretls.policy.headers import (
     route_value,
 )
 from requiretls.policy.local import LocalPolicy
-from requiretls.policy.route import Route
+from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, Route
 from requiretls.policy.table import split_address
 from requiretls.relay.deliver import (
     DeliveryStatus,
@@ -62,6 +62,8 @@ _QUEUE_ID = re.compile(r"\bid ([0-9A-Za-z]+)")
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     reinject: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10026))
+    #: Postfix < 3.11: the re-injection smtpd whose mail goes to the local(8) clone (REQUIRETLS local recipients).
+    reinject_local: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10027))
     #: Postfix's relayhost: every recipient the agent delivers goes there (MX hosts of a domain, or one host).
     relayhost: NextHop | None = None
     send: SendSettings = field(default_factory=SendSettings)
@@ -204,6 +206,14 @@ class AgentHandler:
         clean = strip_private(message)
         outcomes: dict[str, Outcome] = {}
         targets: dict[str, Target] = {}
+        # Copies the local(8) clone forwarded (alias, .forward) of a REQUIRETLS message: the address without
+        # the suffix is the real one; it goes where a recipient without route macros goes.
+        forwarded = {r: r[: -len(FORWARD_SUFFIX)] for r in env.rcpts
+                     if r.lower().endswith(FORWARD_SUFFIX) and "@" in r[: -len(FORWARD_SUFFIX)]}
+        if forwarded:
+            env = _unsuffixed(env, forwarded)
+            log.info("%s: %s", qid, kv(forwarded_copy=",".join(f"<{a}>" for a in forwarded.values()),
+                                       note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
         for r in env.rcpts:
             if r.lower() in back:
                 continue
@@ -224,9 +234,14 @@ class AgentHandler:
                 outcomes.update(await self._reinject(env, rest, carried))
         else:
             handed = [r for r in env.rcpts if r.lower() in back]
+            # REQUIRETLS recipients local(8) delivers go to its clone, whose forwarded copies keep REQUIRETLS.
+            guarded = [r for r in handed if route == Route.RELAY and hops.get(r.lower()) == LOCAL_GUARD]
+            plain = [r for r in handed if r not in guarded]
             jobs = []
-            if handed:
-                jobs.append(self._reinject(env, handed, clean))
+            if plain:
+                jobs.append(self._reinject(env, plain, clean))
+            if guarded:
+                jobs.append(self._reinject(env, guarded, clean, state.settings.reinject_local))
             grouped: dict[Target, list[str]] = {}
             for r, target in targets.items():
                 grouped.setdefault(target, []).append(r)
@@ -286,11 +301,14 @@ class AgentHandler:
     def _probe_port(target: Target) -> int:
         return target.port if isinstance(target, NextHop) else 25
 
-    async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes) -> dict[str, Outcome]:
-        return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message)
+    async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+                        endpoint: Endpoint | None = None) -> dict[str, Outcome]:
+        return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message,
+                                       endpoint or self.settings.reinject)
 
-    def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: bytes) -> dict[str, Outcome]:
-        host, port = self.settings.reinject.host, self.settings.reinject.port
+    def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                       endpoint: Endpoint) -> dict[str, Outcome]:
+        host, port = endpoint.host, endpoint.port
         where = f"reinject[{host}]:{port}"
         base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, "none", "none", None)
         try:
@@ -321,6 +339,13 @@ class AgentHandler:
                 return results
         except (smtplib.SMTPException, OSError) as e:
             return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+
+
+def _unsuffixed(env: LmtpEnvelope, forwarded: dict[str, str]) -> LmtpEnvelope:
+    """The envelope with each forwarded copy's recipient under its real address (RCPT parameters follow)."""
+    rcpts = tuple(forwarded.get(r, r) for r in env.rcpts)
+    params = {forwarded.get(r, r): p for r, p in env.rcpt_params.items()}
+    return replace(env, rcpts=rcpts, rcpt_params=params)
 
 
 def _smtp(code: int, msg: bytes, base: Outcome) -> Outcome:

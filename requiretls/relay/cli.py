@@ -31,6 +31,7 @@ def agent_state(settings: Settings) -> AgentState:
     return AgentState(
         AgentSettings(
             reinject=relay.reinject,
+            reinject_local=relay.reinject_local,
             relayhost=relay.relayhost,
             send=SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile),
         ),

@@ -66,6 +66,7 @@ socket_mode = "0666"
 [relay]
 listen = "unix:{self.relay_sock}"
 reinject = "127.0.0.1:{self.reinject_port}"
+reinject_local = "127.0.0.1:{self.pf.ports.extra[1]}"
 cafile = "{ca}"
 helo_name = "relay.local.test"
 timeout = 10

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.e2e.plugin import Plugin
-from tests.e2e.test_relay import SENDER, _dsn, _message, _nothing_at, _status
+from tests.e2e.test_relay import SECRET, SENDER, _dsn, _message, _nothing_at, _status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
 
@@ -102,3 +102,28 @@ def test_discard_transport_is_handed_back_and_nothing_leaves(plugin: Plugin) -> 
     time.sleep(1)
     assert plugin.bed.mx("insecure").deliveries() == []
     assert plugin.pf.find_log(r"status=bounced") is None, q
+
+
+def test_local_alias_forwarding_keeps_requiretls(plugin: Plugin) -> None:
+    """RFC 8689 section 4.1: a locally aliased message keeps its tag in every copy.  The alias expands to a
+    DANE domain with REQUIRETLS (delivered with REQUIRETLS over verified TLS), one without (bounced 5.7.30,
+    nothing at its MX) and a local mailbox (delivered there once).  On 3.7 and 3.10 Postfix's forwarded copy
+    would skip every milter and header check and leave without REQUIRETLS; the local(8) clone sends it to the
+    agent instead."""
+    _run(plugin, "dane.test requiretls=yes\n",
+         alias_maps="inline:{ { fwd = a1@dane.test, a2@dane-norequiretls.test, nobody } }")
+    fwd = "fwd@postfix.local.test"
+    plugin.pf.submit(SENDER, [fwd, "bob@dane.test"], _message([fwd, "bob@dane.test"]))
+    got = plugin.wait_mx("dane", n=2, timeout=90)
+    by_rcpt = {r: d for d in got for r in d.rcpt_tos}
+    assert set(by_rcpt) == {"a1@dane.test", "bob@dane.test"}, [d.rcpt_tos for d in got]
+    for d in got:
+        assert d.tls and d.requiretls, (d.rcpt_tos, d.mail_options)
+        assert b"X-RequireTLS" not in d.raw
+    dsn = _dsn(plugin, timeout=90)
+    assert _status(dsn.raw) == ["5.7.30"], dsn.raw.decode(errors="replace")[-1500:]
+    _nothing_at(plugin, "dane-norequiretls")
+    plugin.pf.wait_queue_empty(60)
+    mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
+    assert mbox.count(SECRET) == 1
+    assert len(plugin.bed.mx("dane").deliveries()) == 2

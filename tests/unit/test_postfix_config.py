@@ -109,3 +109,22 @@ def test_apply_twice_then_undo_leaves_postconf_n_and_m_unchanged(tmp_path: Path)
     assert (pc("-n"), pc("-M")) == (before_n, before_m)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["main.cf", "master.cf"]
     assert PostfixFeatures.from_macro(pc("-h", "mail_version")).version >= (3, 7)
+
+
+@pytest.mark.parametrize("version", ["3.7", "3.10", "3.11"])
+def test_local_forwarding_guard_only_where_postfix_drops_the_tag(version: str) -> None:
+    """Postfix < 3.11 forwards alias and .forward copies with no milter, header_checks or FILTER: those versions
+    get the local(8) clone, its forwarding cleanup and the transport_maps entry back to the agent."""
+    env = offline_env(version)
+    plan = generate(env, LocalPolicy(), MILTER, RELAY, REINJECT, None, "127.0.0.1:10027")
+    services = {m.service for m in plan.master}
+    main, files = dict(plan.main), dict(plan.files)
+    guarded = version != "3.11"
+    assert ({"requiretls-local", "requiretls-rewrite", "requiretls-forward", "127.0.0.1:10027"} <= services) == guarded
+    assert ("transport_maps" in main) == guarded
+    if guarded:
+        assert main["transport_maps"].startswith("regexp:/etc/postfix/requiretls_transport")
+        local_in = next(m.line for m in plan.master if m.service == "127.0.0.1:10027")
+        assert "-o content_filter=requiretls-local: " in local_in and "-o content_filter= " not in local_in
+        assert "lmtp:unix:requiretls/relay.sock" in files["requiretls_transport"]
+        assert "${1}.requiretls-forward.invalid" in files["requiretls_forward"]

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from requiretls.policy import RcptRoute
-from requiretls.policy.route import LOCAL_MAILERS, Leg, RcptPlan, handback, nexthops, plan_recipient
+from requiretls.policy.route import LOCAL_GUARD, LOCAL_MAILERS, Leg, RcptPlan, handback, nexthops, plan_recipient
 
 CASES: list[tuple[RcptRoute, str, frozenset[str], RcptPlan]] = [
     (RcptRoute("b@dane.test", "smtp", "dane.test"), "", frozenset(), RcptPlan("b@dane.test", Leg.MX)),
@@ -23,7 +23,7 @@ CASES: list[tuple[RcptRoute, str, frozenset[str], RcptPlan]] = [
     (RcptRoute("b@dane.test", "smtp", "[mx.dane.test]:25"), "", frozenset(),
      RcptPlan("b@dane.test", Leg.NEXTHOP, "[mx.dane.test]")),
     # delivered here
-    (RcptRoute("u@me.test", "local", "me.test"), "", frozenset(), RcptPlan("u@me.test", Leg.HANDBACK)),
+    (RcptRoute("u@me.test", "local", "me.test"), "", frozenset(), RcptPlan("u@me.test", Leg.HANDBACK, "local")),
     (RcptRoute("u@me.test", "virtual", "me.test"), "", frozenset(), RcptPlan("u@me.test", Leg.HANDBACK)),
     (RcptRoute("u@t7.test", "discard", "t7.test"), "", frozenset(), RcptPlan("u@t7.test", Leg.HANDBACK)),
     (RcptRoute("u@v.test", "error", "5.1.1 User unknown"), "", frozenset(), RcptPlan("u@v.test", Leg.HANDBACK)),
@@ -77,4 +77,9 @@ def test_no_combination_hands_back_a_recipient_postfix_would_send_over_the_netwo
             assert here or plan_recipient(r, relayhost, local).leg is Leg.REFUSE, r
         if not mailer:
             assert r.address not in back, r  # no route macros: the agent decides, never Postfix's own smtp
-        assert not (r.address in back and r.address in hops), r
+        if r.address in back and r.address in hops:
+            # only the local(8) guard: the agent hands it back through the clone whose forwarded copies keep
+            # REQUIRETLS (RFC 8689 section 4.1)
+            assert hops[r.address] == LOCAL_GUARD and mailer == "local" and not optout, (r, hops[r.address])
+        if not optout and mailer == "local":
+            assert hops.get(r.address) == LOCAL_GUARD, r
