@@ -30,6 +30,11 @@ class Route(enum.StrEnum):
     REINJECT = "reinject"
     #: To the relaxed smtp transport clone (opportunistic TLS, ``optout=no`` destinations keep their policy).
     RELAXED = "relaxed"
+    #: Postfix >= 3.11, REQUIRETLS that Postfix enforces natively, every recipient to its domain's MX: to the
+    #: strict smtp clone, whose TLS policy (the policy service's ``strict`` zone) authenticates every MX RFC 8689
+    #: allows, a DNSSEC-validated MX with a PKIX certificate and no TLSA included (the ``default`` zone leaves
+    #: that one at ``may``, which 3.11 refuses for REQUIRETLS with 5.7.10).
+    STRICT = "strict"
 
 
 #: Postfix delivery agents that send to a recipient domain's MX themselves.
@@ -107,7 +112,10 @@ def plan_route(decision: Decision, rcpts: Sequence[RcptRoute], postfix: PostfixF
         return None
     if decision.msg_class is MessageClass.REQUIRETLS:
         if postfix.native_requiretls:
-            return None if native else Route.REINJECT
+            if not native:
+                return Route.REINJECT
+            # FILTER covers every recipient: only when all of them go to their own MX anyway.
+            return Route.STRICT if rcpts and all(_goes_to_mx(r) for r in rcpts) else None
         return Route.RELAY
     if decision.msg_class is MessageClass.OPTOUT:
         # The relaxed clone sends each recipient to its domain's MX; anything Postfix would route elsewhere

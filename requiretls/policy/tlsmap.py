@@ -4,7 +4,8 @@ One daemon serves several transports; the socketmap *name* selects the zone:
 
 * ``default``: the destination's normal policy (table, else DANE, else MTA-STS enforce, else NOTFOUND);
 * ``relaxed``: opt-out messages: ``may``, except ``optout=no`` destinations, which get their ``default`` answer;
-* ``strict``: REQUIRETLS through Postfix's own smtp client: never below an authenticated level, TEMP otherwise;
+* ``strict``: REQUIRETLS through Postfix 3.11's own smtp client: an authenticated level where RFC 8689 allows
+  the MX, ``encrypt`` (which 3.11 refuses for REQUIRETLS with 5.7.10) where it does not, TEMP on doubt;
 * ``requiretls``: Postfix 3.11 ``smtp_requiretls_policy``: ``enforce`` unless the table says ``requiretls=no``.
 
 Answers use exact Postfix syntax; ``optout=`` and ``requiretls=`` never reach Postfix.  Trouble is TEMP
@@ -164,10 +165,16 @@ def _need(dest: Destination | None, error: str | None, f: Callable[[Destination]
 
 
 def _strict(dest: Destination) -> Answer:
-    """REQUIRETLS through Postfix's smtp client: the eligibility verdict (RFC 8689 section 4.2.1 steps 1-2),
-    then an authenticated level for its first candidate MX; TEMP whenever the verdict does not deliver (a
-    socketmap cannot bounce, and ``may`` would be a downgrade)."""
+    """REQUIRETLS through Postfix 3.11's smtp client (the strict clone): the eligibility verdict (RFC 8689
+    section 4.2.1 steps 1-2), then an authenticated level for its first candidate MX.
+
+    Doubt (DNS, MTA-STS fetch) is TEMP.  A verdict that bounces (no MX validated by DNSSEC or an MTA-STS
+    ``enforce`` policy) is ``encrypt``: a socketmap cannot bounce, and TEMP would hold the message for days,
+    whereas 3.11 refuses an unauthenticated level for REQUIRETLS at once with 5.7.10 (RFC 8689 section 5).
+    ``encrypt`` never sends in clear, even for a destination the table exempts (``requiretls=no``)."""
     verdict = judge(dest)
+    if verdict.outcome is Outcome.BOUNCE:
+        return Answer(Status.OK, "encrypt")
     if verdict.outcome is not Outcome.DELIVER:
         return Answer(Status.TEMP, f"{verdict.dsn} {verdict.reason}"[:200])
     if dest.requirement is TlsRequirement.DANE:

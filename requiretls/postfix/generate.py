@@ -33,6 +33,8 @@ from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, RO
 from requiretls.policy.route import FORWARD_SUFFIX, PostfixFeatures, Route
 
 RELAXED_SERVICE = "requiretls-relaxed"
+STRICT_SERVICE = "requiretls-strict"
+REINJECT_CLEANUP_CHECKS = "requiretls_reinject_cleanup_checks"
 CLEANUP_SERVICE = "requiretls-cleanup"
 HEADER_CHECKS = "requiretls_header_checks"
 MILTER_HEADER_CHECKS = "requiretls_milter_header_checks"
@@ -188,6 +190,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         f"/^{ROUTE_HEADER}: ({Route.RELAY}|{Route.RELAY_OPTOUT}|{Route.REINJECT})$/ FILTER lmtp:{relay}",
         f"/^{ROUTE_HEADER}: {Route.RELAXED}$/ FILTER {RELAXED_SERVICE}:",
     ]
+    if env.version.native_requiretls:
+        milter_rules.append(f"/^{ROUTE_HEADER}: {Route.STRICT}$/ FILTER {STRICT_SERVICE}:")
     reinject_rules = [
         "# requiretls re-injection and relaxed delivery: only the private headers go; TLS-Required and",
         "# Require-TLS-ESMTP stay.",
@@ -233,7 +237,42 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         main += guard_main
         master += guard_master
         files += guard_files
+    else:
+        master, files = _strict_route(cdir, sockmap, master, files)
     return Plan(tuple(main), master, files)
+
+
+def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], files: tuple[tuple[str, str], ...]
+                  ) -> tuple[tuple[MasterEntry, ...], tuple[tuple[str, str], ...]]:
+    """Postfix 3.11: the strict smtp clone for REQUIRETLS mail whose recipients all go to their MX.
+
+    3.11 enforces REQUIRETLS itself, but only at the TLS level smtp_tls_policy_maps gives; the ``default`` zone
+    leaves a DNSSEC-signed MX without TLSA at ``may`` (so as not to make ordinary mail PKIX-strict), and 3.11
+    then refuses the REQUIRETLS message with 5.7.10 although RFC 8689 allows that MX.  The clone asks the
+    ``strict`` zone instead.  Native REQUIRETLS mail reaches it through the milter's route header; rule-tagged
+    mail the agent re-injects, through the same header read by the re-injection cleanup.  Without the policy
+    service the clone keeps main.cf's TLS policy (no better, no worse than Postfix's own smtp).
+    """
+    route_rule = f"/^{ROUTE_HEADER}: {Route.STRICT}$/ FILTER {STRICT_SERVICE}:"
+    reinject_text = dict(files)[REINJECT_HEADER_CHECKS]
+    cleanup_checks = ("# requiretls (3.11): re-injected REQUIRETLS mail for MX recipients goes to the strict clone\n"
+                      + route_rule + "\n" + reinject_text)
+    policy = f" -o smtp_tls_policy_maps={sockmap}:strict" if sockmap else ""
+    strict = MasterEntry(
+        STRICT_SERVICE,
+        "unix",
+        f"{STRICT_SERVICE} unix - - n - - smtp -o syslog_name=postfix/{STRICT_SERVICE}{policy}"
+        # the route header served its purpose: it does not go to the next hop
+        f" -o smtp_header_checks=regexp:{cdir}/{REINJECT_HEADER_CHECKS}",
+    )
+    out = []
+    for m in master:
+        if m.service == CLEANUP_SERVICE:
+            m = MasterEntry(m.service, m.type, m.line.replace(
+                f"-o header_checks=regexp:{cdir}/{REINJECT_HEADER_CHECKS}",
+                f"-o header_checks=regexp:{cdir}/{REINJECT_CLEANUP_CHECKS}"))
+        out.append(m)
+    return (strict, *out), (*files, (REINJECT_CLEANUP_CHECKS, cleanup_checks))
 
 
 def _local_guard(env: PostfixEnv, relay: str, reinject_local: str, reinject_line: str

@@ -32,6 +32,7 @@ from requiretls.policy.headers import (
     NEXTHOP_HEADER,
     PRIVATE_HEADERS,
     REQUIRE_TLS_ESMTP,
+    ROUTE_HEADER,
     header_values,
     parse_handback,
     parse_header_block,
@@ -231,6 +232,10 @@ class AgentHandler:
             rest = [r for r in env.rcpts if r not in outcomes]
             if rest:
                 carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
+                if all(isinstance(targets.get(r), str) for r in rest):
+                    # Every one to its own MX: the re-injection cleanup sends it to the strict clone, whose TLS
+                    # policy authenticates every MX RFC 8689 allows (a DNSSEC MX with PKIX and no TLSA too).
+                    carried = add_header(carried, ROUTE_HEADER, str(Route.STRICT))
                 outcomes.update(await self._reinject(env, rest, carried))
         else:
             handed = [r for r in env.rcpts if r.lower() in back]

@@ -127,3 +127,33 @@ def test_local_alias_forwarding_keeps_requiretls(plugin: Plugin) -> None:
     mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
     assert mbox.count(SECRET) == 1
     assert len(plugin.bed.mx("dane").deliveries()) == 2
+
+
+@pytest.mark.parametrize(("domain", "delivered"), [("signed.test", True), ("sts.test", True),
+                                                   ("sts-testing.test", False)])
+@pytest.mark.parametrize("tag", ["rule", "native"])
+def test_pkix_and_mta_sts_destinations(plugin: Plugin, domain: str, delivered: bool, tag: str) -> None:
+    """RFC 8689 section 4.2.1: a DNSSEC-validated MX with a PKIX certificate and no TLSA (signed.test) and an
+    MTA-STS enforce MX (sts.test) qualify; an MTA-STS testing policy validates nothing (RFC 8461 section 5):
+    5.7.10 at once, nothing at the MX.  Postfix 3.11 used to refuse signed.test (its TLS policy said ``may``);
+    the strict clone now gives it ``secure match=hostname``.  ``native``: MAIL FROM REQUIRETLS, 3.11 only."""
+    if tag == "native" and plugin.pf.version != "3.11":
+        pytest.skip("MAIL FROM REQUIRETLS is received natively from Postfix 3.11 on")
+    key = domain.removesuffix(".test")
+    rcpt = f"bob@{domain}"
+    _run(plugin, f"{domain} requiretls=yes\n" if tag == "rule" else "")
+    start = time.monotonic()
+    if tag == "native":
+        plugin.pf.submit(SENDER, [rcpt], _message([rcpt]), starttls=True, mail_options=["REQUIRETLS"])
+    else:
+        plugin.pf.submit(SENDER, [rcpt], _message([rcpt]))
+    if delivered:
+        (d,) = plugin.wait_mx(key, timeout=60)
+        assert d.tls and d.requiretls, d.mail_options
+        if plugin.pf.version == "3.11":
+            plugin.pf.wait_log(rf"to=<{rcpt}>.*relay=mx\.{key}\.test.*tls=(secure|verify)/requiretls.*status=sent")
+        return
+    dsn = _dsn(plugin, timeout=60)
+    assert _status(dsn.raw) == ["5.7.10"], dsn.raw.decode(errors="replace")[-1500:]
+    assert time.monotonic() - start < 45  # one queue run, not days of deferral
+    _nothing_at(plugin, key)

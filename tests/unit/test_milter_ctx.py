@@ -82,7 +82,8 @@ def test_optout_with_a_local_recipient_goes_to_the_agent(ctx: TestCtx) -> None:
                          ("add", "X-RequireTLS-Handback", "<bob@friend.example>")]
 
 
-def test_native_requiretls_on_postfix_3_11_is_left_to_postfix(ctx: TestCtx) -> None:
+def test_native_requiretls_on_postfix_3_11_goes_to_the_strict_clone(ctx: TestCtx) -> None:
+    """Postfix 3.11 enforces it; the strict clone gives it the TLS level RFC 8689 allows for each MX."""
     ctx._setsymval("v", "Postfix 3.11.7")
     assert ctx._connect(ip="127.0.0.1") == Milter.CONTINUE
     ctx._envfrom("<alice@corp.example>", "REQUIRETLS")
@@ -90,7 +91,8 @@ def test_native_requiretls_on_postfix_3_11_is_left_to_postfix(ctx: TestCtx) -> N
     ctx._msg = __import__("email").message_from_bytes(b"Subject: hi\n\nbody\n")
     ctx._priv.header("Subject", "hi")
     assert ctx._eom() == Milter.ACCEPT
-    assert ctx._msg["X-RequireTLS-Route"] is None
+    assert ctx._msg["X-RequireTLS-Route"] == "strict"
+    assert ctx._msg["X-RequireTLS-Handback"] is None
     assert ctx._envfromchanged  # RET=HDRS all the same (RFC 8689 §5)
 
 

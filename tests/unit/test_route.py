@@ -29,7 +29,7 @@ LOCAL = [RcptRoute("b@d.example", "smtp", "d.example"), RcptRoute("u@me.example"
 @pytest.mark.parametrize(
     ("version", "params", "expected"),
     [("3.7", ("REQUIRETLS",), Route.RELAY), ("3.10", ("REQUIRETLS",), Route.RELAY),
-     ("3.11", ("REQUIRETLS",), None), ("3.11", (), Route.REINJECT)],
+     ("3.11", ("REQUIRETLS",), Route.STRICT), ("3.11", (), Route.REINJECT)],
 )
 def test_requiretls_route_by_version(version: str, params: tuple[str, ...], expected: Route | None) -> None:
     headers = () if params else (("Require-TLS-ESMTP", "no"), ("Subject", "x"))
@@ -37,6 +37,16 @@ def test_requiretls_route_by_version(version: str, params: tuple[str, ...], expe
                LocalPolicy(table=__import__("requiretls.policy", fromlist=["PolicyTable"]).PolicyTable.parse(
                    "d.example requiretls=yes\n", "t")))
     assert plan_route(d, REMOTE, PostfixFeatures.from_macro(version), d.native_requiretls) == expected
+
+
+def test_native_requiretls_goes_to_the_strict_clone_only_when_every_recipient_goes_to_its_mx() -> None:
+    """3.11: FILTER covers every recipient, so a local or relayhost recipient leaves the message to Postfix."""
+    d = decide(MessageFacts(Envelope("a@s.example", ("b@d.example", "u@me.example"), ("REQUIRETLS",))),
+               LocalPolicy())
+    p311 = PostfixFeatures.from_macro("3.11")
+    assert plan_route(d, LOCAL, p311, True) is None
+    assert plan_route(d, [RcptRoute("b@d.example", "smtp", "[relay.example]:587")], p311, True) is None
+    assert plan_route(d, [RcptRoute("b@d.example", "smtp", "d.example")], p311, True) is Route.STRICT
 
 
 def test_optout_goes_to_the_relaxed_clone_only_when_every_recipient_goes_to_its_mx() -> None:
