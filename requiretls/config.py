@@ -349,6 +349,16 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             _strings,
             convert=lambda v: frozenset(str(x).strip() for x in v),
         ),
+        "local_domains": Setting(
+            list,
+            [],
+            "Domains Postfix delivers on this host (mydestination, virtual_mailbox_domains), e.g. "
+            "[\"example.org\"]. A virtual alias is expanded by Postfix after the milter saw the message, so the "
+            "agent can get an expanded recipient nobody planned; in one of these domains it is handed back to "
+            "Postfix, elsewhere it goes to its domain's MX under REQUIRETLS (or the relayhost).",
+            _strings,
+            convert=lambda v: frozenset(str(x).strip().lower().rstrip(".") for x in v),
+        ),
         "cafile": Setting(
             str, "",
             "CA bundle for MX certificates (PKIX), for the agent and for the milter's pre-flight probes. Empty: "
@@ -441,6 +451,7 @@ class RelaySettings:
     listen: ListenAddress
     relayhost: NextHop | None
     local_transports: frozenset[str]
+    local_domains: frozenset[str]
     cafile: str | None
     helo_name: str
     timeout: float

@@ -152,6 +152,10 @@ LOCAL_MAILERS = frozenset({"local", "virtual", "discard", "error"})
 #: (RFC 8689 section 4.1: "all instances of the message MUST be tagged in the same manner").
 LOCAL_GUARD = "local"
 
+#: Next-hop value of a recipient going to its domain's MX.  Listed so that the agent can tell the recipients the
+#: milter planned from those Postfix added afterwards (virtual alias expansions, see ``relay.local_domains``).
+MX_PLAN = "mx"
+
 #: Domain suffix the local(8) clone's forwarding cleanup puts on every address it forwards to, and that
 #: transport_maps sends to the agent, which takes it off again.  ``.invalid`` (RFC 2606): never a real domain.
 FORWARD_SUFFIX = ".requiretls-forward.invalid"
@@ -207,13 +211,17 @@ def split_plans(plans: Sequence[RcptPlan], optout: bool = False) -> tuple[tuple[
     """(hand-back list, next-hop list) from the plans.  The agent gives back what Postfix delivers on this
     host; for an opt-out message also the refused recipients (Postfix then applies the destination's normal
     policy, never weaker than the opt-out).  The next-hop list has (recipient, value) for the recipients the
-    agent sends to a next hop of Postfix's choosing or, for REQUIRETLS, refuses, and (REQUIRETLS) the local(8)
-    hand-backs marked :data:`LOCAL_GUARD`."""
+    agent sends to a next hop of Postfix's choosing or, for REQUIRETLS, refuses, the recipients that go to their
+    MX (:data:`MX_PLAN`), and (REQUIRETLS) the local(8) hand-backs marked :data:`LOCAL_GUARD`."""
     back_legs = (Leg.HANDBACK, Leg.REFUSE) if optout else (Leg.HANDBACK,)
     hop_legs = (Leg.NEXTHOP,) if optout else (Leg.NEXTHOP, Leg.REFUSE)
-    return (tuple(p.address for p in plans if p.leg in back_legs),
-            tuple((p.address, p.value) for p in plans
-                  if p.leg in hop_legs or (not optout and p.leg is Leg.HANDBACK and p.value == LOCAL_GUARD)))
+    hops = []
+    for p in plans:
+        if p.leg is Leg.MX:
+            hops.append((p.address, MX_PLAN))
+        elif p.leg in hop_legs or (not optout and p.leg is Leg.HANDBACK and p.value == LOCAL_GUARD):
+            hops.append((p.address, p.value))
+    return tuple(p.address for p in plans if p.leg in back_legs), tuple(hops)
 
 
 def handback(rcpts: Sequence[RcptRoute], relayhost: str = "", local_transports: frozenset[str] = frozenset(),

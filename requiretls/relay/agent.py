@@ -40,7 +40,7 @@ from requiretls.policy.headers import (
     route_value,
 )
 from requiretls.policy.local import LocalPolicy
-from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, Route
+from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, MX_PLAN, Route
 from requiretls.policy.table import split_address
 from requiretls.relay.deliver import (
     DeliveryStatus,
@@ -68,6 +68,8 @@ class AgentSettings:
     #: Postfix's relayhost: every recipient the agent delivers goes there (MX hosts of a domain, or one host).
     relayhost: NextHop | None = None
     send: SendSettings = field(default_factory=SendSettings)
+    #: Domains Postfix delivers here: an unplanned recipient there (a virtual alias expansion) is handed back.
+    local_domains: frozenset[str] = frozenset()
     max_parallel: int = 32
 
 
@@ -158,7 +160,7 @@ def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outc
         return Outcome(DeliveryStatus.BOUNCED, 550, "5.7.30",
                        f"REQUIRETLS support required: Postfix routes this recipient to transport {mailer}, which "
                        "cannot carry REQUIRETLS on", requiretls=False)
-    if planned:
+    if planned and planned != MX_PLAN:
         try:
             return NextHop.parse(planned)
         except ValueError:
@@ -215,6 +217,10 @@ class AgentHandler:
             env = _unsuffixed(env, forwarded)
             log.info("%s: %s", qid, kv(forwarded_copy=",".join(f"<{a}>" for a in forwarded.values()),
                                        note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
+        if state.settings.local_domains and route != Route.REINJECT:
+            # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
+            back |= {r.lower() for r in env.rcpts if r.lower() not in hops and r not in forwarded.values()
+                     and split_address(r)[1].lower().rstrip(".") in state.settings.local_domains}
         for r in env.rcpts:
             if r.lower() in back:
                 continue

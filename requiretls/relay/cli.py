@@ -33,6 +33,7 @@ def agent_state(settings: Settings) -> AgentState:
             reinject=relay.reinject,
             reinject_local=relay.reinject_local,
             relayhost=relay.relayhost,
+            local_domains=relay.local_domains,
             send=SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile),
         ),
         settings.local_policy,

@@ -157,3 +157,21 @@ def test_pkix_and_mta_sts_destinations(plugin: Plugin, domain: str, delivered: b
     assert _status(dsn.raw) == ["5.7.10"], dsn.raw.decode(errors="replace")[-1500:]
     assert time.monotonic() - start < 45  # one queue run, not days of deferral
     _nothing_at(plugin, key)
+
+
+def test_virtual_alias_expansions_keep_requiretls_and_local_targets_are_delivered_here(plugin: Plugin) -> None:
+    """cleanup expands virtual aliases after the milter saw the message: the agent gets recipients nobody
+    planned.  A remote one goes to its MX with REQUIRETLS; one in ``relay.local_domains`` is handed back and
+    delivered here (before, it was sent to its domain's MX and bounced)."""
+    plugin.relay_extra = 'local_domains = ["postfix.local.test"]'
+    _run(plugin, "virt.test requiretls=yes\n", virtual_alias_domains="virt.test",
+         virtual_alias_maps="inline:{ {va@virt.test = vb@dane.test}, {vl@virt.test = nobody@postfix.local.test} }")
+    rcpts = ["va@virt.test", "vl@virt.test"]
+    plugin.pf.submit(SENDER, rcpts, _message(rcpts))
+    (d,) = plugin.wait_mx("dane", timeout=60)
+    assert d.rcpt_tos == ("vb@dane.test",) and d.tls and d.requiretls, d.mail_options
+    plugin.pf.wait_log(r"to=<nobody@postfix\.local\.test>.*status=sent", timeout=60)
+    plugin.pf.wait_queue_empty(60)
+    assert plugin.pf.find_log(r"status=bounced") is None, plugin.pf.log()[-2000:]
+    mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
+    assert mbox.count(SECRET) == 1

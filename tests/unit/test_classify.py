@@ -53,7 +53,8 @@ def test_requiretls_goes_to_the_agent_with_local_and_transport_recipients_handed
     assert c.decision.header_edits[-3:] == (HeaderEdit("add", "X-RequireTLS-Route", "relay"),
                                            HeaderEdit("add", "X-RequireTLS-Handback", "<u@me.example>"),
                                            HeaderEdit("add", "X-RequireTLS-Nexthop",
-                                                      "<u@me.example> local, <r@x.example> [relay.example]:587"))
+                                                      "<b@d.example> mx, <u@me.example> local, "
+                                                      "<r@x.example> [relay.example]:587"))
     assert c.decision.envelope_params == ("RET=HDRS",) and c.decision.reject is None
 
 

@@ -64,7 +64,8 @@ def test_handback_lists_only_recipients_delivered_on_this_host() -> None:
              RcptRoute("e@x.example", "relay", "[relay.example]:587")]
     assert handback(rcpts, "[relay.example]:587") == ("u@me.example",)
     # the local(8) recipient is marked for the guarded hand-back (its forwarded copies keep REQUIRETLS)
-    assert nexthops(rcpts, "[relay.example]:587") == (("u@me.example", "local"),
+    # b@d.example goes to its MX: listed so that the agent knows it was planned (not a later virtual alias)
+    assert nexthops(rcpts, "[relay.example]:587") == (("b@d.example", "mx"), ("u@me.example", "local"),
                                                       ("c@t.example", "[internal.example]"),
                                                       ("e@x.example", "[relay.example]:587"))
     assert ("u@me.example", "local") not in nexthops(rcpts, "[relay.example]:587", optout=True)
