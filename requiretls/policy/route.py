@@ -37,6 +37,11 @@ class Route(enum.StrEnum):
     STRICT = "strict"
 
 
+#: Separates the next hops of a list (Postfix 3.5+ ``relayhost = [a], [b]``) in the next-hop header value.
+NEXTHOP_LIST_SEP = "|"
+MAX_NEXTHOPS = 8
+_LIST_SEP = re.compile(r"[\s,]+")
+
 #: Postfix delivery agents that send to a recipient domain's MX themselves.
 _SMTP_MAILERS = frozenset({"smtp", "relay"})
 _VERSION = re.compile(r"(\d+)\.(\d+)")
@@ -196,10 +201,14 @@ def plan_recipient(r: RcptRoute, relayhost: str = "", local_transports: frozense
     if _goes_to_mx(r):
         return RcptPlan(r.address, Leg.MX, "", "the recipient domain's MX")
     try:
-        hop = NextHop.parse(host)
+        # Postfix 3.5+: a list of next hops (relayhost = [a], [b]) is tried in order.
+        hops = [NextHop.parse(h) for h in _LIST_SEP.split(host) if h]
     except ValueError:
-        return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}", f"next hop {host!r} is not one SMTP destination")
-    return RcptPlan(r.address, Leg.NEXTHOP, str(hop), f"next hop {hop} ({mailer})")
+        return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}", f"next hop {host!r} is not SMTP destinations")
+    if not hops or len(hops) > MAX_NEXTHOPS:
+        return RcptPlan(r.address, Leg.REFUSE, f"refuse:{mailer}", f"next hop {host!r} is not SMTP destinations")
+    value = NEXTHOP_LIST_SEP.join(str(h) for h in hops)
+    return RcptPlan(r.address, Leg.NEXTHOP, value, f"next hop {', '.join(map(str, hops))} ({mailer})")
 
 
 def plan_recipients(rcpts: Sequence[RcptRoute], relayhost: str = "",

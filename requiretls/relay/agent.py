@@ -40,7 +40,7 @@ from requiretls.policy.headers import (
     route_value,
 )
 from requiretls.policy.local import LocalPolicy
-from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, MX_PLAN, Route
+from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, MX_PLAN, NEXTHOP_LIST_SEP, Route
 from requiretls.policy.table import split_address
 from requiretls.relay.deliver import (
     DeliveryStatus,
@@ -147,8 +147,9 @@ def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dic
     return " ".join([head, *rest]), taken
 
 
-#: Where the agent sends a recipient: a next hop of Postfix's choosing, or the recipient domain (its MX).
-Target = NextHop | str
+#: Where the agent sends a recipient: a next hop of Postfix's choosing, a list of them tried in order (Postfix
+#: 3.5+ ``relayhost = [a], [b]``), or the recipient domain (its MX).
+Target = NextHop | tuple[NextHop, ...] | str
 
 
 def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outcome:
@@ -162,7 +163,8 @@ def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outc
                        "cannot carry REQUIRETLS on", requiretls=False)
     if planned and planned != MX_PLAN:
         try:
-            return NextHop.parse(planned)
+            hops = tuple(NextHop.parse(h) for h in planned.split(NEXTHOP_LIST_SEP))
+            return hops[0] if len(hops) == 1 else hops
         except ValueError:
             return Outcome(DeliveryStatus.BOUNCED, 550, "5.7.30",
                            f"REQUIRETLS support required: next hop {planned!r} is not one SMTP destination",
@@ -219,7 +221,8 @@ class AgentHandler:
                                        note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
         if state.settings.local_domains and route != Route.REINJECT:
             # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
-            back |= {r.lower() for r in env.rcpts if r.lower() not in hops and r not in forwarded.values()
+            # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
+            back |= {r.lower() for r in env.rcpts if r.lower() not in hops
                      and split_address(r)[1].lower().rstrip(".") in state.settings.local_domains}
         for r in env.rcpts:
             if r.lower() in back:
@@ -271,7 +274,7 @@ class AgentHandler:
             replies.append(o.lmtp_reply())
         return "\r\n".join(replies)
 
-    async def _destination(self, target: Target) -> Destination:
+    async def _destination(self, target: NextHop | str) -> Destination:
         """A next hop of Postfix's choosing (brackets: that host; else its MX), or the recipient domain's MX."""
         if isinstance(target, NextHop):
             return await self.resolver.resolve(target)
@@ -279,6 +282,8 @@ class AgentHandler:
 
     async def _deliver(self, target: Target, env: LmtpEnvelope, rcpts: list[str], message: bytes,
                        optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
+        if isinstance(target, tuple):
+            return await self._deliver_list(target, env, rcpts, message, optout, settings)
         async with self._slots:
             send = settings.send
             if isinstance(target, NextHop):
@@ -295,7 +300,42 @@ class AgentHandler:
                 return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send)
             return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
 
+    async def _deliver_list(self, hops: tuple[NextHop, ...], env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                            optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
+        """A list of next hops, in order, as Postfix tries them: a recipient goes on to the next hop when this
+        one cannot take it now (4xx) or cannot qualify for REQUIRETLS (5.7.30 / 5.7.10 from the agent's own
+        checks); a server's own 5xx for the recipient is final.  When no hop took it, a deferral wins over a
+        policy bounce (another try may find a hop in order)."""
+        final: dict[str, Outcome] = {}
+        tried: dict[str, list[Outcome]] = {r: [] for r in rcpts}
+        left = list(rcpts)
+        for hop in hops:
+            if not left:
+                break
+            got = await self._deliver(hop, env, left, message, optout, settings)
+            nxt = []
+            for r in left:
+                o = got.get(r) or Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "internal error: no outcome")
+                policy = o.status is DeliveryStatus.BOUNCED and o.dsn in ("5.7.30", "5.7.10")
+                if o.status is DeliveryStatus.SENT or (o.status is DeliveryStatus.BOUNCED and not policy):
+                    final[r] = o
+                else:
+                    tried[r].append(o)
+                    nxt.append(r)
+            left = nxt
+        for r in left:
+            deferred = [o for o in tried[r] if o.status is DeliveryStatus.DEFERRED]
+            final[r] = (deferred or tried[r])[0]
+        return final
+
     async def _precheck(self, rcpt: str, target: Target) -> tuple[str, Outcome | None]:
+        if isinstance(target, tuple):
+            # A list of next hops: Postfix 3.11 tries them in order; refused only when none can qualify.
+            checks = [(await self._precheck(rcpt, hop))[1] for hop in target]
+            if any(o is None for o in checks):
+                return rcpt, None
+            outcomes = [o for o in checks if o is not None]
+            return rcpt, next((o for o in outcomes if o.status is DeliveryStatus.DEFERRED), outcomes[0])
         try:
             dest = await self._destination(target)
         except Exception as e:  # trouble defers
@@ -310,6 +350,8 @@ class AgentHandler:
 
     @staticmethod
     def _probe_port(target: Target) -> int:
+        if isinstance(target, tuple):
+            target = target[0]
         return target.port if isinstance(target, NextHop) else 25
 
     async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,

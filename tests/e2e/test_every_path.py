@@ -9,6 +9,7 @@ and Postfix's native REQUIRETLS does the rest.
 
 from __future__ import annotations
 
+import smtplib
 import time
 
 import pytest
@@ -175,3 +176,29 @@ def test_virtual_alias_expansions_keep_requiretls_and_local_targets_are_delivere
     assert plugin.pf.find_log(r"status=bounced") is None, plugin.pf.log()[-2000:]
     mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
     assert mbox.count(SECRET) == 1
+
+
+def test_dot_forward_copy_keeps_requiretls(plugin: Plugin) -> None:
+    """The same for a user's .forward (``forward_path`` points at a file the test writes for ``nobody``): the
+    off-site copy carries REQUIRETLS over verified TLS, ``\\nobody`` keeps one in the mailbox."""
+    fwd_dir = plugin.pf.dir / "forward"
+    fwd_dir.mkdir(exist_ok=True)
+    (fwd_dir / "nobody").write_text("fwd1@dane.test, \\nobody\n")
+    fwd_dir.chmod(0o755)
+    (fwd_dir / "nobody").chmod(0o644)
+    _run(plugin, "postfix.local.test requiretls=yes\n", forward_path=f"{fwd_dir}/$user")
+    plugin.pf.submit(SENDER, ["nobody@postfix.local.test"], _message(["nobody@postfix.local.test"]))
+    (d,) = plugin.wait_mx("dane", timeout=90)
+    assert d.rcpt_tos == ("fwd1@dane.test",) and d.tls and d.requiretls, (d.rcpt_tos, d.mail_options)
+    plugin.pf.wait_queue_empty(60)
+    assert plugin.pf.find_log(r"status=bounced") is None, plugin.pf.log()[-2000:]
+    mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
+    assert mbox.count(SECRET) == 1
+
+
+def test_error_transport_is_refused_at_rcpt_and_nothing_leaves(plugin: Plugin) -> None:
+    """An ``error:`` transport_maps entry: smtpd refuses the recipient before any milter runs."""
+    _run(plugin, "insecure.test requiretls=yes\n", transport_maps="inline:{insecure.test=error:5.1.1 gone}")
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+    _nothing_at(plugin, "insecure")

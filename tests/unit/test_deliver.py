@@ -99,3 +99,45 @@ def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.M
     assert out["b@rcpt.example"].status is DeliveryStatus.SENT
     assert resolver.asked == [hop]  # the parsed next hop itself: [host] and host stay different hops
     assert sent == [(dest, SendSettings(port=port))]
+
+
+def test_a_list_of_next_hops_is_tried_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """relayhost = [a], [b] (Postfix 3.5+): a hop that cannot qualify (5.7.30) or answers 4xx passes the
+    recipient on to the next; the first hop that takes it wins; a server's own 5xx is final; with no taker a
+    deferral wins over a policy bounce."""
+    replies = {
+        "a.example": Outcome(DeliveryStatus.BOUNCED, 550, "5.7.30", "no REQUIRETLS", requiretls=False),
+        "b.example": Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", "timeout"),
+        "c.example": Outcome(DeliveryStatus.SENT, 250, "2.0.0", "ok"),
+        "d.example": Outcome(DeliveryStatus.BOUNCED, 550, "5.1.1", "no such user"),
+    }
+
+    def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                  settings: SendSettings) -> dict[str, Outcome]:
+        return dict.fromkeys(rcpts, replies[d.domain])
+
+    class _ByHop(_HopResolver):
+        async def resolve(self, hop: NextHop) -> Destination:
+            self.asked.append(hop)
+            return Destination(hop.host, MxSource.MX, DnssecState.SECURE, (), None, TlsRequirement.DANE, "x", 60)
+
+    monkeypatch.setattr(agent, "deliver_requiretls", fake_send)
+
+    def run(planned: str) -> tuple[Outcome, list[object]]:
+        resolver = _ByHop(None)  # type: ignore[arg-type]
+        handler = agent.AgentHandler(resolver, agent.AgentState())  # type: ignore[arg-type]
+        target = agent._target("r@x.example", planned, None)
+        assert isinstance(target, tuple)
+        env = LmtpEnvelope("a@s.example", {}, ("r@x.example",))
+        out = asyncio.run(handler._deliver(target, env, ["r@x.example"], b"Subject: x\r\n\r\n", False,
+                                           agent.AgentSettings()))
+        return out["r@x.example"], resolver.asked
+
+    got, asked = run("[a.example]|[b.example]|[c.example]|[d.example]")
+    assert got.status is DeliveryStatus.SENT and len(asked) == 3  # d never tried
+    got, asked = run("[a.example]|[d.example]|[c.example]")
+    assert got.dsn == "5.1.1" and len(asked) == 2  # the server's own 5xx is final
+    got, _ = run("[a.example]|[b.example]")
+    assert got.status is DeliveryStatus.DEFERRED  # may find a hop later
+    got, _ = run("[a.example]|[a.example]:2525")
+    assert got.dsn == "5.7.30"

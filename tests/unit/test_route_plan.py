@@ -35,7 +35,10 @@ CASES: list[tuple[RcptRoute, str, frozenset[str], RcptPlan]] = [
      RcptPlan("u@me.test", Leg.REFUSE, "refuse:lmtp")),
     (RcptRoute("u@me.test", "mailman", "me.test"), "", frozenset(),
      RcptPlan("u@me.test", Leg.REFUSE, "refuse:mailman")),
-    (RcptRoute("b@dane.test", "smtp", "[a.example], [b.example]"), "", frozenset(),
+    # Postfix 3.5+ next-hop lists are tried in order; garbage in one of them refuses the recipient
+    (RcptRoute("b@dane.test", "smtp", "[a.example], [b.example]:587"), "", frozenset(),
+     RcptPlan("b@dane.test", Leg.NEXTHOP, "[a.example]|[b.example]:587")),
+    (RcptRoute("b@dane.test", "smtp", "[a.example], [b.example"), "", frozenset(),
      RcptPlan("b@dane.test", Leg.REFUSE, "refuse:smtp")),
     # no route macros (sendmail, pickup): the relayhost, else the MX; never a hand-back
     (RcptRoute("b@dane.test", None, None), "[relay.example]", frozenset(),
