@@ -219,7 +219,7 @@ class AgentHandler:
             env = _unsuffixed(env, forwarded)
             log.info("%s: %s", qid, kv(forwarded_copy=",".join(f"<{a}>" for a in forwarded.values()),
                                        note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
-        if state.settings.local_domains and route != Route.REINJECT:
+        if state.settings.local_domains:
             # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
             # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
             back |= {r.lower() for r in env.rcpts if r.lower() not in hops

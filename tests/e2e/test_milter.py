@@ -169,8 +169,10 @@ def test_postfix_3_11_requiretls_over_starttls_is_seen_by_the_milter(plugin: Plu
     (d,) = plugin.wait_mx("dane")
     assert d.requiretls and d.tls
     log = plugin.log("milter")
-    assert f"{q.queue_id}: requiretls: class=requiretls, route=postfix" in log
+    # every recipient goes to its MX: the strict smtp clone (policyd's strict zone), Postfix enforces
+    assert f"{q.queue_id}: requiretls: class=requiretls, route=strict" in log
     assert "MAIL FROM REQUIRETLS" in log
+    plugin.pf.wait_log(r"postfix/requiretls-strict/smtp\[\d+\]: .*to=<bob@dane\.test>.*tls=dane-only/requiretls.*status=sent")
 
 
 def test_preflight_reject_refuses_requiretls_to_an_unvalidated_mx_at_submission(plugin: Plugin) -> None:
