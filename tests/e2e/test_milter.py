@@ -172,7 +172,8 @@ def test_postfix_3_11_requiretls_over_starttls_is_seen_by_the_milter(plugin: Plu
     # every recipient goes to its MX: the strict smtp clone (policyd's strict zone), Postfix enforces
     assert f"{q.queue_id}: requiretls: class=requiretls, route=strict" in log
     assert "MAIL FROM REQUIRETLS" in log
-    plugin.pf.wait_log(r"postfix/requiretls-strict/smtp\[\d+\]: .*to=<bob@dane\.test>.*tls=dane-only/requiretls.*status=sent")
+    plugin.pf.wait_log(r"postfix/requiretls-strict/smtp\[\d+\]: .*to=<bob@dane\.test>"
+                       r".*tls=dane-only/requiretls.*status=sent")
 
 
 def test_preflight_reject_refuses_requiretls_to_an_unvalidated_mx_at_submission(plugin: Plugin) -> None:
