@@ -14,7 +14,8 @@ from typing import Any, ClassVar
 import pytest
 
 from requiretls.addresses import Endpoint
-from requiretls.config import ConfigError, load
+from requiretls.config import load
+from requiretls.errors import ConfigError
 from requiretls.notify.notifier import NoticeText, NotifyState, compose, eligible_sender, message_key, run_once
 from requiretls.notify.queue import (
     OptoutVerdict,
