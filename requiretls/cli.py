@@ -39,6 +39,8 @@ _PLUGINS = {
     "requiretls.policyd.cli": ("policyd", "run the socketmap TLS policy service for smtp_tls_policy_maps"),
     "requiretls.relay.cli": ("relay", "run the REQUIRETLS delivery agent (LMTP in from Postfix, SMTP out)"),
 }
+#: Modules with several subcommands: ``COMMANDS = {name: (help, add_arguments, run)}``.
+_MULTI_PLUGINS = ("requiretls.notify.cli",)
 
 
 def _explain_args(p: argparse.ArgumentParser) -> None:
@@ -185,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
+    for module_name in _MULTI_PLUGINS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for name, (help_text, add, run) in module.COMMANDS.items():
+            p = sub.add_parser(name, help=help_text)
+            add(p)
+            p.set_defaults(func=run)
     return parser
 
 

@@ -386,6 +386,50 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=_endpoint(10027),
         ),
     },
+    "notify": {
+        "delay": _number(
+            (int, float), 3600.0,
+            "Seconds a message must have waited because of TLS policy before its sender gets the one notice "
+            "(requiretls notify) that says which recipients wait, why, and how to opt out. 0: at the first run.",
+            30 * 86400, inclusive_low=True, unit=" seconds",
+        ),
+        "sender_domains": Setting(
+            list,
+            [],
+            "Sender domains whose users are told (local senders; the notice then stays on this host). Empty: "
+            "Postfix's mydestination, virtual_alias_domains and virtual_mailbox_domains (plain names; entries "
+            "that are lookup tables are not read, list those domains here). No one else is ever told (no "
+            "backscatter), except SASL-authenticated senders when notify_authenticated is true.",
+            _strings,
+            convert=lambda v: frozenset(str(x).strip().lower().rstrip(".") for x in v),
+        ),
+        "notify_authenticated": Setting(
+            bool, True,
+            "Also tell senders who submitted the message with SASL authentication (Postfix records the login in "
+            "the queue file), whatever their domain.",
+        ),
+        "from": Setting(
+            str, "",
+            "From: of the notices (sent with the null envelope sender). Empty: MAILER-DAEMON@ Postfix's "
+            "myhostname.",
+        ),
+        "state_dir": Setting(
+            str, "/var/lib/requiretls",
+            "Directory of the notifier's record of notified messages (notified.json: never twice, across "
+            "restarts) and of release's journal (release.jsonl).",
+        ),
+        "postfix_config_dir": Setting(
+            str, "", "Postfix configuration directory passed as -c to postqueue, postcat, postsuper and postconf. "
+            "Empty: Postfix's default.",
+        ),
+        "postfix_command_prefix": Setting(
+            list, [],
+            "Words put before every Postfix queue command, for a Postfix in a chroot or container, e.g. "
+            "[\"chroot\", \"/srv/mta\"]. Empty: run them directly.",
+            _strings,
+            convert=lambda v: tuple(str(x) for x in v),
+        ),
+    },
     "log": {
         "target": Setting(str, "stderr", "Where daemons log: stderr (journal) or syslog (mail facility).",
                           _choice("stderr", "syslog")),
@@ -480,6 +524,19 @@ class MilterSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class NotifySettings:
+    """``[notify]``: the opt-out loop (``requiretls queue``, ``notify``, ``release``)."""
+
+    delay: float = 3600.0
+    sender_domains: frozenset[str] = frozenset()
+    notify_authenticated: bool = True
+    from_: str = ""
+    state_dir: str = "/var/lib/requiretls"
+    postfix_config_dir: str = ""
+    postfix_command_prefix: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     target: str
     level: str
@@ -501,6 +558,7 @@ class Settings:
     log: LogSettings
     local_policy: LocalPolicy
     warnings: tuple[str, ...] = field(default=())
+    notify: NotifySettings = field(default_factory=NotifySettings)
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -650,6 +708,7 @@ def _settings(parsed: _Parsed, filename: str, local_policy: LocalPolicy) -> Sett
         filename, PolicySettings(**policy), DnsSettings(**t["dns"]), MtaStsSettings(**t["mta_sts"]),
         CacheSettings(**t["cache"]), PolicydSettings(**t["policyd"]), milter, relay, LogSettings(**t["log"]),
         local_policy, parsed.warnings,
+        NotifySettings(**{("from_" if k == "from" else k): v for k, v in t["notify"].items()}),
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 from requiretls.policy import LocalPolicy, PolicyTable
 from requiretls.policy.route import PostfixFeatures
 from requiretls.postfix.cli import offline_env
-from requiretls.postfix.generate import PostfixEnv, generate, postfix_socket, relaxed_policy_table
+from requiretls.postfix.generate import PostfixEnv, generate, postfix_socket, relaxed_policy_table, render
 
 ROOT = Path(__file__).resolve().parents[2]
 MILTER = "unix:/var/spool/postfix/requiretls/milter.sock"
@@ -128,3 +128,39 @@ def test_local_forwarding_guard_only_where_postfix_drops_the_tag(version: str) -
         assert "-o content_filter=requiretls-local: " in local_in and "-o content_filter= " not in local_in
         assert "lmtp:unix:requiretls/relay.sock" in files["requiretls_transport"]
         assert "${1}.requiretls-forward.invalid" in files["requiretls_forward"]
+
+
+# --- the opt-out loop (issue 19) ---------------------------------------------------------------------------
+
+
+def test_delay_warning_time_and_delay_notice_only_where_the_admin_set_none() -> None:
+    policy = LocalPolicy(optout_cookie="[no-tls$]")
+    env = offline_env("3.10")
+    plan = generate(env, policy, MILTER, RELAY, REINJECT)
+    main, files = dict(plan.main), dict(plan.files)
+    assert main["delay_warning_time"] == "1h"
+    assert main["bounce_template_file"] == "/etc/postfix/requiretls_bounce_template"
+    template = files["requiretls_bounce_template"]
+    assert "delay_template = <<EOF" in template and "[no-tls$$]" in template and "TLS-Required: No" in template
+    assert "delay_warning_time was not set" in render(plan, env)
+    explicit = PostfixEnv(env.version, env.config_directory, env.queue_directory, env.current,
+                          frozenset({"delay_warning_time", "bounce_template_file"}))
+    plan2 = generate(explicit, policy, MILTER, RELAY, REINJECT)
+    main2, files2 = dict(plan2.main), dict(plan2.files)
+    assert "delay_warning_time" not in main2 and "bounce_template_file" not in main2
+    assert "requiretls_bounce_template" not in files2
+
+
+@pytest.mark.parametrize(("version", "rule"), [("3.7", True), ("3.10", False), ("3.11", False)])
+def test_release_rule_only_where_postfix_has_no_tls_required(version: str, rule: bool) -> None:
+    plan = generate(offline_env(version), LocalPolicy(), MILTER, RELAY, REINJECT)
+    files = dict(plan.files)
+    cleanup = next(m.line for m in plan.master if m.service == "requiretls-cleanup")
+    assert ("requiretls_release_header_checks" in files) is rule
+    assert ("header_checks=regexp:/etc/postfix/requiretls_release_header_checks,regexp:" in cleanup) is rule
+    if rule:
+        assert "/^X-RequireTLS-Route: relaxed$/ FILTER requiretls-relaxed:" in files[
+            "requiretls_release_header_checks"]
+        # the relaxed clone's smtp_header_checks must not see the FILTER rule (it strips the header instead)
+        relaxed = next(m.line for m in plan.master if m.service == "requiretls-relaxed")
+        assert "release" not in relaxed
