@@ -257,6 +257,30 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                                                           reason="; ".join(r.reasons)))
 
 
+#: What libmilter accepts in one request once raised (its default is 65,535 bytes: a single header over about
+#: 65,528 bytes made it drop the connection, and the MTA tempfail the message on every retry).  Postfix's own
+#: header_size_limit is 102,400; 1 MiB covers it and Sendmail's limits with room to spare.
+LIBMILTER_MAX_DATA = 1 << 20
+
+
+def raise_libmilter_limit(size: int = LIBMILTER_MAX_DATA) -> int | None:
+    """Raise libmilter's request size limit (``smfi_setmaxdatasize``, which pymilter does not wrap) in the
+    libmilter that pymilter loaded; returns the old limit, or None when it could not be done (logged: the
+    milter still runs, with libmilter's default)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("milter") or "libmilter.so.1.0.1")
+        fn = lib.smfi_setmaxdatasize
+    except (OSError, AttributeError) as e:
+        log.warning("%s", kv(libmilter_max_data="unchanged", reason=f"{type(e).__name__}: {e}"))
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_size_t
+    return int(fn(size))
+
+
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
           socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None,
@@ -285,6 +309,7 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     # the decision reads has an ASCII name).
     Milter.set_exception_policy(Milter.CONTINUE)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
+    raise_libmilter_limit()
     kind, _, path = socket_spec.partition(":")
     if kind in ("unix", "local"):
         prepare_unix_socket(UnixSocket(path, socket_mode, socket_group))
