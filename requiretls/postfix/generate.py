@@ -50,6 +50,7 @@ READ_PARAMS = (
     "milter_header_checks",
     "smtp_tls_security_level",
     "smtp_tls_policy_maps",
+    "smtpd_forbid_bare_newline",
 )
 
 
@@ -160,6 +161,12 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
         if env.version.native_requiretls:
             main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
+    if env.version.version < (3, 9) and "smtpd_forbid_bare_newline" not in env.explicit:
+        # SMTP smuggling (issue 17): before 3.9 Postfix ends DATA at a bare-LF dot by default, so a client (or a
+        # trusted relay that forwards such content) can start a second message inside the first, which then
+        # inherits the client's trust for TLS-Required: No and the subject cookies.  normalize is 3.9's default
+        # (3.7.10+ and 3.8.5+ know it); an admin's own setting is kept.
+        main.append(("smtpd_forbid_bare_newline", "normalize"))
     # mime_ and nested_header_checks default to $header_checks: keep them on the admin's own tables so that
     # attached messages' headers are left alone.
     for name in ("mime_header_checks", "nested_header_checks"):

@@ -109,3 +109,14 @@ def test_apply_twice_then_undo_leaves_postconf_n_and_m_unchanged(tmp_path: Path)
     assert (pc("-n"), pc("-M")) == (before_n, before_m)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["main.cf", "master.cf"]
     assert PostfixFeatures.from_macro(pc("-h", "mail_version")).version >= (3, 7)
+
+
+def test_bare_newline_smuggling_is_closed_before_3_9_unless_the_admin_chose() -> None:
+    """Issue 17: Postfix < 3.9 ends DATA at a bare-LF dot by default (SMTP smuggling); 3.9's default is set."""
+    assert _plan("3.7")[0]["smtpd_forbid_bare_newline"] == "normalize"
+    for v in ("3.10", "3.11"):
+        assert "smtpd_forbid_bare_newline" not in _plan(v)[0]  # already Postfix's default there
+    env = offline_env("3.7")
+    env = PostfixEnv(env.version, env.config_directory, env.queue_directory,
+                     {**env.current, "smtpd_forbid_bare_newline": "no"}, frozenset({"smtpd_forbid_bare_newline"}))
+    assert "smtpd_forbid_bare_newline" not in dict(generate(env, LocalPolicy(), MILTER, RELAY, REINJECT).main)
