@@ -114,6 +114,7 @@ def test_apply_twice_then_undo_leaves_postconf_n_and_m_unchanged(tmp_path: Path)
 def test_bare_newline_smuggling_is_closed_before_3_9_unless_the_admin_chose() -> None:
     """Issue 17: Postfix < 3.9 ends DATA at a bare-LF dot by default (SMTP smuggling); 3.9's default is set."""
     assert _plan("3.7")[0]["smtpd_forbid_bare_newline"] == "normalize"
+    assert _plan("3.7")[0]["smtpd_forbid_bare_newline_exclusions"] == ""
     for v in ("3.10", "3.11"):
         assert "smtpd_forbid_bare_newline" not in _plan(v)[0]  # already Postfix's default there
     env = offline_env("3.7")
