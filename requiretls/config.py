@@ -277,6 +277,11 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             100_000,
             "Most ready answers kept (one per map name and destination, ~250 bytes each); the oldest go first.",
         ),
+        "idle_timeout": _timeout(
+            300.0,
+            "Seconds a client connection may stay idle (no request, no answer pending) before policyd closes "
+            "it; Postfix reconnects when it next needs an answer.",
+        ),
     },
     "milter": {
         "socket": Setting(
@@ -488,6 +493,7 @@ class PolicydSettings:
     answer_ttl: float
     lookup_timeout: float
     answer_cache_size: int
+    idle_timeout: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,9 @@ def kv(**fields: object) -> str:
         if v is None:
             continue
         s = str(v)
+        if not s.isprintable():
+            # Hostile bytes (line breaks, controls, bytes that were not UTF-8) must not forge or break a log line.
+            s = s.encode("unicode_escape").decode("ascii")
         if any(c in s for c in ", =\"") or s == "":
             s = '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
         parts.append(f"{k}={s}")

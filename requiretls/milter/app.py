@@ -47,11 +47,13 @@ from requiretls.policy import (
     Session,
     classify,
 )
+from requiretls.policy.headers import writable
 
 log = logging.getLogger("requiretls")
 CONTINUE: int = Milter.CONTINUE
 ACCEPT: int = Milter.ACCEPT
 REJECT: int = Milter.REJECT
+TEMPFAIL: int = Milter.TEMPFAIL
 
 #: Supplies the local policy for each message, so that a reload (SIGHUP) takes effect without a restart.
 PolicySource = Callable[[], LocalPolicy]
@@ -78,9 +80,13 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
     def __init__(self) -> None:
         self.client_ip: str | None = None
         self.postfix = PostfixFeatures()
+        #: A connect callback that failed: every message of the connection is in doubt.
+        self.connect_doubt: str | None = None
         self._reset()
 
     def _reset(self) -> None:
+        #: Why this message cannot be classified with confidence (a callback failed); eom then tempfails.
+        self.doubt: str | None = None
         self.sender = ""
         self.params: tuple[str, ...] = ()
         self.rcpts: list[RcptRoute] = []
@@ -88,12 +94,32 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
         self.sasl_user: str | None = None
         self.tls_version: str | None = None
 
+    def _symval(self, name: str) -> str | None:
+        """A macro's value; one that is not UTF-8 (pymilter cannot decode it) reads as absent, which never adds
+        trust (a SASL name that cannot be read is no authentication)."""
+        try:
+            value: str | None = self.getsymval(name)
+        except UnicodeError:
+            log.warning("%s", kv(macro=name, problem="value is not UTF-8: ignored"))
+            return None
+        return value
+
+    def _doubt(self, where: str, e: BaseException) -> None:
+        # The first failure is the one worth telling; eom tempfails the message with it.
+        if self.doubt is None:
+            self.doubt = f"{where} callback failed: {type(e).__name__}: {e}"
+        log.exception("requiretls: %s callback failed", where)
+
     @Milter.noreply  # type: ignore[untyped-decorator]
     def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            # libmilter gives (address, port[, ...]); some harnesses give the bare address.
-            self.client_ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
-        self.postfix = self.postfix_override or PostfixFeatures.from_macro(self.getsymval("v"))
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
+                # libmilter gives (address, port[, ...]); some harnesses give the bare address.
+                self.client_ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
+            self.postfix = self.postfix_override or PostfixFeatures.from_macro(self._symval("v"))
+        except Exception as e:
+            self.connect_doubt = f"connect callback failed: {type(e).__name__}: {e}"
+            log.exception("requiretls: connect callback failed")
         return CONTINUE
 
     @Milter.nocallback  # type: ignore[untyped-decorator]
@@ -103,17 +129,23 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
     @Milter.noreply  # type: ignore[untyped-decorator]
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self._reset()
-        self.sender = _strip_brackets(mailfrom)
-        self.params = tuple(params)
-        self.sasl_user = self.getsymval("{auth_authen}") or None
-        self.tls_version = self.getsymval("{tls_version}") or None
+        try:
+            self.sender = _strip_brackets(mailfrom)
+            self.params = tuple(params)
+            self.sasl_user = self._symval("{auth_authen}") or None
+            self.tls_version = self._symval("{tls_version}") or None
+        except Exception as e:
+            self._doubt("envfrom", e)
         return CONTINUE
 
     @Milter.noreply  # type: ignore[untyped-decorator]
     def envrcpt(self, to: str, *params: str) -> int:
-        mailer = self.getsymval("{rcpt_mailer}")
-        host = self.getsymval("{rcpt_host}")
-        self.rcpts.append(RcptRoute(_strip_brackets(to), mailer or None, host or None))
+        try:
+            mailer = self._symval("{rcpt_mailer}")
+            host = self._symval("{rcpt_host}")
+            self.rcpts.append(RcptRoute(_strip_brackets(to), mailer or None, host or None))
+        except Exception as e:
+            self._doubt("envrcpt", e)
         return CONTINUE
 
     @Milter.nocallback  # type: ignore[untyped-decorator]
@@ -138,7 +170,29 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def eom(self) -> int:
-        queue_id = self.getsymval("i") or "NOQUEUE"
+        """The one answer: accept with edits, reject, or -- on real internal doubt only -- tempfail, logged.
+
+        Every exception is caught here: the MTA always gets a reply at end-of-message."""
+        queue_id = "NOQUEUE"
+        try:
+            queue_id = self._symval("i") or "NOQUEUE"
+            doubt = self.connect_doubt or self.doubt
+            if doubt is not None:
+                return self._tempfail(queue_id, doubt)
+            return self._eom(queue_id)
+        except Exception as e:
+            log.exception("%s: requiretls: end-of-message failed", queue_id)
+            return self._tempfail(queue_id, f"internal error: {type(e).__name__}: {e}")
+
+    def _tempfail(self, queue_id: str, reason: str) -> int:
+        log.error("%s: requiretls: %s", queue_id, kv(action="tempfail", reason=reason))
+        try:
+            self.setreply("451", "4.3.0", "requiretls: internal error, try again later")
+        except Exception:
+            log.exception("%s: requiretls: setreply failed", queue_id)
+        return TEMPFAIL
+
+    def _eom(self, queue_id: str) -> int:
         routes = tuple(self.rcpts)
         facts = MessageFacts(
             Envelope(self.sender, tuple(r.address for r in routes), self.params),
@@ -154,10 +208,22 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
             r = decision.reject
             self.setreply(str(r.code), r.dsn, r.text)
             return REJECT
+        unwritable = [e.name for e in decision.header_edits if not writable(e.value)]
+        if decision.envelope_params and self.sender and not writable(self.sender):
+            unwritable.append("MAIL FROM")
+        if unwritable:
+            # Only an envelope address can get here (the decision keeps header text writable): one that is not
+            # UTF-8 cannot be written into the routing fields, and no retry would change that.
+            text = "address is not valid UTF-8: cannot route this message"
+            log.warning("%s: requiretls: %s", queue_id, kv(action="reject", fields=",".join(unwritable), reason=text))
+            self.setreply("550", "5.6.7", text)
+            return REJECT
         self._apply(decision)
         return ACCEPT
 
     def _apply(self, d: Decision) -> None:
+        # The decision never writes a value that is not UTF-8 (pymilter encodes text as UTF-8, strictly):
+        # see requiretls.policy.headers.writable.
         for e in d.header_edits:
             if e.action == "add":
                 self.addheader(e.name, e.value)
@@ -191,14 +257,39 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                                                           reason="; ".join(r.reasons)))
 
 
+#: What libmilter accepts in one request once raised (its default is 65,535 bytes: a single header over about
+#: 65,528 bytes made it drop the connection, and the MTA tempfail the message on every retry).  Postfix's own
+#: header_size_limit is 102,400; 1 MiB covers it and Sendmail's limits with room to spare.
+LIBMILTER_MAX_DATA = 1 << 20
+
+
+def raise_libmilter_limit(size: int = LIBMILTER_MAX_DATA) -> int | None:
+    """Raise libmilter's request size limit (``smfi_setmaxdatasize``, which pymilter does not wrap) in the
+    libmilter that pymilter loaded; returns the old limit, or None when it could not be done (logged: the
+    milter still runs, with libmilter's default)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("milter") or "libmilter.so.1.0.1")
+        fn = lib.smfi_setmaxdatasize
+    except (OSError, AttributeError) as e:
+        log.warning("%s", kv(libmilter_max_data="unchanged", reason=f"{type(e).__name__}: {e}"))
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_size_t
+    return int(fn(size))
+
+
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
           socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None,
           reload: Callable[[], object] | None = None, local_transports: frozenset[str] = frozenset()) -> None:
     """Run the milter until SIGTERM/SIGINT; SIGHUP calls ``reload``, which swaps what ``policy_source`` returns.
 
-    Any exception in a callback makes the MTA tempfail the message.  libmilter takes SIGHUP as *stop*:
-    :func:`requiretls.daemon.run_blocking_server` keeps it for ``reload`` (and explains how).
+    An exception in a callback is logged and makes the MTA tempfail the message (at end-of-message).
+    libmilter takes SIGHUP as *stop*: :func:`requiretls.daemon.run_blocking_server` keeps it for ``reload``
+    (and explains how).
     """
     RequireTLSMilter.policy_source = staticmethod(policy_source)
     if mta == "sendmail":
@@ -211,8 +302,14 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
     RequireTLSMilter.local_transports = local_transports
     RequireTLSMilter.preflight = preflight
     Milter.factory = RequireTLSMilter
-    Milter.set_exception_policy(Milter.TEMPFAIL)
+    # Every callback catches its own exceptions (eom tempfails on real doubt, logged with its reason), so this
+    # policy only meets what pymilter fails at before our code runs: a header *name* that is not UTF-8.  With
+    # TEMPFAIL there, libmilter would drop the rest of the message without a reply at end-of-message (the MTA
+    # waits until its timeout, on every retry); CONTINUE skips that one field, which no rule reads (every field
+    # the decision reads has an ASCII name).
+    Milter.set_exception_policy(Milter.CONTINUE)
     Milter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.CHGFROM)
+    raise_libmilter_limit()
     kind, _, path = socket_spec.partition(":")
     if kind in ("unix", "local"):
         prepare_unix_socket(UnixSocket(path, socket_mode, socket_group))

@@ -34,6 +34,7 @@ from requiretls.policy.headers import (
     parse_tls_required,
     remove_cookie,
     require_tls_esmtp,
+    writable,
 )
 from requiretls.policy.local import LocalPolicy, trust
 from requiretls.policy.model import (
@@ -375,9 +376,14 @@ def header_edits(
             text = remove_cookie(text, policy.optout_cookie)
         edits.append(HeaderEdit("change", "Subject", encode_subject(text), 1))
     originals = header_values(headers, ORIGINAL_TLS_REQUIRED) if headers else []
+    cookie_optout = msg_class is MessageClass.OPTOUT and not grant.requested
     for i in range(len(originals), 0, -1):
-        edits.append(HeaderEdit("delete", ORIGINAL_TLS_REQUIRED, "", i))
-    if msg_class is MessageClass.OPTOUT and not grant.requested:
+        # A value with bytes that are not UTF-8 cannot be written back (see headers.writable): that field stays
+        # under its renamed name, unchanged.  It is malformed anyway (only "No" is defined, RFC 8689 §3), and
+        # its name keeps Postfix from reading it.
+        if cookie_optout or writable(originals[i - 1]):
+            edits.append(HeaderEdit("delete", ORIGINAL_TLS_REQUIRED, "", i))
+    if cookie_optout:
         # The cookie becomes a real header so that later hops see it; a malformed or duplicated field would
         # make the new one a duplicate, so it goes first.
         for i in range(len(header_values(headers, TLS_REQUIRED)), 0, -1):
@@ -387,7 +393,8 @@ def header_edits(
         # Give back what header_checks renamed on Postfix >= 3.10: the field travels on unchanged; added by a
         # milter it is not applied by Postfix itself, so local governance stays in charge of this hop.
         for v in originals:
-            edits.append(HeaderEdit("add", TLS_REQUIRED, v))
+            if writable(v):
+                edits.append(HeaderEdit("add", TLS_REQUIRED, v))
     return tuple(edits)
 
 

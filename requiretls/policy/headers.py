@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.errors
 import email.header
+import email.quoprimime
 import enum
 import re
 from collections.abc import Iterable, Sequence
@@ -144,11 +145,40 @@ def remove_cookie(subject_text: str, cookie: str) -> str:
     return f"{before} {after}" if before and after else before + after
 
 
+def writable(value: str) -> bool:
+    """Whether a value can go back to the MTA as a header edit.  Bytes that are not UTF-8 reach us as lone
+    surrogates (the milter decodes with ``surrogateescape``) and pymilter encodes edits as strict UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: Raw bytes per encoded word: "=?unknown-8bit?q?" + 3 x 18 + "?=" stays within RFC 2047 §2's 75 characters.
+_RAW_PER_WORD = 18
+
+
 def encode_subject(text: str) -> str:
-    """Render a subject for a header edit: plain when ASCII, else RFC 2047 UTF-8 encoded words."""
+    """Render a subject for a header edit: plain when ASCII, else RFC 2047 UTF-8 encoded words.
+
+    Bytes that are not UTF-8 (an 8-bit Subject in some legacy charset, seen as lone surrogates) are kept as
+    they were, in ``unknown-8bit`` encoded words (RFC 1428's charset name for 8-bit text of unknown charset):
+    the edit can then be written, and no byte of the sender's text is lost or guessed.
+    """
     if text.isascii():
         return text
-    return email.header.Header(text, "utf-8", maxlinelen=998).encode()
+    if writable(text):
+        return email.header.Header(text, "utf-8", maxlinelen=998).encode()
+    raw = text.encode("utf-8", "surrogateescape")
+    words = [
+        email.quoprimime.header_encode(raw[i : i + _RAW_PER_WORD], "unknown-8bit")
+        for i in range(0, len(raw), _RAW_PER_WORD)
+    ]
+    # Adjacent encoded words separated by white space decode as one text (RFC 2047 §6.2); fold every 12 words
+    # so that no line passes 998 characters.
+    lines = [" ".join(words[i : i + 12]) for i in range(0, len(words), 12)]
+    return "\n ".join(lines)
 
 
 def parse_header_block(raw: bytes) -> tuple[tuple[str, str], ...]:

@@ -15,6 +15,7 @@ Answers use exact Postfix syntax; ``optout=`` and ``requiretls=`` never reach Po
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ _LABEL = r"(?!-)[a-z0-9_-]{1,63}(?<!-)"
 _DOMAIN_KEY = re.compile(rf"\.?{_LABEL}(?:\.{_LABEL})*\.?")
 _NEXTHOP_KEY = re.compile(r"\[[0-9a-z_.:-]{1,255}\](?::\d{1,5})?|[0-9a-z_.-]{1,255}:\d{1,5}")
 MAX_KEY = 300
+#: Longest domain name in text form, without the final dot (RFC 1035 §2.3.4: 255 octets on the wire).
+MAX_DOMAIN = 253
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +78,24 @@ def parse_key(raw: str) -> Query | Answer:
     if _NEXTHOP_KEY.fullmatch(key):
         return Query(key, None, False)
     if _DOMAIN_KEY.fullmatch(key):
-        return Query(key, key.strip("."), key.startswith("."))
+        domain = key.strip(".")
+        if len(domain) > MAX_DOMAIN:
+            # No DNS name is that long (RFC 1035 §2.3.4): a lookup could only fail, and TEMP would defer the
+            # mail until it expires.  PERM says at once that the key is wrong (issue 17).
+            return Answer(Status.PERM, f"invalid lookup key: domain longer than {MAX_DOMAIN} characters")
+        if _is_ip(domain):
+            # A bare address is no domain with MX records; Postfix writes an address next hop as [address].
+            return Answer(Status.PERM, "invalid lookup key: IP address without brackets")
+        return Query(key, domain, key.startswith("."))
     return Answer(Status.PERM, "invalid lookup key")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def needs_destination(zone: Zone, query: Query, table: PolicyTable) -> bool:

@@ -33,6 +33,10 @@ log = logging.getLogger("requiretls")
 
 MAX_REQUEST = 1024
 MAX_PENDING = 256
+#: Most client connections at once; one more is closed at once (logged).  Postfix holds one per smtp process and
+#: map name (default_process_limit 100 per transport), so 1000 leaves room and stays within the usual soft limit
+#: of 1024 open files.
+MAX_CONNECTIONS = 1000
 _ZONES = {z.value.encode(): z for z in Zone}
 
 
@@ -41,6 +45,8 @@ class ServiceSettings:
     answer_ttl: float = 60.0
     lookup_timeout: float = 30.0
     answer_cache_size: int = 100_000
+    #: Seconds a connection may sit idle (no request, no answer pending) before it is closed.
+    idle_timeout: float = 300.0
 
 
 class PolicyService:
@@ -130,24 +136,60 @@ class SocketmapProtocol(asyncio.Protocol):
         self.queue: collections.deque[bytes] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
         self.transport: asyncio.Transport | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.last_active = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
         self.transport = cast(asyncio.Transport, transport)
+        if len(self.server.connections) >= MAX_CONNECTIONS:
+            self.service.metrics.error("too_many_connections")
+            self.server.refused += 1
+            if self.server.refused in (1, 10, 100) or self.server.refused % 1000 == 0:
+                log.warning("%s", kv(refused_connection="too many client connections", limit=MAX_CONNECTIONS,
+                                     refused_so_far=self.server.refused))
+            self.transport.close()
+            self.transport = None
+            return
         self.server.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._touch()
+
+    def _touch(self) -> None:
+        """Note activity; the idle timer checks it when it fires (no re-arming on every request)."""
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
+        if self.idle is None:
+            self.idle = loop.call_later(self.service.settings.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle = None
+        if self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        left = self.last_active + self.service.settings.idle_timeout - loop.time()
+        if self.worker is not None or self.queue or left > 0:
+            # Busy (an answer is being looked up) or active since: look again later.
+            self.idle = loop.call_later(max(left, 1.0), self._idle_check)
+            return
+        self.service.metrics.error("idle_timeout")
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         if transport is None:
             return
+        self.last_active = asyncio.get_running_loop().time()
         try:
             requests = self.decoder.feed(data)
         except TooLong as e:
@@ -182,6 +224,7 @@ class SocketmapProtocol(asyncio.Protocol):
                 if self.transport is None:
                     return
                 self.transport.write(wire)
+                self.last_active = asyncio.get_running_loop().time()
         finally:
             self.worker = None
 
@@ -192,6 +235,8 @@ class PolicyServer:
     def __init__(self, service: PolicyService) -> None:
         self.service = service
         self.connections: set[SocketmapProtocol] = set()
+        #: Connections closed at once because MAX_CONNECTIONS were open.
+        self.refused = 0
         self.servers: list[asyncio.base_events.Server] = []
         self.unix_paths: list[str] = []
 

@@ -63,6 +63,8 @@ READ_PARAMS = (
     "transport_maps",
     "delay_warning_time",
     "bounce_template_file",
+    "smtpd_forbid_bare_newline",
+    "smtpd_forbid_bare_newline_exclusions",
 )
 
 
@@ -239,6 +241,16 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
         if env.version.native_requiretls:
             main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
+    if env.version.version < (3, 9) and "smtpd_forbid_bare_newline" not in env.explicit:
+        # SMTP smuggling (issue 17): before 3.9 Postfix ends DATA at a bare-LF dot by default, so a client (or a
+        # trusted relay that forwards such content) can start a second message inside the first, which then
+        # inherits the client's trust for TLS-Required: No and the subject cookies.  normalize is 3.9's default
+        # (3.7.10+ and 3.8.5+ know it); an admin's own setting is kept.  Its default exclusions ($mynetworks)
+        # would leave exactly the trusted relays open (measured on 3.7.11; 3.10 and 3.11 refuse a bare-LF end of
+        # DATA from $mynetworks as well), so they go too, unless the admin set them.
+        main.append(("smtpd_forbid_bare_newline", "normalize"))
+        if "smtpd_forbid_bare_newline_exclusions" not in env.explicit:
+            main.append(("smtpd_forbid_bare_newline_exclusions", ""))
     # mime_ and nested_header_checks default to $header_checks: keep them on the admin's own tables so that
     # attached messages' headers are left alone.
     for name in ("mime_header_checks", "nested_header_checks"):

@@ -116,17 +116,42 @@ class AgentLMTP(LMTP):
     ORCPT), kept for the onward MAIL/RCPT instead of being refused."""
 
     async def smtp_MAIL(self, arg: str | None) -> None:
+        if not valid_argument(arg):
+            await self.push("501 5.1.7 Bad sender address syntax")
+            return
         arg, params = _take_params(arg, ("RET", "ENVID"))
         self._dsn_mail = params
         await super().smtp_MAIL(arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
+        if not valid_argument(arg):
+            await self.push("501 5.1.3 Bad recipient address syntax")
+            return
         arg2, params = _take_params(arg, ("NOTIFY", "ORCPT"))
         m = _ADDR.search(arg or "")
         if m and params:
             self._dsn_rcpt = getattr(self, "_dsn_rcpt", {})
             self._dsn_rcpt[m.group(1)] = params
         await super().smtp_RCPT(arg2)
+
+
+def valid_argument(arg: str | None) -> bool:
+    """Whether a MAIL/RCPT argument holds only what RFC 5321 §4.1.2 (and RFC 6531's UTF-8) allow: no control
+    character (NUL included) and no byte that is not UTF-8 (aiosmtpd shows those as lone surrogates)."""
+    if not arg:
+        return True  # aiosmtpd answers the syntax error itself
+    return not any(c < " " or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in arg)
+
+
+def private_conflict(headers: Sequence[tuple[str, str]]) -> str | None:
+    """Why the private fields cannot be trusted, or None.  The milter writes each at most once: two route
+    fields (a forged one that slipped past header_checks, first) or two hand-back or next-hop lists contradict
+    each other, and the agent must not pick one (issue 17: it used to follow the first, forged one)."""
+    for name in PRIVATE_HEADERS:
+        n = len(header_values(headers, name))
+        if n > 1:
+            return f"{n} {name} fields: only one is ever written by the milter"
+    return None
 
 
 def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dict[str, str]]:
@@ -197,6 +222,14 @@ class AgentHandler:
         state = self.state  # one configuration for the whole message, whatever a reload does meanwhile
         message: bytes = envelope.original_content
         headers = parse_header_block(message)
+        conflict = private_conflict(headers)
+        if conflict is not None:
+            # Deferred, never delivered by a guess; Postfix keeps the message and the admin sees why.
+            replies = []
+            for r in envelope.rcpt_tos:
+                log.warning("%s", kv(to=f"<{r}>", status="deferred", dsn="4.3.0", reply=conflict))
+                replies.append(f"451 4.3.0 {conflict}")
+            return "\r\n".join(replies)
         route = route_value(headers) or str(Route.RELAY)
         back = {a.lower() for a in parse_handback(header_values(headers, HANDBACK_HEADER))}
         hops = {a.lower(): v for a, v in parse_nexthops(header_values(headers, NEXTHOP_HEADER)).items()}

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from requiretls.policy.headers import parse_header_block
-from requiretls.relay.agent import _PRIVATE, _take_params, strip_private
+from requiretls.relay.agent import _PRIVATE, _take_params, private_conflict, strip_private, valid_argument
 
 from .support import FUZZ, SEPARATORS, tokens
 
@@ -46,3 +46,20 @@ def test_take_params_splits_any_argument(arg: str | None) -> None:
         assert rest is not None and rest.startswith(arg[: arg.rfind(">") + 1])
     else:
         assert rest == arg and taken == {}
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=120), tokens(ARG_WORDS).map(lambda s: s.encode("utf-8", "surrogatepass"))))
+def test_mail_and_rcpt_arguments_with_controls_or_bytes_that_are_not_utf8_are_refused(raw: bytes) -> None:
+    # As aiosmtpd decodes a command line (surrogateescape); issue 17: MAIL FROM:<a\0@b> was accepted.
+    arg = raw.decode("utf-8", "surrogateescape")
+    bad = any(c < " " or "\x7f" <= c <= "\x9f" or "\ud800" <= c <= "\udfff" for c in arg)
+    assert valid_argument(arg) is (not bad or not arg)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=400), tokens(MSG_WORDS).map(lambda s: s.encode("latin-1", "replace"))))
+def test_a_message_with_two_fields_of_one_private_name_is_always_a_conflict(message: bytes) -> None:
+    names = _fields(message)
+    twice = any(names.count(n) > 1 for n in _PRIVATE)
+    assert (private_conflict(parse_header_block(message)) is not None) is twice

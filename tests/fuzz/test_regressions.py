@@ -33,3 +33,54 @@ def test_form_feed_or_line_separator_in_a_value_does_not_make_a_field() -> None:
 def test_crlf_and_lf_header_blocks_parse_alike() -> None:
     crlf = parse_header_block(b"A: 1\r\n\tx\r\nB: 2\r\n\r\nC: 3\r\n")
     assert crlf == parse_header_block(b"A: 1\n\tx\nB: 2\n\nC: 3\n") == (("A", "1\n\tx"), ("B", "2"))
+
+
+# --- issue 17: hostile header bytes (found by miltertest and a raw milter client) -----------------------------
+# The milter decodes header values with surrogateescape: a byte that is not UTF-8 arrives as a lone surrogate.
+
+def test_subject_with_a_byte_that_is_not_utf8_encodes_to_writable_unknown_8bit_words() -> None:
+    from requiretls.policy.headers import decode_subject, encode_subject, remove_cookie, writable
+
+    text, _ = decode_subject("[tls-optout] caf\udce9")
+    out = encode_subject(remove_cookie(text, "[tls-optout]"))
+    assert writable(out) and out == "=?unknown-8bit?q?caf=E9?="
+    long = encode_subject("\udce9" * 500)
+    assert writable(long) and all(len(line) <= 998 for line in long.split("\n"))
+    assert all(len(w) <= 75 for w in long.split())
+
+
+def test_original_tls_required_that_is_not_utf8_is_malformed_and_never_written_back() -> None:
+    from requiretls.policy import Envelope, LocalPolicy, MessageFacts, Session
+    from requiretls.policy.decide import decide_classes
+    from requiretls.policy.headers import writable
+
+    for name in ("X-Original-TLS-Required", "TLS-Required"):
+        facts = MessageFacts(Envelope("a@b.example", ("c@d.example",), ()), Session(None, "192.0.2.1", None),
+                             ((name, "No\udce9"),))
+        d = decide_classes(facts, LocalPolicy())
+        assert str(d.msg_class) == "default"
+        assert all(writable(e.value) for e in d.header_edits)
+        assert not [e for e in d.header_edits if e.name == "TLS-Required" and e.action == "add"]
+        assert not [e for e in d.header_edits if e.name == "X-Original-TLS-Required"]
+
+
+def test_8bit_subject_with_optout_cookie_from_a_sasl_user_gives_writable_edits_only() -> None:
+    from requiretls.policy import Envelope, LocalPolicy, MessageFacts, Session
+    from requiretls.policy.decide import decide_classes
+    from requiretls.policy.headers import writable
+
+    for cookie in ("[tls-optout]", "[requiretls]"):
+        facts = MessageFacts(Envelope("a@b.example", ("c@d.example",), ()), Session("alice", "192.0.2.1", None),
+                             (("Subject", f"{cookie} caf\udce9"), ("X-Original-TLS-Required", "x\udcff")))
+        d = decide_classes(facts, LocalPolicy())
+        assert str(d.msg_class) in ("optout", "requiretls")
+        subject = [e for e in d.header_edits if e.name == "Subject"]
+        assert subject and subject[0].value == "=?unknown-8bit?q?caf=E9?="
+        assert all(writable(e.value) for e in d.header_edits)
+
+
+def test_log_fields_escape_line_breaks_and_bytes_that_are_not_utf8() -> None:
+    from requiretls.log import kv
+
+    line = kv(**{"from": "<a\n2026 forged: x@b>", "reason": "caf\udce9"})
+    assert "\n" not in line and line.encode("utf-8")

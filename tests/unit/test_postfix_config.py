@@ -164,3 +164,15 @@ def test_release_rule_only_where_postfix_has_no_tls_required(version: str, rule:
         # the relaxed clone's smtp_header_checks must not see the FILTER rule (it strips the header instead)
         relaxed = next(m.line for m in plan.master if m.service == "requiretls-relaxed")
         assert "release" not in relaxed
+
+
+def test_bare_newline_smuggling_is_closed_before_3_9_unless_the_admin_chose() -> None:
+    """Issue 17: Postfix < 3.9 ends DATA at a bare-LF dot by default (SMTP smuggling); 3.9's default is set."""
+    assert _plan("3.7")[0]["smtpd_forbid_bare_newline"] == "normalize"
+    assert _plan("3.7")[0]["smtpd_forbid_bare_newline_exclusions"] == ""
+    for v in ("3.10", "3.11"):
+        assert "smtpd_forbid_bare_newline" not in _plan(v)[0]  # already Postfix's default there
+    env = offline_env("3.7")
+    env = PostfixEnv(env.version, env.config_directory, env.queue_directory,
+                     {**env.current, "smtpd_forbid_bare_newline": "no"}, frozenset({"smtpd_forbid_bare_newline"}))
+    assert "smtpd_forbid_bare_newline" not in dict(generate(env, LocalPolicy(), MILTER, RELAY, REINJECT).main)
