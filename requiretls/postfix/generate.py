@@ -77,6 +77,10 @@ class Plan:
     main: tuple[tuple[str, str], ...]
     master: tuple[MasterEntry, ...]
     files: tuple[tuple[str, str], ...]
+    #: List parameters to which we add one item (ours, first): parameter -> that item.  Undo removes only it.
+    items: tuple[tuple[str, str], ...] = ()
+    #: Decisions the admin should read (milter order, ``$smtpd_milters`` references), one line each.
+    notes: tuple[str, ...] = ()
 
 
 def postfix_socket(spec: str | ListenAddress, queue_directory: str) -> str:
@@ -116,6 +120,34 @@ def _prepend(value: str, ours: str) -> str:
     return ", ".join([ours, *_without_ours(_split_list(value), ours)])
 
 
+#: How ``non_smtpd_milters`` (and others) may name ``smtpd_milters``: each expands to that list.
+SMTPD_MILTERS_REFS = ("$smtpd_milters", "${smtpd_milters}", "$(smtpd_milters)")
+
+
+def _milter_lists(smtpd: str, non_smtpd: str, milter: str) -> tuple[str, str | None, list[str]]:
+    """``smtpd_milters`` and ``non_smtpd_milters`` with our milter first in each and listed once after
+    expansion (None: leave ``non_smtpd_milters`` as it is), and what was decided, for the plan."""
+    notes = []
+    listed = _split_list(smtpd)
+    others = _without_ours(listed, milter)
+    if others:
+        notes.append(f"smtpd_milters: ours first, then {', '.join(others)} (a DKIM signer after ours signs the "
+                     "message as we leave it)")
+        if len(others) != len(listed) and _without_ours(listed[:1], milter):
+            notes.append("smtpd_milters: our milter was not first; it is moved back to the front")
+    items = _without_ours(_split_list(non_smtpd), milter)
+    if items and all(i in SMTPD_MILTERS_REFS for i in items):
+        # "$smtpd_milters": ours comes through the reference, first; listing it again would run it twice.
+        notes.append(f"non_smtpd_milters = {items[0]}: our milter comes through it, once; left as it is")
+        return _prepend(smtpd, milter), (None if [non_smtpd.strip()] == items[:1] else items[0]), notes
+    if any(i in SMTPD_MILTERS_REFS for i in items):
+        items = list(dict.fromkeys(x for i in items for x in (others if i in SMTPD_MILTERS_REFS else [i])))
+        notes.append("non_smtpd_milters: $smtpd_milters written out in place, so that our milter is listed once")
+    if items:
+        notes.append(f"non_smtpd_milters: ours first, then {', '.join(items)}")
+    return _prepend(smtpd, milter), ", ".join([milter, *items]), notes
+
+
 def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     """TLS policy for the relaxed clone: ``optout=no`` destinations keep their normal policy; everything else
     falls to the clone's ``may``.  (With the policy service running, its ``relaxed`` socketmap zone replaces
@@ -145,26 +177,32 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     milter = f"{{ {postfix_socket(milter_socket, env.queue_directory)}, default_action=tempfail }}"
     relay = postfix_socket(relay_socket, env.queue_directory)
     hc = f"regexp:{cdir}/{HEADER_CHECKS}"
-    main: list[tuple[str, str]] = [
-        ("smtpd_milters", _prepend(env.current.get("smtpd_milters", ""), milter)),
-        ("non_smtpd_milters", _prepend(env.current.get("non_smtpd_milters", ""), milter)),
+    mhc = f"regexp:{cdir}/{MILTER_HEADER_CHECKS}"
+    smtpd_milters, non_smtpd_milters, notes = _milter_lists(
+        env.current.get("smtpd_milters", ""), env.current.get("non_smtpd_milters", ""), milter)
+    main: list[tuple[str, str]] = [("smtpd_milters", smtpd_milters)]
+    items = [("smtpd_milters", milter)]
+    if non_smtpd_milters is not None:
+        main.append(("non_smtpd_milters", non_smtpd_milters))
+        items.append(("non_smtpd_milters", milter))
+    main += [
         ("milter_default_action", "tempfail"),
         ("header_checks", _prepend(env.current.get("header_checks", ""), hc)),
-        (
-            "milter_header_checks",
-            _prepend(env.current.get("milter_header_checks", ""), f"regexp:{cdir}/{MILTER_HEADER_CHECKS}"),
-        ),
+        ("milter_header_checks", _prepend(env.current.get("milter_header_checks", ""), mhc)),
     ]
+    items += [("header_checks", hc), ("milter_header_checks", mhc)]
     if sockmap:
         current_maps = env.current.get("smtp_tls_policy_maps", "")
         main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
+        items.append(("smtp_tls_policy_maps", f"{sockmap}:default"))
         if env.version.native_requiretls:
             main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
     # mime_ and nested_header_checks default to $header_checks: keep them on the admin's own tables so that
     # attached messages' headers are left alone.
+    admin_hc = ", ".join(_without_ours(_split_list(env.current.get("header_checks", "")), hc))
     for name in ("mime_header_checks", "nested_header_checks"):
         if name not in env.explicit:
-            main.append((name, env.current.get("header_checks", "")))
+            main.append((name, admin_hc))
 
     header_rules = [
         "# requiretls: inbound copies of the private headers are forgeries.",
@@ -221,7 +259,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             "-o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
         ),
     )
-    return Plan(tuple(main), master, files)
+    return Plan(tuple(main), master, files, tuple(items), tuple(notes))
 
 
 def render(plan: Plan, env: PostfixEnv) -> str:
