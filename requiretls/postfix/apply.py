@@ -59,12 +59,28 @@ def postconf(args: Sequence[str], config_dir: str | None) -> str:
 
 
 def _explicit(config_dir: str) -> dict[str, str]:
-    """main.cf's explicit settings (``postconf -n``), name -> raw value."""
-    out = {}
-    for line in postconf(["-n"], config_dir).splitlines():
-        if " = " in line or line.endswith(" ="):
-            name, _, value = line.partition(" =")
-            out[name.strip()] = value.strip()
+    """main.cf's explicit settings, name -> value, read from the file as ``postconf -n`` would list them, but
+    also those this postconf does not know (``smtp_requiretls_policy`` is 3.11's; the postconf run may be
+    older than the instance)."""
+    out: dict[str, str] = {}
+    name = None
+    try:
+        with open(os.path.join(config_dir, "main.cf"), encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError as e:
+        raise PostfixError(f"cannot read main.cf: {e}") from e
+    for line in lines:
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0] in " \t":
+            if name is not None:
+                out[name] = f"{out[name]} {stripped}".strip()
+            continue
+        key, eq, value = line.partition("=")
+        name = key.strip() if eq else None
+        if name is not None:
+            out[name] = value.strip()
     return out
 
 
@@ -92,6 +108,7 @@ def read_env(config_dir: str | None, version: str | None = None) -> PostfixEnv:
         values["queue_directory"],
         {k: values[k] for k in READ_PARAMS},
         frozenset(_explicit(cdir)),
+        _master(cdir),
     )
 
 
@@ -108,7 +125,8 @@ def admin_view(env: PostfixEnv) -> PostfixEnv:
         ours = set(live) - set(_explicit(os.path.join(cdir, BACKUP_DIR)))
     else:
         return env
-    return PostfixEnv(env.version, env.config_directory, env.queue_directory, env.current, env.explicit - ours)
+    return PostfixEnv(env.version, env.config_directory, env.queue_directory, env.current, env.explicit - ours,
+                      env.master)
 
 
 def _norm(value: str | None) -> str | None:
@@ -209,7 +227,7 @@ def _service_conflicts(plan: Plan, live_m: Mapping[str, str], journal: Journal) 
     errors = []
     for m in plan.master:
         key = f"{m.service}/{m.type}"
-        if key in journal.master:
+        if key in journal.master or m.adopt:
             continue
         if key in live_m:
             errors.append(f"master.cf already has a service {key} that requiretls did not add: {live_m[key]!r}")
@@ -269,8 +287,9 @@ def reconcile(plan: Plan, env: PostfixEnv, *, force: bool = False, dry_run: bool
             rec = journal.master.get(key)
             cur = live_m.get(key)
             if rec is None:
-                journal.master[key] = {"before": None, "ours": m.line}
-                set_master[key] = m.line
+                journal.master[key] = {"before": cur if m.adopt else None, "ours": m.line}
+                if _norm(cur) != _norm(m.line):
+                    set_master[key] = m.line
             elif _norm(cur) == _norm(m.line):
                 rec["ours"] = m.line
             elif _norm(cur) == _norm(rec["ours"]) or force:

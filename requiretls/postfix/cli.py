@@ -10,7 +10,7 @@ from requiretls.config import DEFAULT_CONFIG_FILE, load
 from requiretls.errors import ConfigError
 from requiretls.policy.route import PostfixFeatures
 from requiretls.postfix.apply import PostfixError, admin_view, read_env, reconcile, undo
-from requiretls.postfix.generate import READ_PARAMS, PostfixEnv, generate, render
+from requiretls.postfix.generate import READ_PARAMS, Plan, PlanError, PostfixEnv, generate, render
 
 
 def offline_env(version: str | None) -> PostfixEnv:
@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="wire in the policy service (smtp_tls_policy_maps, relaxed zone; 3.11: smtp_requiretls_policy); "
         "default: on for Postfix 3.11+, which needs it to authenticate MTA-STS destinations",
     )
+    p.add_argument("--filter-return", metavar="SERVICE/TYPE",
+                   help="with a content filter: the master.cf service at which it hands mail back (default: the one "
+                   "smtpd service with -o content_filter=)")
     p.add_argument(
         "--offline",
         action="store_true",
@@ -79,14 +82,21 @@ def run(args: argparse.Namespace) -> int:
         env = offline_env(args.postfix_version) if args.offline else admin_view(
             read_env(args.postfix_config_dir, args.postfix_version))
         use_policyd = env.version.native_requiretls if args.policyd is None else args.policyd
-        plan = generate(
-            env,
-            settings.local_policy,
-            settings.milter.socket,
-            settings.relay.listen,
-            str(settings.relay.reinject),
-            settings.policyd.listen[0] if use_policyd else None,
-        )
+        try:
+            plan = generate(
+                env,
+                settings.local_policy,
+                settings.milter.socket,
+                settings.relay.listen,
+                str(settings.relay.reinject),
+                settings.policyd.listen[0] if use_policyd else None,
+                args.filter_return,
+            )
+        except PlanError:
+            if not args.undo:
+                raise
+            plan = Plan((), (), ())  # --undo goes by the journal
+
         if args.check:
             out = reconcile(plan, env, dry_run=True)
             for line in out.done:
@@ -100,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(render(plan, env))
             return 0
         out = undo(plan, env) if args.undo else reconcile(plan, env, force=args.force, tables_only=args.tables)
-    except PostfixError as e:
+    except (PostfixError, PlanError) as e:
         print(f"requiretls: {e}", file=sys.stderr)
         return 2
     for line in plan.notes if args.apply and not args.undo else ():

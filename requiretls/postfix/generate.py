@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
@@ -34,6 +34,7 @@ from requiretls.policy.route import PostfixFeatures, Route
 
 RELAXED_SERVICE = "requiretls-relaxed"
 CLEANUP_SERVICE = "requiretls-cleanup"
+FILTER_CLEANUP_SERVICE = "requiretls-filter-cleanup"
 HEADER_CHECKS = "requiretls_header_checks"
 MILTER_HEADER_CHECKS = "requiretls_milter_header_checks"
 REINJECT_HEADER_CHECKS = "requiretls_reinject_header_checks"
@@ -50,7 +51,12 @@ READ_PARAMS = (
     "milter_header_checks",
     "smtp_tls_security_level",
     "smtp_tls_policy_maps",
+    "content_filter",
 )
+
+
+class PlanError(Exception):
+    """The live configuration cannot be wired safely as it is; the message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,8 @@ class PostfixEnv:
     #: Raw values (``postconf -h``) of :data:`READ_PARAMS`; ``explicit`` names those set in main.cf.
     current: Mapping[str, str]
     explicit: frozenset[str] = frozenset()
+    #: master.cf entries, ``service/type`` -> the entry on one line (``postconf -M``).
+    master: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +78,8 @@ class MasterEntry:
     service: str
     type: str
     line: str
+    #: An existing entry of the admin's that we change (the content filter's return service), not a new one.
+    adopt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +158,87 @@ def _milter_lists(smtpd: str, non_smtpd: str, milter: str) -> tuple[str, str | N
     return _prepend(smtpd, milter), ", ".join([milter, *items]), notes
 
 
+def _options(line: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """A master.cf entry on one line -> its eight fields and command, and its ``-o name=value`` options."""
+    tokens = line.split()
+    head, rest = tokens[:8], tokens[8:]
+    opts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] == "-o" and i + 1 < len(rest):
+            name, _, value = rest[i + 1].partition("=")
+            opts.append((name, value))
+            i += 2
+        else:
+            head.append(rest[i])
+            i += 1
+    return head, opts
+
+
+def _filtered_services(master: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """smtpd services that set a content filter, and smtpd services that clear it (a filter's return)."""
+    setting: list[str] = []
+    clearing: list[str] = []
+    for key, line in master.items():
+        head, opts = _options(line)
+        if len(head) < 8 or head[7] != "smtpd" or ("syslog_name", f"postfix/{MARK}-reinject") in opts:
+            continue
+        for name, value in opts:
+            if name == "content_filter":
+                (setting if value else clearing).append(key)
+    return setting, clearing
+
+
+def _filter_return(env: PostfixEnv, return_service: str | None) -> tuple[str | None, list[str]]:
+    """The service/type at which the content filter hands mail back, or None without a content filter."""
+    setting, clearing = _filtered_services(env.master)
+    cf = env.current.get("content_filter", "")
+    if not cf and not setting:
+        return None, []
+    where = f"content_filter = {cf}" if cf else f"-o content_filter in {', '.join(setting)}"
+    if return_service:
+        if return_service not in env.master:
+            raise PlanError(f"--filter-return {return_service}: no such master.cf service")
+        return return_service, [f"content filter ({where}): its return service is {return_service} (given)"]
+    if len(clearing) != 1:
+        found = ", ".join(clearing) or "none"
+        raise PlanError(
+            f"a content filter is configured ({where}) but its return service is not clear (smtpd services "
+            f"with -o content_filter=: {found}); name it with --filter-return SERVICE/TYPE, e.g. "
+            "--filter-return 127.0.0.1:10025/inet"
+        )
+    return clearing[0], [f"content filter ({where}): our routes are applied after it, at its return "
+                         f"service {clearing[0]}; every message passes the filter once"]
+
+
+def _adopt_return(key: str, line: str, version: PostfixFeatures) -> MasterEntry:
+    """The filter's return smtpd with our cleanup (which turns the route header into FILTER) and without
+    ``no_header_body_checks`` (which would switch that off); with ``no_milters`` where the service inherits the
+    global milters, which ran once already on the way in."""
+    service, kind = key.split("/", 1)
+    head, opts = _options(line)
+    values = dict(opts)
+    out = [(n, v) for n, v in opts if n not in ("cleanup_service_name", "receive_override_options")]
+    overrides = [o for o in values.get("receive_override_options", "").replace(",", " ").split()
+                 if o != "no_header_body_checks"]
+    if "smtpd_milters" not in values and "no_milters" not in overrides:
+        overrides.append("no_milters")
+    out.append(("cleanup_service_name", FILTER_CLEANUP_SERVICE))
+    if overrides:
+        out.append(("receive_override_options", ",".join(overrides)))
+    text = " ".join(head + [f"-o {n}={v}" for n, v in out])
+    del version
+    return MasterEntry(service, kind, text, adopt=True)
+
+
 def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     """TLS policy for the relaxed clone: ``optout=no`` destinations keep their normal policy; everything else
     falls to the clone's ``may``.  (With the policy service running, its ``relaxed`` socketmap zone replaces
     this static table and adds DANE/MTA-STS discovery.)"""
     lines = [
         "# Generated by requiretls postfix-config from the policy table: destinations that refuse opt-out.",
-        "# Regenerate (requiretls postfix-config --apply) after changing the policy table.",
+        "# After changing the policy table: requiretls postfix-config --tables, then postfix reload (main.cf and",
+        "# master.cf stay as they are).",
     ]
     for entry in policy.table:
         if entry.optout is not False:
@@ -169,9 +253,14 @@ def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
 
 def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
              relay_socket: str | ListenAddress, reinject: str,
-             policyd_socket: str | ListenAddress | None = None) -> Plan:
+             policyd_socket: str | ListenAddress | None = None, filter_return: str | None = None) -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
-    opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only."""
+    opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only.
+
+    With a content filter (``content_filter``, in main.cf or on an smtpd service), the route header does not
+    FILTER on the way in (FILTER would override the content filter, so special mail would skip it): it
+    travels through the filter, and our cleanup on the filter's return service (``filter_return``, or the one
+    smtpd service that clears ``content_filter``) turns it into FILTER there."""
     cdir = env.config_directory.rstrip("/")
     sockmap = f"socketmap:{postfix_socket(policyd_socket, env.queue_directory)}" if policyd_socket else ""
     milter = f"{{ {postfix_socket(milter_socket, env.queue_directory)}, default_action=tempfail }}"
@@ -185,12 +274,16 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     if non_smtpd_milters is not None:
         main.append(("non_smtpd_milters", non_smtpd_milters))
         items.append(("non_smtpd_milters", milter))
+    returned, filter_notes = _filter_return(env, filter_return)
+    notes += filter_notes
     main += [
         ("milter_default_action", "tempfail"),
         ("header_checks", _prepend(env.current.get("header_checks", ""), hc)),
-        ("milter_header_checks", _prepend(env.current.get("milter_header_checks", ""), mhc)),
     ]
-    items += [("header_checks", hc), ("milter_header_checks", mhc)]
+    items.append(("header_checks", hc))
+    if returned is None:
+        main.append(("milter_header_checks", _prepend(env.current.get("milter_header_checks", ""), mhc)))
+        items.append(("milter_header_checks", mhc))
     if sockmap:
         current_maps = env.current.get("smtp_tls_policy_maps", "")
         main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
@@ -230,7 +323,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         (REINJECT_HEADER_CHECKS, "\n".join(reinject_rules) + "\n"),
         (RELAXED_POLICY, relaxed_policy_table(policy, env.current.get("smtp_tls_security_level", ""))),
     )
-    master = (
+    master: tuple[MasterEntry, ...] = (
         MasterEntry(
             RELAXED_SERVICE,
             "unix",
@@ -259,6 +352,20 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             "-o smtpd_tls_security_level=none -o smtpd_sasl_auth_enable=no",
         ),
     )
+    if returned is not None:
+        master += (
+            MasterEntry(
+                FILTER_CLEANUP_SERVICE,
+                "unix",
+                f"{FILTER_CLEANUP_SERVICE} unix n - n - 0 cleanup -o syslog_name=postfix/{FILTER_CLEANUP_SERVICE} "
+                f"-o header_checks=regexp:{cdir}/{MILTER_HEADER_CHECKS} -o mime_header_checks= "
+                "-o nested_header_checks= -o body_checks= -o milter_header_checks="
+                # the milter restored TLS-Required as a milter header, which Postfix does not apply; coming back
+                # from the filter it is an ordinary header, which Postfix 3.10+ would apply before local governance
+                + (" -o tls_required_enable=no" if env.version.native_tls_required else ""),
+            ),
+            _adopt_return(returned, env.master[returned], env.version),
+        )
     return Plan(tuple(main), master, files, tuple(items), tuple(notes))
 
 
@@ -268,6 +375,7 @@ def render(plan: Plan, env: PostfixEnv) -> str:
     out = [
         f"# requiretls for Postfix {v[0]}.{v[1]} (config_directory {env.config_directory})",
         "# Apply with: requiretls postfix-config --apply   (undo: --apply --undo), then: postfix reload",
+        "# After a policy table change: requiretls postfix-config --tables, then: postfix reload",
         "",
         "# ---- main.cf ----",
     ]
