@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = load(_settings_file(args.config))
     except (ConfigError, OSError) as e:
-        print(f"requiretls: {e}", file=sys.stderr)
-        return 2
+        if not args.undo:
+            print(f"requiretls: {e}", file=sys.stderr)
+            return 2
+        print(f"requiretls: {e} (ignored: --undo goes by the journal)", file=sys.stderr)
+        settings = load(None)
     try:
         env = offline_env(args.postfix_version) if args.offline else admin_view(
             read_env(args.postfix_config_dir, args.postfix_version))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -297,3 +298,112 @@ def test_a_configuration_applied_by_the_backup_version_is_taken_over(tmp_path: P
     pf.pc("-e", "relayhost=[relay.example]")
     pf.ok("--apply", "--undo")
     assert sorted(pf.pc("-n").splitlines()) == sorted([*before_n.splitlines(), "relayhost = [relay.example]"])
+
+
+def _run_cli(*argv: str) -> tuple[int, str]:
+    import argparse
+    import contextlib
+    import io
+
+    from requiretls.postfix import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.run(p.parse_args(list(argv)))
+    return rc, out.getvalue()
+
+
+def test_without_config_the_daemons_config_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's downgrade: postfix-config run as documented (no --config) must see the policy table's
+    optout=no destinations, or the relaxed clone would send their opted-out mail at 'may'."""
+    from requiretls.postfix import cli
+
+    (tmp_path / "policy").write_text("bank.example dane-only optout=no\n")
+    conf = tmp_path / "requiretls.toml"
+    conf.write_text('[policy]\ntable = "policy"\n')
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(conf))
+    rc, out = _run_cli("--offline", "--postfix-version", "3.7")
+    assert rc == 0 and "bank.example\tdane-only" in out
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    rc, out = _run_cli("--offline", "--postfix-version", "3.7")
+    assert rc == 0 and "bank.example" not in out  # built-in defaults, said on stderr
+
+
+@needs_postconf
+def test_tables_rewrites_only_the_tables(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.ok("--apply")
+    files = pf.files()
+    (tmp_path / "policy").write_text("bank.example dane-only optout=no\n")
+    pf.config.write_text('[policy]\ntable = "policy"\n')
+    assert pf.tool("--check").returncode == 1  # the relaxed table lags behind the policy table
+    out = pf.ok("--tables")
+    assert f"wrote {tmp_path}/requiretls_relaxed_policy" in out and "main.cf" not in out.replace("now run", "")
+    assert "bank.example\tdane-only" in (tmp_path / "requiretls_relaxed_policy").read_text()
+    assert pf.files() == files
+    assert pf.tool("--check").returncode == 0
+
+
+def _filter_env(master: dict[str, str], content_filter: str = "smtp-amavis:[127.0.0.1]:10024",
+                version: str = "3.10") -> PostfixEnv:
+    env = offline_env(version)
+    return PostfixEnv(env.version, env.config_directory, env.queue_directory,
+                      {**env.current, "content_filter": content_filter}, env.explicit, master)
+
+
+AMAVIS_RETURN = ("127.0.0.1:10025 inet n - n - - smtpd -o content_filter= -o mynetworks=127.0.0.0/8 "
+                 "-o receive_override_options=no_header_body_checks,no_unknown_recipient_checks")
+
+
+def test_with_a_content_filter_routes_are_applied_at_its_return_not_on_the_way_in() -> None:
+    from requiretls.postfix.generate import FILTER_CLEANUP_SERVICE, MILTER_HEADER_CHECKS
+
+    plan = generate(_filter_env({"127.0.0.1:10025/inet": AMAVIS_RETURN}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    main = dict(plan.main)
+    assert "milter_header_checks" not in main  # FILTER on the way in would override content_filter
+    master = {f"{m.service}/{m.type}": m for m in plan.master}
+    ret = master["127.0.0.1:10025/inet"]
+    assert ret.adopt
+    assert f"-o cleanup_service_name={FILTER_CLEANUP_SERVICE}" in ret.line
+    assert "-o receive_override_options=no_unknown_recipient_checks,no_milters" in ret.line
+    assert "no_header_body_checks" not in ret.line
+    cleanup = master[f"{FILTER_CLEANUP_SERVICE}/unix"].line
+    assert f"-o header_checks=regexp:/etc/postfix/{MILTER_HEADER_CHECKS}" in cleanup
+    assert "-o tls_required_enable=no" in cleanup
+    assert any("return service 127.0.0.1:10025/inet" in n for n in plan.notes)
+    # 3.7 has no native TLS-Required: nothing to switch off
+    plan37 = generate(_filter_env({"127.0.0.1:10025/inet": AMAVIS_RETURN}, version="3.7"), LocalPolicy(),
+                      MILTER, RELAY, REINJECT)
+    assert "tls_required_enable" not in " ".join(m.line for m in plan37.master)
+
+
+def test_a_content_filter_without_a_clear_return_service_is_an_error_naming_the_option() -> None:
+    from requiretls.postfix.generate import PlanError
+
+    with pytest.raises(PlanError, match="--filter-return"):
+        generate(_filter_env({}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    two = {"127.0.0.1:10025/inet": AMAVIS_RETURN, "127.0.0.1:10027/inet": AMAVIS_RETURN.replace("10025", "10027")}
+    with pytest.raises(PlanError, match=re.escape("10025/inet, 127.0.0.1:10027/inet")):
+        generate(_filter_env(two), LocalPolicy(), MILTER, RELAY, REINJECT)
+    plan = generate(_filter_env(two), LocalPolicy(), MILTER, RELAY, REINJECT, filter_return="127.0.0.1:10027/inet")
+    assert any(m.service == "127.0.0.1:10027" and m.adopt for m in plan.master)
+    # a return service with its own milters (a DKIM signer after the filter) keeps them
+    own = AMAVIS_RETURN + " -o smtpd_milters=inet:localhost:8891"
+    plan = generate(_filter_env({"127.0.0.1:10025/inet": own}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    ret = next(m for m in plan.master if m.adopt)
+    assert "no_milters" not in ret.line and "-o smtpd_milters=inet:localhost:8891" in ret.line
+
+
+@needs_postconf
+def test_content_filter_apply_and_undo_on_real_postconf(tmp_path: Path) -> None:
+    pf = Instance(tmp_path, "content_filter = smtp-amavis:[127.0.0.1]:10024\n")
+    pf.pc("-M", "smtp-amavis/unix=smtp-amavis unix - - n - 2 smtp", f"127.0.0.1:10025/inet={AMAVIS_RETURN}")
+    before = pf.files()
+    out = pf.ok("--apply")
+    assert "our routes are applied after it, at its return service 127.0.0.1:10025/inet" in out
+    assert "cleanup_service_name=requiretls-filter-cleanup" in pf.pc("-M", "127.0.0.1:10025/inet")
+    assert "nothing to change" in pf.ok("--apply")
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
