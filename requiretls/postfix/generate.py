@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
@@ -36,6 +36,7 @@ RELAXED_SERVICE = "requiretls-relaxed"
 STRICT_SERVICE = "requiretls-strict"
 REINJECT_CLEANUP_CHECKS = "requiretls_reinject_cleanup_checks"
 CLEANUP_SERVICE = "requiretls-cleanup"
+FILTER_CLEANUP_SERVICE = "requiretls-filter-cleanup"
 HEADER_CHECKS = "requiretls_header_checks"
 MILTER_HEADER_CHECKS = "requiretls_milter_header_checks"
 REINJECT_HEADER_CHECKS = "requiretls_reinject_header_checks"
@@ -65,7 +66,12 @@ READ_PARAMS = (
     "bounce_template_file",
     "smtpd_forbid_bare_newline",
     "smtpd_forbid_bare_newline_exclusions",
+    "content_filter",
 )
+
+
+class PlanError(Exception):
+    """The live configuration cannot be wired safely as it is; the message says what to change."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,8 @@ class PostfixEnv:
     #: Raw values (``postconf -h``) of :data:`READ_PARAMS`; ``explicit`` names those set in main.cf.
     current: Mapping[str, str]
     explicit: frozenset[str] = frozenset()
+    #: master.cf entries, ``service/type`` -> the entry on one line (``postconf -M``).
+    master: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +93,8 @@ class MasterEntry:
     service: str
     type: str
     line: str
+    #: An existing entry of the admin's that we change (the content filter's return service), not a new one.
+    adopt: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +102,10 @@ class Plan:
     main: tuple[tuple[str, str], ...]
     master: tuple[MasterEntry, ...]
     files: tuple[tuple[str, str], ...]
+    #: List parameters to which we add one item (ours, first): parameter -> that item.  Undo removes only it.
+    items: tuple[tuple[str, str], ...] = ()
+    #: Decisions the admin should read (milter order, ``$smtpd_milters`` references), one line each.
+    notes: tuple[str, ...] = ()
 
 
 def postfix_socket(spec: str | ListenAddress, queue_directory: str) -> str:
@@ -131,13 +145,116 @@ def _prepend(value: str, ours: str) -> str:
     return ", ".join([ours, *_without_ours(_split_list(value), ours)])
 
 
+#: How ``non_smtpd_milters`` (and others) may name ``smtpd_milters``: each expands to that list.
+SMTPD_MILTERS_REFS = ("$smtpd_milters", "${smtpd_milters}", "$(smtpd_milters)")
+
+
+def _milter_lists(smtpd: str, non_smtpd: str, milter: str) -> tuple[str, str | None, list[str]]:
+    """``smtpd_milters`` and ``non_smtpd_milters`` with our milter first in each and listed once after
+    expansion (None: leave ``non_smtpd_milters`` as it is), and what was decided, for the plan."""
+    notes = []
+    listed = _split_list(smtpd)
+    others = _without_ours(listed, milter)
+    if others:
+        notes.append(f"smtpd_milters: ours first, then {', '.join(others)} (a DKIM signer after ours signs the "
+                     "message as we leave it)")
+        if len(others) != len(listed) and _without_ours(listed[:1], milter):
+            notes.append("smtpd_milters: our milter was not first; it is moved back to the front")
+    items = _without_ours(_split_list(non_smtpd), milter)
+    if items and all(i in SMTPD_MILTERS_REFS for i in items):
+        # "$smtpd_milters": ours comes through the reference, first; listing it again would run it twice.
+        notes.append(f"non_smtpd_milters = {items[0]}: our milter comes through it, once; left as it is")
+        return _prepend(smtpd, milter), (None if [non_smtpd.strip()] == items[:1] else items[0]), notes
+    if any(i in SMTPD_MILTERS_REFS for i in items):
+        items = list(dict.fromkeys(x for i in items for x in (others if i in SMTPD_MILTERS_REFS else [i])))
+        notes.append("non_smtpd_milters: $smtpd_milters written out in place, so that our milter is listed once")
+    if items:
+        notes.append(f"non_smtpd_milters: ours first, then {', '.join(items)}")
+    return _prepend(smtpd, milter), ", ".join([milter, *items]), notes
+
+
+def _options(line: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """A master.cf entry on one line -> its eight fields and command, and its ``-o name=value`` options."""
+    tokens = line.split()
+    head, rest = tokens[:8], tokens[8:]
+    opts: list[tuple[str, str]] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] == "-o" and i + 1 < len(rest):
+            name, _, value = rest[i + 1].partition("=")
+            opts.append((name, value))
+            i += 2
+        else:
+            head.append(rest[i])
+            i += 1
+    return head, opts
+
+
+def _filtered_services(master: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """smtpd services that set a content filter, and smtpd services that clear it (a filter's return)."""
+    setting: list[str] = []
+    clearing: list[str] = []
+    for key, line in master.items():
+        head, opts = _options(line)
+        ours = any(n == "syslog_name" and v.startswith(f"postfix/{MARK}-reinject") for n, v in opts)
+        if len(head) < 8 or head[7] != "smtpd" or ours:  # our re-injection services (-local: content_filter)
+            continue
+        for name, value in opts:
+            if name == "content_filter":
+                (setting if value else clearing).append(key)
+    return setting, clearing
+
+
+def _filter_return(env: PostfixEnv, return_service: str | None) -> tuple[str | None, list[str]]:
+    """The service/type at which the content filter hands mail back, or None without a content filter."""
+    setting, clearing = _filtered_services(env.master)
+    cf = env.current.get("content_filter", "")
+    if not cf and not setting:
+        return None, []
+    where = f"content_filter = {cf}" if cf else f"-o content_filter in {', '.join(setting)}"
+    if return_service:
+        if return_service not in env.master:
+            raise PlanError(f"--filter-return {return_service}: no such master.cf service")
+        return return_service, [f"content filter ({where}): its return service is {return_service} (given)"]
+    if len(clearing) != 1:
+        found = ", ".join(clearing) or "none"
+        raise PlanError(
+            f"a content filter is configured ({where}) but its return service is not clear (smtpd services "
+            f"with -o content_filter=: {found}); name it with --filter-return SERVICE/TYPE, e.g. "
+            "--filter-return 127.0.0.1:10025/inet"
+        )
+    return clearing[0], [f"content filter ({where}): our routes are applied after it, at its return "
+                         f"service {clearing[0]}; every message passes the filter once"]
+
+
+def _adopt_return(key: str, line: str, version: PostfixFeatures) -> MasterEntry:
+    """The filter's return smtpd with our cleanup (which turns the route header into FILTER) and without
+    ``no_header_body_checks`` (which would switch that off); with ``no_milters`` where the service inherits the
+    global milters, which ran once already on the way in."""
+    service, kind = key.split("/", 1)
+    head, opts = _options(line)
+    values = dict(opts)
+    out = [(n, v) for n, v in opts if n not in ("cleanup_service_name", "receive_override_options")]
+    overrides = [o for o in values.get("receive_override_options", "").replace(",", " ").split()
+                 if o != "no_header_body_checks"]
+    if "smtpd_milters" not in values and "no_milters" not in overrides:
+        overrides.append("no_milters")
+    out.append(("cleanup_service_name", FILTER_CLEANUP_SERVICE))
+    if overrides:
+        out.append(("receive_override_options", ",".join(overrides)))
+    text = " ".join(head + [f"-o {n}={v}" for n, v in out])
+    del version
+    return MasterEntry(service, kind, text, adopt=True)
+
+
 def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     """TLS policy for the relaxed clone: ``optout=no`` destinations keep their normal policy; everything else
     falls to the clone's ``may``.  (With the policy service running, its ``relaxed`` socketmap zone replaces
     this static table and adds DANE/MTA-STS discovery.)"""
     lines = [
         "# Generated by requiretls postfix-config from the policy table: destinations that refuse opt-out.",
-        "# Regenerate (requiretls postfix-config --apply) after changing the policy table.",
+        "# After changing the policy table: requiretls postfix-config --tables, then postfix reload (main.cf and",
+        "# master.cf stay as they are).",
     ]
     for entry in policy.table:
         if entry.optout is not False:
@@ -217,28 +334,43 @@ def delay_template(cookie: str) -> str:
 
 def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
              relay_socket: str | ListenAddress, reinject: str,
-             policyd_socket: str | ListenAddress | None = None, reinject_local: str = "127.0.0.1:10027") -> Plan:
+             policyd_socket: str | ListenAddress | None = None, filter_return: str | None = None,
+             reinject_local: str = "127.0.0.1:10027") -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
     opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only.
-    ``reinject_local``: (Postfix < 3.11) the re-injection smtpd for REQUIRETLS recipients local(8) delivers."""
+    ``reinject_local``: (Postfix < 3.11) the re-injection smtpd for REQUIRETLS recipients local(8) delivers.
+
+    With a content filter (``content_filter``, in main.cf or on an smtpd service), the route header does not
+    FILTER on the way in (FILTER would override the content filter, so special mail would skip it): it
+    travels through the filter, and our cleanup on the filter's return service (``filter_return``, or the one
+    smtpd service that clears ``content_filter``) turns it into FILTER there."""
     cdir = env.config_directory.rstrip("/")
     sockmap = f"socketmap:{postfix_socket(policyd_socket, env.queue_directory)}" if policyd_socket else ""
     milter = f"{{ {postfix_socket(milter_socket, env.queue_directory)}, default_action=tempfail }}"
     relay = postfix_socket(relay_socket, env.queue_directory)
     hc = f"regexp:{cdir}/{HEADER_CHECKS}"
-    main: list[tuple[str, str]] = [
-        ("smtpd_milters", _prepend(env.current.get("smtpd_milters", ""), milter)),
-        ("non_smtpd_milters", _prepend(env.current.get("non_smtpd_milters", ""), milter)),
+    mhc = f"regexp:{cdir}/{MILTER_HEADER_CHECKS}"
+    smtpd_milters, non_smtpd_milters, notes = _milter_lists(
+        env.current.get("smtpd_milters", ""), env.current.get("non_smtpd_milters", ""), milter)
+    main: list[tuple[str, str]] = [("smtpd_milters", smtpd_milters)]
+    items = [("smtpd_milters", milter)]
+    if non_smtpd_milters is not None:
+        main.append(("non_smtpd_milters", non_smtpd_milters))
+        items.append(("non_smtpd_milters", milter))
+    returned, filter_notes = _filter_return(env, filter_return)
+    notes += filter_notes
+    main += [
         ("milter_default_action", "tempfail"),
         ("header_checks", _prepend(env.current.get("header_checks", ""), hc)),
-        (
-            "milter_header_checks",
-            _prepend(env.current.get("milter_header_checks", ""), f"regexp:{cdir}/{MILTER_HEADER_CHECKS}"),
-        ),
     ]
+    items.append(("header_checks", hc))
+    if returned is None:
+        main.append(("milter_header_checks", _prepend(env.current.get("milter_header_checks", ""), mhc)))
+        items.append(("milter_header_checks", mhc))
     if sockmap:
         current_maps = env.current.get("smtp_tls_policy_maps", "")
         main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
+        items.append(("smtp_tls_policy_maps", f"{sockmap}:default"))
         if env.version.native_requiretls:
             main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
     if env.version.version < (3, 9) and "smtpd_forbid_bare_newline" not in env.explicit:
@@ -253,9 +385,10 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             main.append(("smtpd_forbid_bare_newline_exclusions", ""))
     # mime_ and nested_header_checks default to $header_checks: keep them on the admin's own tables so that
     # attached messages' headers are left alone.
+    admin_hc = ", ".join(_without_ours(_split_list(env.current.get("header_checks", "")), hc))
     for name in ("mime_header_checks", "nested_header_checks"):
         if name not in env.explicit:
-            main.append((name, env.current.get("header_checks", "")))
+            main.append((name, admin_hc))
 
     header_rules = [
         "# requiretls: inbound copies of the private headers are forgeries.",
@@ -320,13 +453,30 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         ),
     )
     if not env.version.native_requiretls:
+        if reinject_local == reinject:
+            raise PlanError(f"[relay] reinject and reinject_local are both {reinject}: they must differ")
         guard_main, guard_master, guard_files = _local_guard(env, relay, reinject_local, master[-1].line)
         main += guard_main
+        items += [(name, value.split(",")[0].strip()) for name, value in guard_main]
         master += guard_master
         files += guard_files
     else:
         master, files = _strict_route(cdir, sockmap, master, files)
-    return Plan(tuple(main), master, files)
+    if returned is not None:
+        master += (
+            MasterEntry(
+                FILTER_CLEANUP_SERVICE,
+                "unix",
+                f"{FILTER_CLEANUP_SERVICE} unix n - n - 0 cleanup -o syslog_name=postfix/{FILTER_CLEANUP_SERVICE} "
+                f"-o header_checks=regexp:{cdir}/{MILTER_HEADER_CHECKS} -o mime_header_checks= "
+                "-o nested_header_checks= -o body_checks= -o milter_header_checks="
+                # the milter restored TLS-Required as a milter header, which Postfix does not apply; coming back
+                # from the filter it is an ordinary header, which Postfix 3.10+ would apply before local governance
+                + (" -o tls_required_enable=no" if env.version.native_tls_required else ""),
+            ),
+            _adopt_return(returned, env.master[returned], env.version),
+        )
+    return Plan(tuple(main), master, files, tuple(items), tuple(notes))
 
 
 def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], files: tuple[tuple[str, str], ...]
@@ -427,6 +577,7 @@ def render(plan: Plan, env: PostfixEnv) -> str:
     out = [
         f"# requiretls for Postfix {v[0]}.{v[1]} (config_directory {env.config_directory})",
         "# Apply with: requiretls postfix-config --apply   (undo: --apply --undo), then: postfix reload",
+        "# After a policy table change: requiretls postfix-config --tables, then: postfix reload",
         "",
         "# ---- main.cf ----",
     ]

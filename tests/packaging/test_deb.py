@@ -306,9 +306,39 @@ def test_sighup_reloads_the_installed_daemons_on_debian_python3_milter(
         table.write_text(before)
 
 
+def _postfix_files(chroot: Chroot) -> bytes:
+    return (chroot.root / "etc/postfix/main.cf").read_bytes() + (chroot.root / "etc/postfix/master.cf").read_bytes()
+
+
+def test_remove_takes_requiretls_out_of_postfix_and_keeps_the_admins_edits(chroot: Chroot, deb: Deb) -> None:
+    """Removing the package must not leave main.cf listing a milter that is gone (default_action=tempfail:
+    every message deferred).  prerm runs the undo by the journal; an edit the admin made after --apply stays."""
+    before = (chroot.root / "tmp/postfix-before").read_bytes()
+    r = chroot.run("requiretls", "postfix-config", "--apply")  # no --config: /etc/requiretls/requiretls.toml
+    assert r.returncode == 0, _tail(r)
+    assert "requiretls/milter.sock" in chroot.run("postconf", "-h", "smtpd_milters").stdout
+    assert (chroot.root / "etc/postfix/requiretls.journal").exists()
+    assert chroot.run("postconf", "-e", "delay_warning_time = 3h").returncode == 0
+    r = chroot.run("apt-get", "remove", "-y", "-q", "requiretls", timeout=300)
+    assert r.returncode == 0, _tail(r)
+    assert "main.cf: removed smtpd_milters" in r.stdout, _tail(r)
+    assert chroot.run("postconf", "-h", "smtpd_milters").stdout.strip() == ""
+    assert chroot.run("postconf", "-h", "delay_warning_time").stdout.strip() == "3h"
+    assert not [p.name for p in (chroot.root / "etc/postfix").iterdir() if "requiretls" in p.name]
+    assert chroot.run("postconf", "-X", "delay_warning_time").returncode == 0
+    assert _postfix_files(chroot) == before
+    # Installed again and applied again, for the purge below.
+    r = chroot.run("apt-get", "install", "-y", "-q", f"/tmp/{deb.path.name}", timeout=600)
+    assert r.returncode == 0, _tail(r)
+    assert _postfix_files(chroot) == before, "installing the package changed main.cf or master.cf"
+    assert chroot.run("requiretls", "postfix-config", "--apply").returncode == 0
+
+
 def test_purge_removes_state_and_keeps_the_user(chroot: Chroot) -> None:
     r = chroot.run("apt-get", "purge", "-y", "-q", "requiretls", timeout=300)
     assert r.returncode == 0, _tail(r)
+    # purge after an --apply: the wiring went with the package (prerm), main.cf and master.cf are as before
+    assert _postfix_files(chroot) == (chroot.root / "tmp/postfix-before").read_bytes()
     assert not (chroot.root / "var/lib/requiretls").exists()
     assert not (chroot.root / SOCKDIR.lstrip("/")).exists()
     assert not (chroot.root / "etc/requiretls").exists()

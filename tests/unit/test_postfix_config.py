@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -81,34 +82,331 @@ def test_contrib_snippets_match_the_generator(version: str) -> None:
     assert (ROOT / "contrib" / "postfix" / f"postfix-{version}.conf").read_text() == out
 
 
-@pytest.mark.skipif(shutil.which("postconf") is None, reason="Postfix is not installed (make deps installs it)")
-def test_apply_twice_then_undo_leaves_postconf_n_and_m_unchanged(tmp_path: Path) -> None:
-    """Real postconf on a private config directory: --apply is idempotent and --undo restores exactly."""
-    shutil.copy("/usr/share/postfix/master.cf.dist", tmp_path / "master.cf")
-    (tmp_path / "main.cf").write_text(
-        "compatibility_level = 3.6\nsmtpd_milters = inet:localhost:8891\nheader_checks = regexp:/etc/postfix/hc\n"
-    )
+needs_postconf = pytest.mark.skipif(shutil.which("postconf") is None,
+                                    reason="Postfix is not installed (make deps installs it)")
+DKIM = "inet:localhost:8891"
 
-    def pc(*a: str) -> str:
-        return subprocess.run(["postconf", "-c", str(tmp_path), *a], capture_output=True, text=True,
+
+class Instance:
+    """A private copy of Debian's default Postfix configuration, driven with the real postconf -c."""
+
+    def __init__(self, path: Path, main: str = "") -> None:
+        self.dir = path
+        shutil.copy("/usr/share/postfix/master.cf.dist", path / "master.cf")
+        debian = Path("/usr/share/postfix/main.cf.debian")
+        base = debian.read_text() if debian.exists() else "compatibility_level = 3.6\n"
+        (path / "main.cf").write_text(base + main)
+        self.config = path / "requiretls.toml"
+        self.config.write_text("")
+
+    def pc(self, *a: str) -> str:
+        return subprocess.run(["postconf", "-c", str(self.dir), *a], capture_output=True, text=True,
                               check=True).stdout
 
-    def tool(*a: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "-c", str(tmp_path), *a],
+    def tool(self, *a: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "--config",
+                               str(config or self.config), "-c", str(self.dir), *a],
                               capture_output=True, text=True, timeout=60)
 
-    before_n, before_m = pc("-n"), pc("-M")
-    assert tool("--apply").returncode == 0
-    once_n, once_m = pc("-n"), pc("-M")
-    assert "requiretls/milter.sock" in pc("-h", "smtpd_milters")
-    assert pc("-M", "requiretls-relaxed/unix").startswith("requiretls-relaxed unix")
-    assert tool("--apply").returncode == 0
-    assert (pc("-n"), pc("-M")) == (once_n, once_m)
-    r = tool("--apply", "--undo")
-    assert r.returncode == 0, r.stderr
-    assert (pc("-n"), pc("-M")) == (before_n, before_m)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.cf", "master.cf"]
-    assert PostfixFeatures.from_macro(pc("-h", "mail_version")).version >= (3, 7)
+    def ok(self, *a: str) -> str:
+        r = self.tool(*a)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout + r.stderr
+
+    def files(self) -> dict[str, bytes]:
+        return {f: (self.dir / f).read_bytes() for f in ("main.cf", "master.cf")}
+
+
+@needs_postconf
+def test_apply_twice_then_undo_leaves_main_and_master_cf_byte_for_byte(tmp_path: Path) -> None:
+    """Real postconf on a copy of Debian's default configuration: --apply is idempotent (the second run writes
+    nothing) and --undo restores both files exactly when nothing else changed."""
+    pf = Instance(tmp_path, "smtpd_milters = inet:localhost:8891\nheader_checks = regexp:/etc/postfix/hc\n")
+    before = pf.files()
+    pf.ok("--apply")
+    once = pf.files()
+    assert "requiretls/milter.sock" in pf.pc("-h", "smtpd_milters")
+    assert pf.pc("-M", "requiretls-relaxed/unix").startswith("requiretls-relaxed unix")
+    assert (tmp_path / "requiretls.journal").exists()
+    assert "nothing to change" in pf.ok("--apply")
+    assert pf.files() == once
+    assert pf.tool("--check").returncode == 0
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["main.cf", "master.cf", "requiretls.toml"]
+    assert PostfixFeatures.from_macro(pf.pc("-h", "mail_version")).version >= (3, 7)
+
+
+@needs_postconf
+def test_later_admin_edits_survive_reapply_and_undo(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    before = pf.pc("-n"), pf.pc("-M")
+    pf.ok("--apply")
+    # The admin's later edits: main.cf settings, a new service, a milter of their own after ours.
+    pf.pc("-e", "relayhost=[relay.example]:587", "myhostname=mx.example.org", "smtpd_banner=$myhostname ESMTP",
+          f"smtpd_milters={pf.pc('-h', 'smtpd_milters').strip()}, {DKIM}")
+    pf.pc("-M", "submission/inet=submission inet n - y - - smtpd -o syslog_name=postfix/submission")
+    edited = pf.files()
+    assert "nothing to change" in pf.ok("--apply")
+    assert pf.files() == edited
+    out = pf.ok("--apply", "--undo")
+    assert f"kept the later changes: '{DKIM}'" in out
+    n = pf.pc("-n")
+    for line in ("relayhost = [relay.example]:587", "myhostname = mx.example.org",
+                 "smtpd_banner = $myhostname ESMTP", f"smtpd_milters = {DKIM}"):
+        assert line in n.splitlines()
+    assert "requiretls" not in n and "requiretls" not in pf.pc("-M")
+    assert pf.pc("-M", "submission/inet").split() == [
+        "submission", "inet", "n", "-", "y", "-", "-", "smtpd", "-o", "syslog_name=postfix/submission"]
+    assert set(n.splitlines()) - set(before[0].splitlines()) == {
+        "relayhost = [relay.example]:587", "myhostname = mx.example.org", "smtpd_banner = $myhostname ESMTP",
+        f"smtpd_milters = {DKIM}"}
+
+
+@needs_postconf
+def test_a_value_of_ours_changed_by_the_admin_is_a_conflict_kept_by_apply_and_undo(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.ok("--apply")
+    pf.pc("-e", "milter_default_action=accept")
+    pf.pc("-M", "requiretls-relaxed/unix=requiretls-relaxed unix - - n - 4 smtp")
+    edited = pf.files()
+    r = pf.tool("--apply")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "milter_default_action = 'accept' was changed since requiretls set 'tempfail'; kept" in r.stderr
+    assert "master.cf: requiretls-relaxed/unix was changed since requiretls set it; kept" in r.stderr
+    assert pf.files() == edited
+    check = pf.tool("--check")
+    assert check.returncode == 1 and "drift (conflict): main.cf: milter_default_action" in check.stdout
+    out = pf.ok("--apply", "--undo")
+    assert "milter_default_action = 'accept' was changed since requiretls set 'tempfail'; kept" in out
+    assert pf.pc("-h", "milter_default_action").strip() == "accept"
+    assert pf.pc("-M", "requiretls-relaxed/unix").split()[:7] == ["requiretls-relaxed", "unix", "-", "-", "n", "-", "4"]
+    assert "requiretls" not in pf.pc("-h", "smtpd_milters")
+
+
+@needs_postconf
+def test_force_writes_ours_over_the_admins_value(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.ok("--apply")
+    pf.pc("-e", "milter_default_action=accept")
+    assert pf.tool("--check").returncode == 1
+    pf.ok("--apply", "--force")
+    assert pf.pc("-h", "milter_default_action").strip() == "tempfail"
+    assert pf.tool("--check").returncode == 0
+
+
+@needs_postconf
+def test_check_exit_codes(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    r = pf.tool("--check")
+    assert r.returncode == 1 and "drift: main.cf: smtpd_milters" in r.stdout
+    pf.ok("--apply")
+    assert pf.tool("--check").returncode == 0
+    pf.pc("-X", "header_checks")
+    r = pf.tool("--check")
+    assert r.returncode == 1 and "drift: main.cf: header_checks" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nosuch]\n")
+    assert pf.tool("--check", config=bad).returncode == 2
+    assert subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "--config", str(pf.config),
+                           "-c", str(tmp_path / "missing"), "--check"], capture_output=True).returncode == 2
+
+
+@needs_postconf
+def test_an_existing_service_at_the_reinjection_address_stops_apply_before_any_change(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.pc("-M", "127.0.0.1:10026/inet=127.0.0.1:10026 inet n - n - - smtpd -o content_filter=")
+    before = pf.files()
+    r = pf.tool("--apply")
+    assert r.returncode == 2
+    assert "nothing changed" in r.stderr and "127.0.0.1:10026/inet" in r.stderr and "requiretls did not add" in r.stderr
+    assert pf.files() == before and not (tmp_path / "requiretls.journal").exists()
+    # The same port on every address, under another name, clashes too.
+    pf.pc("-MX", "127.0.0.1:10026/inet")
+    pf.pc("-M", "10026/inet=10026 inet n - n - - smtpd")
+    r = pf.tool("--apply")
+    assert r.returncode == 2 and "master.cf service 10026/inet already listens" in r.stderr
+    # A service name of ours taken by somebody else.
+    pf.pc("-MX", "10026/inet")
+    pf.pc("-M", "requiretls-relaxed/unix=requiretls-relaxed unix - - n - - smtp")
+    r = pf.tool("--apply")
+    assert r.returncode == 2 and "requiretls-relaxed/unix" in r.stderr
+    assert not (tmp_path / "requiretls.journal").exists()
+
+
+@needs_postconf
+def test_non_smtpd_milters_naming_smtpd_milters_lists_our_milter_once(tmp_path: Path) -> None:
+    pf = Instance(tmp_path, f"smtpd_milters = {DKIM}\nnon_smtpd_milters = $smtpd_milters\n")
+    out = pf.ok("--apply")
+    assert "note: non_smtpd_milters = $smtpd_milters: our milter comes through it, once" in out
+    assert f"note: smtpd_milters: ours first, then {DKIM}" in out
+    assert pf.pc("-h", "non_smtpd_milters").strip() == "$smtpd_milters"
+    for name in ("smtpd_milters", "non_smtpd_milters"):
+        expanded = pf.pc("-xh", name)
+        assert expanded.count("requiretls/milter.sock") == 1, expanded
+        assert expanded.index("requiretls/milter.sock") < expanded.index(DKIM)
+    pf.ok("--apply", "--undo")
+    assert pf.pc("-h", "smtpd_milters").strip() == DKIM
+
+
+@needs_postconf
+def test_a_signer_listed_before_ours_is_moved_after_it(tmp_path: Path) -> None:
+    ours = "{ unix:requiretls/milter.sock, default_action=tempfail }"
+    pf = Instance(tmp_path,
+                  f"smtpd_milters = {DKIM}, inet:localhost:8892\nnon_smtpd_milters = {DKIM}, $smtpd_milters\n")
+    pf.ok("--apply")
+    pf.pc("-e", f"smtpd_milters={DKIM}, {ours}, inet:localhost:8892")  # the admin (or another tool) reorders
+    out = pf.ok("--apply")
+    assert "our milter was not first; it is moved back to the front" in out
+    assert _split(pf.pc("-h", "smtpd_milters")) == [ours, DKIM, "inet:localhost:8892"]
+    # "$smtpd_milters" among other items is written out, so ours is listed once and first.
+    assert _split(pf.pc("-xh", "non_smtpd_milters")) == [ours, DKIM, "inet:localhost:8892"]
+
+
+def _split(value: str) -> list[str]:
+    from requiretls.postfix.generate import _split_list
+    return _split_list(value.strip())
+
+
+@needs_postconf
+def test_reinject_address_change_moves_our_service(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.ok("--apply")
+    pf.config.write_text('[relay]\nreinject = "127.0.0.1:10029"\n')
+    out = pf.ok("--apply")
+    assert "master.cf: removed 127.0.0.1:10026/inet" in out and "master.cf: 127.0.0.1:10029/inet" in out
+    assert pf.tool("--check").returncode == 0
+
+
+@needs_postconf
+def test_a_configuration_applied_by_the_backup_version_is_taken_over(tmp_path: Path) -> None:
+    """Upgrade: the previous version kept requiretls.backup/ (a copy of the files before its first --apply)
+    instead of a journal; the journal is built from it and later edits survive the undo."""
+    pf = Instance(tmp_path)
+    before, before_n = pf.files(), pf.pc("-n")
+    pf.ok("--apply")
+    (tmp_path / "requiretls.journal").unlink()  # now as the previous version left it
+    backup = tmp_path / "requiretls.backup"
+    backup.mkdir()
+    for f, data in before.items():
+        (backup / f).write_bytes(data)
+    applied = pf.files()
+    out = pf.ok("--apply")  # builds the journal from the backup, and removes the backup
+    assert "main.cf:" not in out and "master.cf:" not in out and "requiretls.backup" in out
+    assert pf.files() == applied
+    assert not backup.exists() and (tmp_path / "requiretls.journal").exists()
+    pf.pc("-e", "relayhost=[relay.example]")
+    pf.ok("--apply", "--undo")
+    assert sorted(pf.pc("-n").splitlines()) == sorted([*before_n.splitlines(), "relayhost = [relay.example]"])
+
+
+def _run_cli(*argv: str) -> tuple[int, str]:
+    import argparse
+    import contextlib
+    import io
+
+    from requiretls.postfix import cli
+
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = cli.run(p.parse_args(list(argv)))
+    return rc, out.getvalue()
+
+
+def test_without_config_the_daemons_config_file_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's downgrade: postfix-config run as documented (no --config) must see the policy table's
+    optout=no destinations, or the relaxed clone would send their opted-out mail at 'may'."""
+    from requiretls.postfix import cli
+
+    (tmp_path / "policy").write_text("bank.example dane-only optout=no\n")
+    conf = tmp_path / "requiretls.toml"
+    conf.write_text('[policy]\ntable = "policy"\n')
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(conf))
+    rc, out = _run_cli("--offline", "--postfix-version", "3.7")
+    assert rc == 0 and "bank.example\tdane-only" in out
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_FILE", str(tmp_path / "absent.toml"))
+    rc, out = _run_cli("--offline", "--postfix-version", "3.7")
+    assert rc == 0 and "bank.example" not in out  # built-in defaults, said on stderr
+
+
+@needs_postconf
+def test_tables_rewrites_only_the_tables(tmp_path: Path) -> None:
+    pf = Instance(tmp_path)
+    pf.ok("--apply")
+    files = pf.files()
+    (tmp_path / "policy").write_text("bank.example dane-only optout=no\n")
+    pf.config.write_text('[policy]\ntable = "policy"\n')
+    assert pf.tool("--check").returncode == 1  # the relaxed table lags behind the policy table
+    out = pf.ok("--tables")
+    assert f"wrote {tmp_path}/requiretls_relaxed_policy" in out and "main.cf" not in out.replace("now run", "")
+    assert "bank.example\tdane-only" in (tmp_path / "requiretls_relaxed_policy").read_text()
+    assert pf.files() == files
+    assert pf.tool("--check").returncode == 0
+
+
+def _filter_env(master: dict[str, str], content_filter: str = "smtp-amavis:[127.0.0.1]:10024",
+                version: str = "3.10") -> PostfixEnv:
+    env = offline_env(version)
+    return PostfixEnv(env.version, env.config_directory, env.queue_directory,
+                      {**env.current, "content_filter": content_filter}, env.explicit, master)
+
+
+AMAVIS_RETURN = ("127.0.0.1:10025 inet n - n - - smtpd -o content_filter= -o mynetworks=127.0.0.0/8 "
+                 "-o receive_override_options=no_header_body_checks,no_unknown_recipient_checks")
+
+
+def test_with_a_content_filter_routes_are_applied_at_its_return_not_on_the_way_in() -> None:
+    from requiretls.postfix.generate import FILTER_CLEANUP_SERVICE, MILTER_HEADER_CHECKS
+
+    plan = generate(_filter_env({"127.0.0.1:10025/inet": AMAVIS_RETURN}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    main = dict(plan.main)
+    assert "milter_header_checks" not in main  # FILTER on the way in would override content_filter
+    master = {f"{m.service}/{m.type}": m for m in plan.master}
+    ret = master["127.0.0.1:10025/inet"]
+    assert ret.adopt
+    assert f"-o cleanup_service_name={FILTER_CLEANUP_SERVICE}" in ret.line
+    assert "-o receive_override_options=no_unknown_recipient_checks,no_milters" in ret.line
+    assert "no_header_body_checks" not in ret.line
+    cleanup = master[f"{FILTER_CLEANUP_SERVICE}/unix"].line
+    assert f"-o header_checks=regexp:/etc/postfix/{MILTER_HEADER_CHECKS}" in cleanup
+    assert "-o tls_required_enable=no" in cleanup
+    assert any("return service 127.0.0.1:10025/inet" in n for n in plan.notes)
+    # 3.7 has no native TLS-Required: nothing to switch off
+    plan37 = generate(_filter_env({"127.0.0.1:10025/inet": AMAVIS_RETURN}, version="3.7"), LocalPolicy(),
+                      MILTER, RELAY, REINJECT)
+    assert "tls_required_enable" not in " ".join(m.line for m in plan37.master)
+
+
+def test_a_content_filter_without_a_clear_return_service_is_an_error_naming_the_option() -> None:
+    from requiretls.postfix.generate import PlanError
+
+    with pytest.raises(PlanError, match="--filter-return"):
+        generate(_filter_env({}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    two = {"127.0.0.1:10025/inet": AMAVIS_RETURN, "127.0.0.1:10027/inet": AMAVIS_RETURN.replace("10025", "10027")}
+    with pytest.raises(PlanError, match=re.escape("10025/inet, 127.0.0.1:10027/inet")):
+        generate(_filter_env(two), LocalPolicy(), MILTER, RELAY, REINJECT)
+    plan = generate(_filter_env(two), LocalPolicy(), MILTER, RELAY, REINJECT, filter_return="127.0.0.1:10027/inet")
+    assert any(m.service == "127.0.0.1:10027" and m.adopt for m in plan.master)
+    # a return service with its own milters (a DKIM signer after the filter) keeps them
+    own = AMAVIS_RETURN + " -o smtpd_milters=inet:localhost:8891"
+    plan = generate(_filter_env({"127.0.0.1:10025/inet": own}), LocalPolicy(), MILTER, RELAY, REINJECT)
+    ret = next(m for m in plan.master if m.adopt)
+    assert "no_milters" not in ret.line and "-o smtpd_milters=inet:localhost:8891" in ret.line
+
+
+@needs_postconf
+def test_content_filter_apply_and_undo_on_real_postconf(tmp_path: Path) -> None:
+    pf = Instance(tmp_path, "content_filter = smtp-amavis:[127.0.0.1]:10024\n")
+    pf.pc("-M", "smtp-amavis/unix=smtp-amavis unix - - n - 2 smtp", f"127.0.0.1:10025/inet={AMAVIS_RETURN}")
+    before = pf.files()
+    out = pf.ok("--apply")
+    assert "our routes are applied after it, at its return service 127.0.0.1:10025/inet" in out
+    assert "cleanup_service_name=requiretls-filter-cleanup" in pf.pc("-M", "127.0.0.1:10025/inet")
+    assert "nothing to change" in pf.ok("--apply")
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
 
 
 @pytest.mark.parametrize("version", ["3.7", "3.10", "3.11"])
