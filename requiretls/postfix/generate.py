@@ -455,7 +455,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     if not env.version.native_requiretls:
         if reinject_local == reinject:
             raise PlanError(f"[relay] reinject and reinject_local are both {reinject}: they must differ")
-        guard_main, guard_master, guard_files = _local_guard(env, relay, reinject_local, master[-1].line)
+        reinject_line = next(m.line for m in master if m.service == reinject)
+        guard_main, guard_master, guard_files = _local_guard(env, relay, reinject_local, reinject_line)
         main += guard_main
         items += [(name, value.split(",")[0].strip()) for name, value in guard_main]
         master += guard_master
