@@ -41,6 +41,8 @@ class Plugin:
         self.relay_sock = q / "requiretls" / "relay.sock"
         self.policyd_sock = q / "requiretls" / "policyd.sock"
         self.reinject_port = self.pf.ports.extra[0]
+        # extra[1..3] are the tests' own (content filter and its return port, an LMTP server)
+        self.reinject_local_port = self.pf.ports.extra[9]
         self.config = self.dir / "requiretls.toml"
 
     def write_config(self) -> None:
@@ -66,7 +68,7 @@ socket_mode = "0666"
 [relay]
 listen = "unix:{self.relay_sock}"
 reinject = "127.0.0.1:{self.reinject_port}"
-reinject_local = "127.0.0.1:{self.pf.ports.extra[1]}"
+reinject_local = "127.0.0.1:{self.reinject_local_port}"
 cafile = "{ca}"
 helo_name = "relay.local.test"
 timeout = 10
