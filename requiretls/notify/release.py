@@ -46,7 +46,13 @@ from requiretls.notify.queue import (
     verdict_text,
 )
 from requiretls.notify.tools import PostfixTools, QueueToolError
-from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, ROUTE_HEADER, TLS_REQUIRED
+from requiretls.policy.headers import (
+    ORIGINAL_TLS_REQUIRED,
+    PRIVATE_HEADERS,
+    ROUTE_HEADER,
+    TLS_REQUIRED,
+    drop_fields,
+)
 from requiretls.policy.local import LocalPolicy
 from requiretls.policy.route import PostfixFeatures, Route
 from requiretls.policy.table import split_address
@@ -105,18 +111,7 @@ def rewrite_message(raw: bytes, route_relaxed: bool) -> bytes:
     head, sep, body = raw.partition(b"\n\n")
     if not sep:
         head, sep, body = raw, b"", b""
-    drop = {n.lower().encode() for n in (TLS_REQUIRED, ORIGINAL_TLS_REQUIRED, *PRIVATE_HEADERS)}
-    kept: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                kept.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower()
-        skipping = name in drop
-        if not skipping:
-            kept.append(line)
+    kept = drop_fields(head, (TLS_REQUIRED, ORIGINAL_TLS_REQUIRED, *PRIVATE_HEADERS))
     first = [f"{TLS_REQUIRED}: No".encode()]
     if route_relaxed:
         first.append(f"{ROUTE_HEADER}: {Route.RELAXED}".encode())

@@ -212,6 +212,23 @@ def route_value(headers: Iterable[tuple[str, str]]) -> str | None:
     return unfold(values[0]).strip() if values else None
 
 
+def drop_fields(head: bytes, names: Iterable[str]) -> list[bytes]:
+    """The lines of a raw header section (split at LF, each keeping its CR) without the fields named in
+    ``names`` (any case), continuation lines included."""
+    drop = {n.lower() for n in names}
+    kept: list[bytes] = []
+    skipping = False
+    for line in head.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):
+            if not skipping:
+                kept.append(line)
+            continue
+        skipping = line.split(b":", 1)[0].strip().lower().decode("ascii", "replace") in drop
+        if not skipping:
+            kept.append(line)
+    return kept
+
+
 def format_handback(addresses: Iterable[str]) -> str:
     """The hand-back field value: each address in angle brackets, as a path is written (RFC 5321 §4.1.2),
     separated by ``", "``.  The addresses are as the milter got them, without brackets."""

@@ -33,6 +33,7 @@ from requiretls.policy.headers import (
     PRIVATE_HEADERS,
     REQUIRE_TLS_ESMTP,
     ROUTE_HEADER,
+    drop_fields,
     header_values,
     parse_handback,
     parse_header_block,
@@ -90,17 +91,7 @@ def strip_private(message: bytes) -> bytes:
     if m is None:
         return message
     head, body = message[: m.start()], message[m.start() :]
-    out: list[bytes] = []
-    skipping = False
-    for line in head.split(b"\n"):
-        if line[:1] in (b" ", b"\t"):
-            if not skipping:
-                out.append(line)
-            continue
-        name = line.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
-        skipping = name in _PRIVATE
-        if not skipping:
-            out.append(line)
+    out = drop_fields(head, _PRIVATE)
     if not out:
         return body[1:]
     return b"\n".join(out) + body
