@@ -362,11 +362,32 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         "cafile": Setting(
             str, "",
             "CA bundle for MX certificates (PKIX), for the agent and for the milter's pre-flight probes. Empty: "
-            "the system trust store.",
+            "Postfix's smtp_tls_CAfile (agent), else the system trust store.",
             convert=_path_or_none,
         ),
         "helo_name": Setting(
-            str, "", "Name the agent and the milter's pre-flight probes give in EHLO. Empty: this host's FQDN."
+            str, "", "Name the agent and the milter's pre-flight probes give in EHLO. Empty: Postfix's "
+            "smtp_helo_name (myhostname) for the agent, this host's FQDN for the probes."
+        ),
+        "postfix_settings": Setting(
+            bool, True,
+            "Read Postfix's own settings with postconf at start and at every SIGHUP, and use them where the "
+            "keys here are empty: myhostname (EHLO), smtp_bind_address(6), relayhost, "
+            "sender_dependent_relayhost_maps, smtp_sasl_auth_enable with smtp_sasl_password_maps (AUTH "
+            "PLAIN/LOGIN, only over a verified TLS session), smtp_tls_CAfile. The tables are queried with "
+            "postmap -q for each message. The agent does not start when postconf fails. false: none of it.",
+        ),
+        "postfix_config_dir": Setting(
+            str, "",
+            "Postfix configuration directory the agent reads (postconf -c / postmap -c). Empty: Postfix's "
+            "default (MAIL_CONFIG, else its compiled-in directory, /etc/postfix on Debian).",
+        ),
+        "postfix_command_prefix": Setting(
+            list, [],
+            "Words put before postconf and postmap, for a Postfix whose commands and files are not this "
+            "host's own, e.g. [\"chroot\", \"/srv/postfix-root\"]. Empty: run them directly.",
+            _strings,
+            convert=lambda v: tuple(str(x).strip() for x in v),
         ),
         "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
         "reinject": Setting(
@@ -454,6 +475,9 @@ class RelaySettings:
     local_domains: frozenset[str]
     cafile: str | None
     helo_name: str
+    postfix_settings: bool
+    postfix_config_dir: str
+    postfix_command_prefix: tuple[str, ...]
     timeout: float
     reinject: Endpoint
     reinject_local: Endpoint

@@ -15,11 +15,11 @@ import contextlib
 import enum
 import smtplib
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from requiretls.dest import Destination, SessionResult, SessionSettings, open_session
-from requiretls.dest.session import PinnedSMTP, helo_name, quit_quietly, unverified_context
+from requiretls.dest.session import new_client, pkix_context, quit_quietly, unverified_context
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
@@ -44,6 +44,13 @@ class Outcome:
     verify: str = ""
     requiretls: bool | None = None
 
+    def delivery_facts(self) -> str:
+        """Where and how it went, for the LMTP reply text Postfix logs in its own ``status=sent (...)`` line
+        (Postfix's relay= names the agent's socket): ``relay=mx.example[192.0.2.1]:25, tls=TLSv1.3,
+        verify=dane, requiretls=yes``."""
+        rt = "" if self.requiretls is None else f", requiretls={'yes' if self.requiretls else 'no'}"
+        return f"relay={self.mx}, tls={self.tls or 'none'}, verify={self.verify or 'none'}{rt}"
+
     def lmtp_reply(self) -> str:
         return f"{self.code} {self.dsn} {self.text}"[:500]
 
@@ -59,8 +66,34 @@ class LmtpEnvelope:
     rcpt_params: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-#: What the agent's outbound sessions use: port, timeout, CA file, EHLO name.
+#: What the agent's outbound sessions use: port, timeout, CA file, EHLO name, bind addresses.
 SendSettings = SessionSettings
+
+
+@dataclass(frozen=True, slots=True)
+class SaslCredentials:
+    """A ``user:password`` entry of Postfix's smtp_sasl_password_maps for one next hop."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, value: str) -> SaslCredentials:
+        user, sep, password = value.strip().partition(":")
+        if not sep or not user:
+            raise ValueError("not username:password")
+        return cls(user, password)
+
+
+#: Credentials by remote host name (lower case); the agent looks them up the way Postfix does (next hop as
+#: written, then the host name, then the domain) before the delivery starts.
+SaslTable = Mapping[str, SaslCredentials]
+
+#: Replies that are about this client, not the message or the recipient: authentication required or failed,
+#: or a policy refusal of AUTH.  Postfix's own smtp client defers its configuration errors
+#: (smtp_sasl_auth_soft_bounce); a bounce here would lose mail because of our configuration.
+_ABOUT_US_CODES = (530, 534, 535, 538)
+_ABOUT_US_DSN = ("5.7.8", "5.7.9", "5.7.11", "5.7.14")
 
 
 def _mail_options(env: LmtpEnvelope, features: dict[str, str], requiretls: bool) -> list[str]:
@@ -92,14 +125,54 @@ def _reply_outcome(code: int, msg: bytes | str, base: Outcome) -> Outcome:
     text = " ".join(text.split())
     dsn = text.split(" ", 1)[0] if text[:2] in ("2.", "4.", "5.") else ""
     rest = text[len(dsn) :].strip() if dsn else text
+    if code >= 500 and (code in _ABOUT_US_CODES or dsn in _ABOUT_US_DSN):
+        return _about_us(code, dsn, rest, base)
     if 200 <= code < 300:
         return replace(base, status=DeliveryStatus.SENT, code=250, dsn="2.0.0",
-                       text=f"delivered via {base.mx}: {code} {text}")
+                       text=f"{base.delivery_facts()} ({code} {text})")
     if 400 <= code < 500:
         return replace(base, status=DeliveryStatus.DEFERRED, code=code, dsn=dsn or "4.0.0",
                        text=f"{base.mx} said: {rest}")
     return replace(base, status=DeliveryStatus.BOUNCED, code=code if code >= 500 else 554, dsn=dsn or "5.0.0",
                    text=f"{base.mx} said: {rest}")
+
+
+def _about_us(code: int, dsn: str, text: str, base: Outcome) -> Outcome:
+    return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4" + (dsn or "5.7.0")[1:],
+                   text=f"{base.mx} said: {code} {dsn} {text} (about this client's authentication: deferred, "
+                        "not bounced; check smtp_sasl_password_maps)".replace("  ", " "))
+
+
+def authenticate(client: smtplib.SMTP, creds: SaslCredentials | None, base: Outcome) -> Outcome | None:
+    """SASL AUTH (PLAIN, else LOGIN) over the session's verified TLS; None when it succeeded or is not needed.
+
+    Never in clear: the caller only calls it on a verified TLS session, and it checks the socket again.  A
+    server that does not offer AUTH gets the message without it (as Postfix does); a failure defers."""
+    if creds is None or not client.has_extn("auth"):
+        return None
+    if not isinstance(client.sock, ssl.SSLSocket):
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx}: SASL credentials configured, but no verified TLS: not sent in clear")
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    mech = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
+    if mech is None:
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx} offers AUTH {' '.join(offered) or '(none)'}, not PLAIN or LOGIN")
+    client.user, client.password = creds.username, creds.password
+    authobject = client.auth_plain if mech == "PLAIN" else client.auth_login
+    msg: bytes | str
+    try:
+        code, msg = client.auth(mech, authobject, initial_response_ok=True)
+    except smtplib.SMTPAuthenticationError as e:
+        code, msg = e.smtp_code, e.smtp_error
+    except smtplib.SMTPException as e:
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx}: SASL AUTH {mech} failed: {e}")
+    if code == 235:
+        return None
+    text = " ".join((msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)).split())
+    dsn = text.split(" ", 1)[0] if text[:2] in ("4.", "5.") else ""
+    return _about_us(code, dsn, f"SASL AUTH {mech} as {creds.username}: {text[len(dsn):].strip()}", base)
 
 
 def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes, base: Outcome,
@@ -140,8 +213,9 @@ def verdict_outcome(verdict: Verdict) -> Outcome:
 
 
 def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
-                       settings: SendSettings) -> dict[str, Outcome]:
-    """RFC 8689 section 4.2.1 delivery to one domain."""
+                       settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+    """RFC 8689 section 4.2.1 delivery to one domain; SASL AUTH after the verified TLS handshake when
+    ``sasl`` has credentials for the host."""
     first = eligibility.judge(dest)
     if not first.deliverable:
         return dict.fromkeys(rcpts, verdict_outcome(first))
@@ -157,6 +231,9 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
                 base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS",
                                r.verification, True)
                 try:
+                    refused = authenticate(session.client, (sasl or {}).get(host.name.lower()), base)
+                    if refused is not None:
+                        return dict.fromkeys(rcpts, refused)
                     return _transmit(session.client, env, rcpts, message, base, requiretls=True)
                 except (smtplib.SMTPException, OSError) as e:
                     return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
@@ -165,14 +242,16 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
 
 
 def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpEnvelope, rcpts: Sequence[str],
-                          message: bytes, settings: SendSettings) -> dict[str, Outcome]:
-    """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake."""
+                          message: bytes, settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+    """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake.  With SASL credentials
+    for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
+    certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
     errors: list[str] = []
     for name, addresses in hosts:
+        creds = (sasl or {}).get(name.lower())
         for address in addresses:
             for use_tls in (True, False):
-                client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
-                client.connect_address = address
+                client = new_client(settings, address)
                 where = f"{name}[{address}]:{settings.port}"
                 try:
                     code, _ = client.connect(name, settings.port)
@@ -184,14 +263,20 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
                     if use_tls and client.has_extn("starttls"):
                         client._host = name  # type: ignore[attr-defined]
                         try:
-                            client.starttls(context=unverified_context())
+                            client.starttls(context=pkix_context(settings.cafile) if creds else unverified_context())
                         except (ssl.SSLError, OSError) as e:
                             errors.append(f"{where}: TLS failed ({e}), retrying in plaintext")
                             continue
                         if isinstance(client.sock, ssl.SSLSocket):  # a refused STARTTLS leaves it in plaintext
                             client.ehlo()
                             tls = client.sock.version() or "TLS"
-                    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none", "none", None)
+                    verified = bool(tls and creds)
+                    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none",
+                                   "pkix" if verified else "none", None)
+                    if verified:
+                        refused = authenticate(client, creds, base)
+                        if refused is not None:
+                            return dict.fromkeys(rcpts, refused)
                     return _transmit(client, env, rcpts, message, base, requiretls=False)
                 except (smtplib.SMTPException, OSError) as e:
                     errors.append(f"{where}: {e}")
