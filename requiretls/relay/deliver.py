@@ -23,6 +23,7 @@ from requiretls.dest.session import new_client, pkix_context, quit_quietly, unve
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
+from requiretls.relay.mime import Unconvertible, downconvert, has_8bit
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -180,9 +181,24 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], mes
     """MAIL, RCPT for each recipient, DATA.  Returns one outcome per recipient."""
     features = client.esmtp_features
     if "SMTPUTF8" in env.mail_params and "smtputf8" not in features:
+        # RFC 6531 section 3.5: no downgrade here; the sender gets it back.
         o = replace(base, status=DeliveryStatus.BOUNCED, code=553, dsn="5.6.7",
                     text=f"{base.mx} does not support SMTPUTF8, which this message needs")
         return dict.fromkeys(rcpts, o)
+    limit = features.get("size", "").strip()
+    if limit.isdigit() and int(limit) > 0 and len(message) > int(limit):
+        # RFC 1870: the MX said it takes at most SIZE bytes; sending would only waste both sides' time.
+        o = replace(base, status=DeliveryStatus.BOUNCED, code=552, dsn="5.3.4",
+                    text=f"message of {len(message)} bytes is larger than {base.mx} accepts (SIZE {limit})")
+        return dict.fromkeys(rcpts, o)
+    if "8bitmime" not in features and has_8bit(message):
+        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.
+        try:
+            message = downconvert(message)
+        except Unconvertible as e:
+            o = replace(base, status=DeliveryStatus.BOUNCED, code=554, dsn="5.6.3",
+                        text=f"{base.mx} does not support 8BITMIME and the message cannot be converted: {e}")
+            return dict.fromkeys(rcpts, o)
     code, msg = client.mail(env.sender, _mail_options(env, features, requiretls))
     if code != 250:
         o = _reply_outcome(code, msg, base)

@@ -154,3 +154,75 @@ def test_refused_greeting_or_ehlo_defers(greeting: bytes, ehlo: bytes, cafile: s
     t.join(5)
     o = out["b@r.example"]
     assert o.status is DeliveryStatus.DEFERRED and o.code < 500, o
+
+
+# --- RFC 6152 / 6531 / 1870 on the wire ------------------------------------------------------------------
+
+EIGHT_BIT = ("From: a@s.example\r\nTo: b@r.example\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+             "Grüße aus Köln\r\n.a dot line\r\ntrailing space \r\n").encode()
+
+
+def _plain_mx(ca: TestCA, tmp_path: Path, **options: object) -> RelayServer:
+    return RelayServer(server_context(tmp_path, ca.leaf(NAME)), "127.0.0.1", _free_port(),
+                       RelayOptions(**options), NAME)  # type: ignore[arg-type]
+
+
+def _decoded(raw: bytes) -> list[tuple[str, bytes | None]]:
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    return [(p.get_content_type(), p.get_payload(decode=True)) for p in msg.walk() if not p.is_multipart()]
+
+
+def test_8bit_message_to_mx_without_8bitmime_is_sent_quoted_printable(ca: TestCA, tmp_path: Path,
+                                                                       cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, eightbitmime=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        (d,) = mx.deliveries
+    assert not any(b > 127 for b in d.raw), d.raw  # 7-bit clean on the wire
+    assert not any(o.upper().startswith("BODY=") for o in d.mail_options)
+    assert b"Content-Transfer-Encoding: quoted-printable" in d.raw
+    assert _decoded(d.raw) == _decoded(EIGHT_BIT)
+
+
+def test_8bit_message_to_mx_with_8bitmime_is_sent_unchanged(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path) as mx:
+        deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        (d,) = mx.deliveries
+    assert d.raw == EIGHT_BIT and "BODY=8BITMIME" in d.mail_options
+
+
+def test_signed_8bit_message_to_mx_without_8bitmime_bounces_5_6_3(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    signed = ("From: a@s.example\r\nMIME-Version: 1.0\r\n"
+              "Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; boundary=\"b1\"\r\n\r\n"
+              "--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nsigné\r\n"
+              "--b1\r\nContent-Type: application/pgp-signature\r\n\r\nSIG\r\n--b1--\r\n").encode()
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, eightbitmime=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, signed, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.6.3", o
+
+
+def test_smtputf8_message_to_mx_without_smtputf8_bounces_5_6_7(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"SMTPUTF8": "", "BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, smtputf8=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.6.7", o
+
+
+def test_message_over_the_mx_size_bounces_5_3_4_without_sending(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    big = MESSAGE + b"x" * 5000 + b"\r\n"
+    with _plain_mx(ca, tmp_path, size=2000) as mx:
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, big, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.3.4" and o.code == 552, o
