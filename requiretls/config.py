@@ -335,7 +335,8 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "[192.0.2.1] or [ipv6:2001:db8::1] an address; the port defaults to 25. The agent sends "
             "REQUIRETLS mail there, under the same rules as to an MX (the relay's name is the MTA-STS policy "
             "domain, its TLSA records are those of its port); the milter reads it too, so that recipients "
-            "routed there are not handed back to Postfix. Empty: MX lookups.",
+            "routed there are not handed back to Postfix. Empty: the agent uses Postfix's relayhost (and "
+            "sender_dependent_relayhost_maps) when relay.postfix_settings is on, else MX lookups.",
             convert=_nexthop,
         ),
         "local_transports": Setting(

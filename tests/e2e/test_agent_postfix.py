@@ -117,3 +117,46 @@ def test_sender_dependent_relayhost_is_honoured(agent_plugin: Plugin) -> None:
         d = relay.deliveries[0]
         assert d.requiretls and d.tls and "bob@insecure.test" in d.rcpt_tos
         assert plugin.bed.mx("insecure").deliveries() == []
+
+
+EIGHT_BIT_BODY = "Grüße aus Köln: 8-bit body line\r\n.a dot line\r\nnaïve ünïcödé\r\n"
+
+
+def _8bit_message(rcpt: str, extra: str = "") -> bytes:
+    return (f"From: {SENDER}\r\nTo: {rcpt}\r\nSubject: 8bit e2e\r\nMessage-ID: <{time.time_ns()}@sender.test>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            f"\r\n{EIGHT_BIT_BODY}{extra}").encode()
+
+
+def test_mx_without_8bitmime_smtputf8_small_size(agent_plugin: Plugin) -> None:
+    """RFC 6152: 8-bit mail to an MX without 8BITMIME arrives 7-bit clean and decodes to the original; RFC 6531
+    3.5: SMTPUTF8 mail to an MX without SMTPUTF8 bounces 5.6.7; RFC 1870: a message over the MX's SIZE bounces
+    5.3.4 and is never sent."""
+    import email
+    import email.policy
+
+    plugin = agent_plugin
+    with _relay(plugin, RelayOptions(eightbitmime=False, smtputf8=False, size=20_000)) as relay:
+        _start(plugin, relayhost=f"[{RELAY_NAME}]:{relay.controller.port}")
+        q8 = plugin.pf.submit(SENDER, ["bob@insecure.test"], _8bit_message("bob@insecure.test"),
+                              mail_options=["BODY=8BITMIME"])
+        _wait(relay)
+        assert relay.deliveries, plugin.log("relay")[-3000:]
+        d = relay.deliveries[0]
+        assert d.requiretls and not any(b > 127 for b in d.raw), d.raw
+        msg = email.message_from_bytes(d.raw, policy=email.policy.default)
+        assert msg["Content-Transfer-Encoding"] == "quoted-printable"
+        assert msg.get_payload(decode=True).replace(b"\r\n", b"\n") == EIGHT_BIT_BODY.encode().replace(b"\r\n", b"\n")
+        plugin.pf.wait_log(rf"{q8.queue_id}: to=<bob@insecure\.test>.*status=sent", timeout=30)
+
+        qs = plugin.pf.submit(SENDER, ["carol@insecure.test"],
+                              _8bit_message("carol@insecure.test", "x" * 40_000 + "\r\n"),
+                              mail_options=["BODY=8BITMIME"])
+        plugin.pf.wait_log(rf"{qs.queue_id}: to=<carol@insecure\.test>.*dsn=5\.3\.4, status=bounced", timeout=60)
+
+        qu = plugin.pf.submit(SENDER, ["dörte@insecure.test"], _8bit_message("dörte@insecure.test"),
+                              mail_options=["BODY=8BITMIME", "SMTPUTF8"])
+        plugin.pf.wait_log(rf"{qu.queue_id}: to=<dörte@insecure\.test>.*dsn=5\.6\.7, status=bounced", timeout=60)
+        time.sleep(1)
+        sent = [x for x in relay.deliveries if x.mail_from]  # (DSNs go out through the relayhost too)
+        assert [x.rcpt_tos for x in sent] == [("bob@insecure.test",)]
