@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import smtplib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,6 +48,7 @@ from requiretls.relay.deliver import (
     Outcome,
     SaslCredentials,
     SendSettings,
+    SessionCache,
     deliver_opportunistic,
     deliver_requiretls,
     verdict_outcome,
@@ -76,6 +77,8 @@ class AgentSettings:
     #: Domains Postfix delivers here: an unplanned recipient there (a virtual alias expansion) is handed back.
     local_domains: frozenset[str] = frozenset()
     max_parallel: int = 32
+    #: Deliveries at once to one destination (Postfix's default_destination_concurrency_limit).
+    destination_concurrency: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,10 @@ class AgentHandler:
         #: Replaced whole by a reload (:class:`AgentState`); read where it is used, never copied.
         self.state = state
         self._slots = asyncio.Semaphore(state.settings.max_parallel)
+        #: Per destination (next hop or domain), like Postfix's default_destination_concurrency_limit.
+        self._per_dest: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        #: Open REQUIRETLS sessions kept for the next message to the same MX.
+        self.sessions = SessionCache()
         #: 3.11 pre-check sessions (cached): what Postfix's own client would find, judged by the one verdict.
         self.prober = prober
 
@@ -299,7 +306,7 @@ class AgentHandler:
                        optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
         if isinstance(target, tuple):
             return await self._deliver_list(target, env, rcpts, message, optout, settings)
-        async with self._slots:
+        async with self._destination_slot(str(target), settings.destination_concurrency), self._slots:
             send = settings.send
             if isinstance(target, NextHop):
                 send = replace(send, port=target.port)
@@ -320,8 +327,20 @@ class AgentHandler:
                 hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
                 auth = {"sasl": sasl} if sasl else {}
                 return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send, **auth)
-            auth = {"sasl": sasl} if sasl else {}
-            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send, **auth)
+            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send, sasl or None,
+                                           self.sessions)
+
+    @contextlib.asynccontextmanager
+    async def _destination_slot(self, key: str, limit: int) -> AsyncIterator[None]:
+        sem, users = self._per_dest.setdefault(key, (asyncio.Semaphore(limit), [0]))
+        users[0] += 1
+        try:
+            async with sem:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                self._per_dest.pop(key, None)
 
     async def _deliver_list(self, hops: tuple[NextHop, ...], env: LmtpEnvelope, rcpts: list[str], message: bytes,
                             optout: bool, settings: AgentSettings) -> dict[str, Outcome]:

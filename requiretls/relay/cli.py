@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
 
         stop = asyncio.Event()
         install_signals(stop, Reloader(args.config, apply))
-        await serve(ListenAddress.parse(args.listen) if args.listen else settings.relay.listen, handler, stop)
+        try:
+            await serve(ListenAddress.parse(args.listen) if args.listen else settings.relay.listen, handler, stop)
+        finally:
+            handler.sessions.prune(everything=True)  # QUIT to the MXs whose sessions were kept open
 
     asyncio.run(main())
     return 0

@@ -15,11 +15,13 @@ import contextlib
 import enum
 import smtplib
 import ssl
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from requiretls.dest import Destination, SessionResult, SessionSettings, open_session
-from requiretls.dest.session import new_client, pkix_context, quit_quietly, unverified_context
+from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_quietly, unverified_context
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
@@ -228,32 +230,141 @@ def verdict_outcome(verdict: Verdict) -> Outcome:
                    requiretls=False if verdict.dsn == eligibility.DSN_NO_REQUIRETLS else None)
 
 
+class SessionCache:
+    """Qualified REQUIRETLS sessions kept open for the next message to the same MX (Postfix's connection cache:
+    smtp_connection_cache_time_limit 2 s idle, smtp_connection_reuse_time_limit 300 s in all).
+
+    A session is found again only under everything that made it qualify: host, address, port, the TLSA records
+    and DANE names it was verified against, the EHLO name and bind addresses, the SASL user.  Before reuse it
+    must answer RSET with 250; one that does not is closed and a new session is opened.  Thread-safe (the
+    deliveries run in threads); a daemon thread closes idle sessions."""
+
+    def __init__(self, idle: float = 2.0, max_age: float = 300.0, per_key: int = 20) -> None:
+        self.idle, self.max_age, self.per_key = idle, max_age, per_key
+        self._lock = threading.Lock()
+        self._free: dict[tuple[object, ...], list[tuple[PinnedSMTP, SessionResult, float, float]]] = {}
+        self._janitor: threading.Thread | None = None
+        self.reused = 0
+
+    @staticmethod
+    def key(host: str, address: str, settings: SendSettings, tlsa: Sequence[object], names: Sequence[str],
+            creds: SaslCredentials | None) -> tuple[object, ...]:
+        return (host.lower(), address, settings, tuple(tlsa), tuple(names), creds)
+
+    def take(self, key: tuple[object, ...]) -> tuple[PinnedSMTP, SessionResult, float] | None:
+        now = time.monotonic()
+        stale: list[PinnedSMTP] = []
+        found = None
+        with self._lock:
+            free = self._free.get(key, [])
+            while free:
+                client, result, born, idle_since = free.pop()
+                if now - idle_since <= self.idle and now - born <= self.max_age:
+                    found = (client, result, born)
+                    break
+                stale.append(client)
+            if not free:
+                self._free.pop(key, None)
+        for c in stale:
+            quit_quietly(c)
+        return found
+
+    def give(self, key: tuple[object, ...], client: PinnedSMTP, result: SessionResult, born: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) >= self.per_key or now - born > self.max_age:
+                extra: PinnedSMTP | None = client
+            else:
+                free.append((client, result, born, now))
+                extra = None
+            if self._janitor is None:
+                self._janitor = threading.Thread(target=self._sweep, name="session-cache", daemon=True)
+                self._janitor.start()
+        if extra is not None:
+            quit_quietly(extra)
+
+    def prune(self, everything: bool = False) -> int:
+        now = time.monotonic()
+        old: list[PinnedSMTP] = []
+        with self._lock:
+            for key in list(self._free):
+                keep = []
+                for item in self._free[key]:
+                    if everything or now - item[3] > self.idle or now - item[2] > self.max_age:
+                        old.append(item[0])
+                    else:
+                        keep.append(item)
+                if keep:
+                    self._free[key] = keep
+                else:
+                    del self._free[key]
+        for c in old:
+            quit_quietly(c)
+        return len(old)
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle / 2 or 1.0))
+            self.prune()
+
+
+def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+             creds: SaslCredentials | None, authenticated: bool) -> tuple[dict[str, Outcome], bool]:
+    """One transaction over a qualified session; also whether the session can carry another one."""
+    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS", r.verification, True)
+    try:
+        if not authenticated:
+            refused = authenticate(client, creds, base)
+            if refused is not None:
+                return dict.fromkeys(rcpts, refused), False
+        return _transmit(client, env, rcpts, message, base, requiretls=True), True
+    except (smtplib.SMTPException, OSError) as e:
+        return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
+                                            text=f"{base.mx}: {e}")), False
+
+
 def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
-                       settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+                       settings: SendSettings, sasl: SaslTable | None = None,
+                       cache: SessionCache | None = None) -> dict[str, Outcome]:
     """RFC 8689 section 4.2.1 delivery to one domain; SASL AUTH after the verified TLS handshake when
-    ``sasl`` has credentials for the host."""
+    ``sasl`` has credentials for the host.  With a ``cache``, a session kept from an earlier message to the same
+    host (verified the same way) is used first, and a session that is still good afterwards is kept."""
     first = eligibility.judge(dest)
     if not first.deliverable:
         return dict.fromkeys(rcpts, verdict_outcome(first))
     tried: list[SessionResult] = []
     for host in eligibility.candidates(dest):
         names = host.dane_reference_names(dest.domain, dest.canonical)
+        creds = (sasl or {}).get(host.name.lower())
         for address in host.addresses:
+            key = SessionCache.key(host.name, address, settings, host.usable_tlsa, names, creds)
+            kept = cache.take(key) if cache is not None else None
+            if kept is not None:
+                client, r, born = kept
+                try:
+                    ok = client.rset()[0] == 250
+                except (smtplib.SMTPException, OSError):
+                    ok = False
+                if ok:
+                    assert cache is not None
+                    cache.reused += 1
+                    out, good = _send_on(client, r, env, rcpts, message, creds, True)
+                    if good:
+                        cache.give(key, client, r, born)
+                    else:
+                        quit_quietly(client)
+                    return out
+                quit_quietly(client)
             with open_session(host.name, address, settings, host.usable_tlsa, names) as session:
                 tried.append(session.result)
                 if session.client is None or not eligibility.qualifies(session.result):
                     continue
-                r = session.result
-                base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS",
-                               r.verification, True)
-                try:
-                    refused = authenticate(session.client, (sasl or {}).get(host.name.lower()), base)
-                    if refused is not None:
-                        return dict.fromkeys(rcpts, refused)
-                    return _transmit(session.client, env, rcpts, message, base, requiretls=True)
-                except (smtplib.SMTPException, OSError) as e:
-                    return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
-                                                        text=f"{base.mx}: {e}"))
+                out, good = _send_on(session.client, session.result, env, rcpts, message, creds, False)
+                if good and cache is not None:
+                    cache.give(key, session.client, session.result, time.monotonic())
+                    session.client = None  # kept open: the context manager must not close it
+                return out
     return dict.fromkeys(rcpts, verdict_outcome(eligibility.judge(dest, tried)))
 
 

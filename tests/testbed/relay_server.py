@@ -21,6 +21,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 @dataclass(frozen=True)
 class Received:
     peer: str
+    peer_port: int
     helo: str | None
     auth_user: str | None
     tls: bool
@@ -80,7 +81,8 @@ class _Handler:
             return "552 5.3.4 message too big"
         user = session.auth_data.login.decode() if isinstance(session.auth_data, LoginPassword) else None
         self.server.deliveries.append(Received(
-            peer=session.peer[0] if session.peer else "", helo=session.host_name, auth_user=user,
+            peer=session.peer[0] if session.peer else "", peer_port=session.peer[1] if session.peer else 0,
+            helo=session.host_name, auth_user=user,
             tls=bool(session.ssl), mail_from=envelope.mail_from or "", mail_options=tuple(envelope.mail_options),
             rcpt_tos=tuple(envelope.rcpt_tos), raw=raw))
         return "250 2.0.0 stored"

@@ -83,7 +83,7 @@ def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.M
     sent: list[tuple[Destination, SendSettings]] = []
 
     def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
-                  settings: SendSettings) -> dict[str, Outcome]:
+                  settings: SendSettings, *_: object) -> dict[str, Outcome]:
         sent.append((d, settings))
         return dict.fromkeys(rcpts, Outcome(DeliveryStatus.SENT, 250, "2.0.0", "ok"))
 
@@ -113,7 +113,7 @@ def test_a_list_of_next_hops_is_tried_in_order(monkeypatch: pytest.MonkeyPatch) 
     }
 
     def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
-                  settings: SendSettings) -> dict[str, Outcome]:
+                  settings: SendSettings, *_: object) -> dict[str, Outcome]:
         return dict.fromkeys(rcpts, replies[d.domain])
 
     class _ByHop(_HopResolver):

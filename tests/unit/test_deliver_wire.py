@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -226,3 +227,36 @@ def test_message_over_the_mx_size_bounces_5_3_4_without_sending(ca: TestCA, tmp_
         assert mx.deliveries == []
     o = out["b@r.example"]
     assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.3.4" and o.code == 552, o
+
+
+def test_sessions_are_reused_and_closed_when_idle(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """Postfix-like connection cache: the second message to the same MX goes over the first one's session (RSET
+    first); an idle session is closed."""
+    from requiretls.relay.deliver import SessionCache
+
+    cache = SessionCache(idle=0.5)
+    with _plain_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        for _ in range(3):
+            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert len(mx.deliveries) == 3 and cache.reused == 2
+        assert len({d.peer_port for d in mx.deliveries}) == 1
+        time.sleep(1.5)
+        assert cache.prune(everything=True) == 0  # the janitor closed it already
+        deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        assert cache.reused == 2 and len({d.peer_port for d in mx.deliveries}) == 2
+
+
+def test_a_session_the_mx_closed_is_replaced(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    from requiretls.relay.deliver import SessionCache
+
+    cache = SessionCache(idle=30)
+    with _plain_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        for (client, _r, _b, _i) in next(iter(cache._free.values())):
+            client.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]  # as if the MX had dropped it
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert len(mx.deliveries) == 2 and cache.reused == 0
