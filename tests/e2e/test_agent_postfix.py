@@ -158,5 +158,27 @@ def test_mx_without_8bitmime_smtputf8_small_size(agent_plugin: Plugin) -> None:
                               mail_options=["BODY=8BITMIME", "SMTPUTF8"])
         plugin.pf.wait_log(rf"{qu.queue_id}: to=<dörte@insecure\.test>.*dsn=5\.6\.7, status=bounced", timeout=60)
         time.sleep(1)
-        sent = [x for x in relay.deliveries if x.mail_from]  # (DSNs go out through the relayhost too)
+        # (the DSNs to the sender go out through the same relayhost: only the sender's own messages count)
+        sent = [x for x in relay.deliveries if x.mail_from == SENDER]
         assert [x.rcpt_tos for x in sent] == [("bob@insecure.test",)]
+
+
+def test_sighup_rereads_postfix_settings(agent_plugin: Plugin) -> None:
+    """main.cf changed (smtp_helo_name, relayhost): after SIGHUP the agent uses the new values, no restart."""
+    import signal
+
+    plugin = agent_plugin
+    with _relay(plugin, RelayOptions()) as relay:
+        _start(plugin)  # no relayhost yet: insecure.test's own MX, unvalidated: 5.7.10
+        q1 = plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+        plugin.pf.wait_log(rf"{q1.queue_id}: to=<bob@insecure\.test>.*dsn=5\.7\.10, status=bounced", timeout=60)
+        plugin.pf.set(smtp_helo_name="reloaded.local.test", relayhost=f"[{RELAY_NAME}]:{relay.controller.port}")
+        plugin.procs["relay"].send_signal(signal.SIGHUP)
+        end = time.monotonic() + 15
+        while "reload=done" not in plugin.log("relay") and time.monotonic() < end:
+            time.sleep(0.1)
+        assert "helo=reloaded.local.test" in plugin.log("relay"), plugin.log("relay")[-2000:]
+        plugin.pf.submit(SENDER, ["carol@insecure.test"], _message(["carol@insecure.test"]))
+        _wait(relay)
+        sent = [d for d in relay.deliveries if "carol@insecure.test" in d.rcpt_tos]
+        assert sent and sent[0].requiretls and sent[0].helo == "reloaded.local.test", relay.deliveries
