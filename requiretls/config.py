@@ -391,6 +391,11 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x).strip() for x in v),
         ),
         "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
+        "destination_concurrency_limit": _number(
+            int, 20,
+            "Most deliveries the agent runs at once to one next hop or recipient domain (Postfix's "
+            "default_destination_concurrency_limit); at most 32 run in all.", 1000, 1, inclusive_low=True,
+        ),
         "reinject": Setting(
             str,
             "127.0.0.1:10026",
@@ -480,6 +485,7 @@ class RelaySettings:
     postfix_config_dir: str
     postfix_command_prefix: tuple[str, ...]
     timeout: float
+    destination_concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import logging
 
 from requiretls.addresses import ListenAddress
@@ -51,6 +52,7 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
             reinject_local=relay.reinject_local,
             relayhost=relay.relayhost or v.relayhost,
             local_domains=relay.local_domains,
+            destination_concurrency=relay.destination_concurrency_limit,
             send=SendSettings(helo_name=relay.helo_name or v.helo_name, timeout=relay.timeout,
                               cafile=relay.cafile or v.cafile or None, bind_address=v.bind_address,
                               bind_address6=v.bind_address6),
@@ -85,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         relay = settings.relay
         prober = Prober(ProbeSettings(timeout=relay.timeout, cafile=relay.cafile, helo_name=relay.helo_name or None))
         handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache), state, prober)
+        # Deliveries, re-injections and table look-ups run in threads: enough of them for the global limit of
+        # deliveries plus the rest (the default pool has os.cpu_count() + 4, which capped deliveries at 6 on a
+        # 2-CPU host whatever the limits said).
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(state.settings.max_parallel + 16, "relay"))
         await trust_resolver(handler.resolver, settings.dns, settings.filename)
 
         def apply(fresh: Settings) -> dict[str, object]:

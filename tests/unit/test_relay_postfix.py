@@ -79,3 +79,11 @@ def test_toml_keys_win_over_postfix_values(tmp_path: Path) -> None:
     cfg.write_text("")
     s = agent_state(load(str(cfg)), view).settings
     assert s.send.helo_name == "pf.example" and s.relayhost == NextHop("pf-relay.example", mx=False)
+
+
+def test_destination_concurrency_limit_reaches_the_agent(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[relay]\ndestination_concurrency_limit = 5\npostfix_settings = false\n")
+    assert agent_state(load(str(cfg))).settings.destination_concurrency == 5
+    cfg.write_text("")
+    assert agent_state(load(str(cfg))).settings.destination_concurrency == 20
