@@ -4,7 +4,8 @@ DANE + REQUIRETLS), once delivered by Postfix 3.7's smtp client at ``dane-only``
 local rule and delivered by the agent (LMTP in, DANE-verified STARTTLS and ``MAIL FROM ... REQUIRETLS`` out).
 
 Time is measured from the first submission until the MX has recorded all N (submission is the same in both).
-Goal: the agent reaches at least half of Postfix's messages/second.
+Goal (issue 16): the agent reaches at least 0.9x Postfix's messages/second; the agent's RSS at the end of its
+runs is reported (VmRSS of the relay process just before it stops).
 Run as root from the repository: ``.venv/bin/python bench/relay_vs_postfix.py [--messages 500] [--runs 3]``.
 """
 
@@ -25,6 +26,15 @@ from milter_overhead import blast  # noqa: E402
 
 from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
 from tests.testbed.bed import Bed  # noqa: E402
+
+RSS_KB: list[int] = []
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def one(bed: Bed, mode: str, n: int, sessions: int) -> float:
@@ -48,6 +58,9 @@ def one(bed: Bed, mode: str, n: int, sessions: int) -> float:
         got = rec.deliveries()
         if len(got) != n or not all(d.tls for d in got) or (mode == "agent") != all(d.requiretls for d in got):
             raise RuntimeError(f"{mode}: {len(got)} deliveries, not all as expected")
+        if mode == "agent":
+            time.sleep(3)  # idle sessions closed
+            RSS_KB.append(_rss_kb(plugin.procs["relay"].pid))
         return took
     finally:
         plugin.stop()
@@ -79,9 +92,10 @@ def main() -> int:
     print(f"| Postfix smtp client, dane-only (no REQUIRETLS) | {med['postfix']:.2f} | {rate['postfix']:,.0f} | 1.00x |")
     print(f"| requiretls agent (DANE, MAIL FROM REQUIRETLS) | {med['agent']:.2f} | {rate['agent']:,.0f} | "
           f"{rate['agent'] / rate['postfix']:.2f}x |")
-    ok = rate["agent"] >= rate["postfix"] / 2
-    print(f"\ngoal at least half of Postfix's msgs/s: {'met' if ok else 'not met'} "
-          f"({rate['agent'] / rate['postfix']:.2f}x)")
+    ok = rate["agent"] >= rate["postfix"] * 0.9
+    print(f"\ngoal at least 0.9x Postfix's msgs/s: {'met' if ok else 'not met'} "
+          f"({rate['agent'] / rate['postfix']:.2f}x); agent RSS at the end of each run: "
+          f"{', '.join(f'{k / 1024:.0f} MB' for k in RSS_KB)}")
     return 0
 
 

@@ -340,7 +340,8 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "[192.0.2.1] or [ipv6:2001:db8::1] an address; the port defaults to 25. The agent sends "
             "REQUIRETLS mail there, under the same rules as to an MX (the relay's name is the MTA-STS policy "
             "domain, its TLSA records are those of its port); the milter reads it too, so that recipients "
-            "routed there are not handed back to Postfix. Empty: MX lookups.",
+            "routed there are not handed back to Postfix. Empty: the agent uses Postfix's relayhost (and "
+            "sender_dependent_relayhost_maps) when relay.postfix_settings is on, else MX lookups.",
             convert=_nexthop,
         ),
         "local_transports": Setting(
@@ -367,13 +368,39 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         "cafile": Setting(
             str, "",
             "CA bundle for MX certificates (PKIX), for the agent and for the milter's pre-flight probes. Empty: "
-            "the system trust store.",
+            "Postfix's smtp_tls_CAfile (agent), else the system trust store.",
             convert=_path_or_none,
         ),
         "helo_name": Setting(
-            str, "", "Name the agent and the milter's pre-flight probes give in EHLO. Empty: this host's FQDN."
+            str, "", "Name the agent and the milter's pre-flight probes give in EHLO. Empty: Postfix's "
+            "smtp_helo_name (myhostname) for the agent, this host's FQDN for the probes."
+        ),
+        "postfix_settings": Setting(
+            bool, True,
+            "Read Postfix's own settings with postconf at start and at every SIGHUP, and use them where the "
+            "keys here are empty: myhostname (EHLO), smtp_bind_address(6), relayhost, "
+            "sender_dependent_relayhost_maps, smtp_sasl_auth_enable with smtp_sasl_password_maps (AUTH "
+            "PLAIN/LOGIN, only over a verified TLS session), smtp_tls_CAfile. The tables are queried with "
+            "postmap -q for each message. The agent does not start when postconf fails. false: none of it.",
+        ),
+        "postfix_config_dir": Setting(
+            str, "",
+            "Postfix configuration directory the agent reads (postconf -c / postmap -c). Empty: Postfix's "
+            "default (MAIL_CONFIG, else its compiled-in directory, /etc/postfix on Debian).",
+        ),
+        "postfix_command_prefix": Setting(
+            list, [],
+            "Words put before postconf and postmap, for a Postfix whose commands and files are not this "
+            "host's own, e.g. [\"chroot\", \"/srv/postfix-root\"]. Empty: run them directly.",
+            _strings,
+            convert=lambda v: tuple(str(x).strip() for x in v),
         ),
         "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
+        "destination_concurrency_limit": _number(
+            int, 20,
+            "Most deliveries the agent runs at once to one next hop or recipient domain (Postfix's "
+            "default_destination_concurrency_limit); at most 32 run in all.", 1000, 1, inclusive_low=True,
+        ),
         "reinject": Setting(
             str,
             "127.0.0.1:10026",
@@ -504,7 +531,11 @@ class RelaySettings:
     local_domains: frozenset[str]
     cafile: str | None
     helo_name: str
+    postfix_settings: bool
+    postfix_config_dir: str
+    postfix_command_prefix: tuple[str, ...]
     timeout: float
+    destination_concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint
 

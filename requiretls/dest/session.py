@@ -35,15 +35,29 @@ class SessionSettings:
     timeout: float = 20.0
     cafile: str | None = None  # None: the system trust store
     helo_name: str = ""  # "": socket.getfqdn()
+    bind_address: str = ""  # local IPv4 address for outbound connections (Postfix's smtp_bind_address)
+    bind_address6: str = ""  # local IPv6 address (smtp_bind_address6)
 
 
 class PinnedSMTP(smtplib.SMTP):
-    """smtplib client that connects to a given address but keeps the MX name for SNI."""
+    """smtplib client that connects to a given address but keeps the MX name for SNI, from the configured
+    local address of that address family when there is one."""
 
     connect_address: str = ""
+    bind: tuple[str, str] = ("", "")  # (IPv4, IPv6) local addresses
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
-        return socket.create_connection((self.connect_address, port), timeout, self.source_address)
+        local = self.bind[1 if ":" in self.connect_address else 0]
+        source = (local, 0) if local else self.source_address
+        return socket.create_connection((self.connect_address, port), timeout, source)
+
+
+def new_client(settings: SessionSettings, address: str) -> PinnedSMTP:
+    """A client for ``address`` with the settings' EHLO name, timeout and bind addresses."""
+    client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
+    client.connect_address = address
+    client.bind = (settings.bind_address, settings.bind_address6)
+    return client
 
 
 def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
@@ -127,8 +141,7 @@ def open_session(host: str, address: str, settings: SessionSettings, tlsa: Seque
     """
     mode = "dane" if tlsa else "pkix"
     base = SessionResult(host, address, settings.port, verification=mode)
-    client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
-    client.connect_address = address
+    client = new_client(settings, address)
     try:
         result = _dialogue(client, base, settings, mode, tlsa, dane_names, sni or host)
     except _TRANSIENT as e:
@@ -153,7 +166,9 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     r = replace(r, stage=SessionStage.EHLO)
     code, _ = client.ehlo()
     if code != 250:
-        return replace(r, transient=400 <= code < 500, error=f"EHLO answered {code}")
+        # A refused EHLO (554 "you are blocked") is about this client, not about the MX's TLS: like a refused
+        # greeting it defers (Postfix's smtp client bounces nothing for its own standing either).
+        return replace(r, transient=True, error=f"EHLO answered {code}")
     r = replace(r, stage=SessionStage.STARTTLS, extensions=tuple(sorted(client.esmtp_features)))
     if not client.has_extn("starttls"):
         return replace(r, error="STARTTLS not offered")
@@ -189,6 +204,6 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     r = replace(r, stage=SessionStage.EHLO_TLS, verified=True)
     code, _ = client.ehlo()
     if code != 250:
-        return replace(r, transient=400 <= code < 500, error=f"EHLO after STARTTLS answered {code}")
+        return replace(r, transient=True, error=f"EHLO after STARTTLS answered {code}")
     return replace(r, stage=SessionStage.DONE, extensions=tuple(sorted(client.esmtp_features)),
                    requiretls=client.has_extn("requiretls"))

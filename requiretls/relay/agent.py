@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import smtplib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,11 +47,14 @@ from requiretls.relay.deliver import (
     DeliveryStatus,
     LmtpEnvelope,
     Outcome,
+    SaslCredentials,
     SendSettings,
+    SessionCache,
     deliver_opportunistic,
     deliver_requiretls,
     verdict_outcome,
 )
+from requiretls.relay.postfix import PostfixConfigError, PostfixView
 
 log = logging.getLogger("requiretls")
 
@@ -66,12 +69,17 @@ class AgentSettings:
     reinject: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10026))
     #: Postfix < 3.11: the re-injection smtpd whose mail goes to the local(8) clone (REQUIRETLS local recipients).
     reinject_local: Endpoint = field(default_factory=lambda: Endpoint("127.0.0.1", 10027))
-    #: Postfix's relayhost: every recipient the agent delivers goes there (MX hosts of a domain, or one host).
-    relayhost: NextHop | None = None
+    #: Postfix's relayhost: every recipient the agent delivers goes there (MX hosts of a domain, or one host),
+    #: or a list of next hops tried in order.  relay.relayhost, else Postfix's own.
+    relayhost: NextHop | tuple[NextHop, ...] | None = None
+    #: Postfix's settings (postconf), for its tables: sender_dependent_relayhost_maps, smtp_sasl_password_maps.
+    postfix: PostfixView | None = None
     send: SendSettings = field(default_factory=SendSettings)
     #: Domains Postfix delivers here: an unplanned recipient there (a virtual alias expansion) is handed back.
     local_domains: frozenset[str] = frozenset()
     max_parallel: int = 32
+    #: Deliveries at once to one destination (Postfix's default_destination_concurrency_limit).
+    destination_concurrency: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +176,7 @@ def _take_params(arg: str | None, names: Sequence[str]) -> tuple[str | None, dic
 Target = NextHop | tuple[NextHop, ...] | str
 
 
-def _target(rcpt: str, planned: str, relayhost: NextHop | None) -> Target | Outcome:
+def _target(rcpt: str, planned: str, relayhost: NextHop | tuple[NextHop, ...] | None) -> Target | Outcome:
     """The milter's plan for ``rcpt`` (``X-RequireTLS-Nexthop``), else the configured relayhost, else the
     recipient's own domain.  A ``refuse:MAILER`` plan is a 5.7.30 bounce (RFC 8689 section 5): Postfix would
     send it on without REQUIRETLS."""
@@ -196,6 +204,10 @@ class AgentHandler:
         #: Replaced whole by a reload (:class:`AgentState`); read where it is used, never copied.
         self.state = state
         self._slots = asyncio.Semaphore(state.settings.max_parallel)
+        #: Per destination (next hop or domain), like Postfix's default_destination_concurrency_limit.
+        self._per_dest: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+        #: Open REQUIRETLS sessions kept for the next message to the same MX.
+        self.sessions = SessionCache()
         #: 3.11 pre-check sessions (cached): what Postfix's own client would find, judged by the one verdict.
         self.prober = prober
 
@@ -248,10 +260,20 @@ class AgentHandler:
             # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
             back |= {r.lower() for r in env.rcpts if r.lower() not in hops
                      and split_address(r)[1].lower().rstrip(".") in state.settings.local_domains}
+        relayhost = state.settings.relayhost
+        view = state.settings.postfix
+        if view is not None and view.sender_relayhost_maps and any(r.lower() not in back for r in env.rcpts):
+            try:
+                relayhost = await asyncio.to_thread(view.sender_relayhost, env.sender) or relayhost
+            except PostfixConfigError as e:
+                log.error("%s: %s", qid, kv(error=f"sender_dependent_relayhost_maps: {e}"))
+                trouble = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.5",
+                                  f"cannot read sender_dependent_relayhost_maps: {e}"[:300])
+                outcomes.update({r: trouble for r in env.rcpts if r.lower() not in back})
         for r in env.rcpts:
-            if r.lower() in back:
+            if r.lower() in back or r in outcomes:
                 continue
-            target = _target(r, hops.get(r.lower(), ""), state.settings.relayhost)
+            target = _target(r, hops.get(r.lower(), ""), relayhost)
             if isinstance(target, Outcome):
                 outcomes[r] = target
             else:
@@ -308,7 +330,7 @@ class AgentHandler:
                        optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
         if isinstance(target, tuple):
             return await self._deliver_list(target, env, rcpts, message, optout, settings)
-        async with self._slots:
+        async with self._destination_slot(str(target), settings.destination_concurrency), self._slots:
             send = settings.send
             if isinstance(target, NextHop):
                 send = replace(send, port=target.port)
@@ -316,13 +338,33 @@ class AgentHandler:
                 dest = await self._destination(target)
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
                 return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
+            try:
+                sasl = await asyncio.to_thread(_sasl_table, settings.postfix, target, dest)
+            except (PostfixConfigError, ValueError) as e:
+                log.error("%s", kv(error=f"smtp_sasl_password_maps: {e}"))
+                return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.7.0",
+                                                    f"cannot use smtp_sasl_password_maps: {e}"[:300]))
             if optout:
                 if dest.requirement is TlsRequirement.DEFER:
                     trouble = Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"DNS trouble: {dest.reason}")
                     return dict.fromkeys(rcpts, trouble)
                 hosts = [(h.name, h.addresses) for h in dest.hosts if h.addresses]
-                return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send)
-            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send)
+                auth = {"sasl": sasl} if sasl else {}
+                return await asyncio.to_thread(deliver_opportunistic, hosts, env, rcpts, message, send, **auth)
+            return await asyncio.to_thread(deliver_requiretls, dest, env, rcpts, message, send, sasl or None,
+                                           self.sessions)
+
+    @contextlib.asynccontextmanager
+    async def _destination_slot(self, key: str, limit: int) -> AsyncIterator[None]:
+        sem, users = self._per_dest.setdefault(key, (asyncio.Semaphore(limit), [0]))
+        users[0] += 1
+        try:
+            async with sem:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                self._per_dest.pop(key, None)
 
     async def _deliver_list(self, hops: tuple[NextHop, ...], env: LmtpEnvelope, rcpts: list[str], message: bytes,
                             optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
@@ -416,6 +458,21 @@ class AgentHandler:
                 return results
         except (smtplib.SMTPException, OSError) as e:
             return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+
+
+def _sasl_table(view: PostfixView | None, target: NextHop | str, dest: Destination) -> dict[str, SaslCredentials]:
+    """SASL credentials per host of ``dest`` from smtp_sasl_password_maps (empty when SASL is off), looked up
+    with Postfix's keys: the next hop as written, the host name, the domain."""
+    if view is None or not view.sasl_maps:
+        return {}
+    nexthop = str(target)
+    domain = target.host if isinstance(target, NextHop) else target
+    out: dict[str, SaslCredentials] = {}
+    for h in dest.hosts:
+        value = view.sasl_credentials(nexthop, h.name, domain)
+        if value:
+            out[h.name.lower()] = SaslCredentials.parse(value)
+    return out
 
 
 def _unsuffixed(env: LmtpEnvelope, forwarded: dict[str, str]) -> LmtpEnvelope:

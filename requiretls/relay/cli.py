@@ -1,23 +1,31 @@
 """``requiretls relay``: run the REQUIRETLS delivery agent (LMTP server).
 
-SIGHUP re-reads the configuration file: the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
-timeout, CA file) and the policy tables take effect for the next message, on connections already open too.
-The listen address, DNS, MTA-STS and cache settings are read at start only.
+SIGHUP re-reads the configuration file and Postfix's settings (``postconf``, unless
+``relay.postfix_settings = false``): the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
+timeout, CA file), Postfix's (myhostname, smtp_bind_address, relayhost, the SASL and sender-dependent
+relayhost tables, smtp_tls_CAfile) and the policy tables take effect for the next message, on connections
+already open too.  A key set in requiretls.toml wins over Postfix's value.  The listen address, DNS, MTA-STS
+and cache settings are read at start only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import logging
 
 from requiretls.addresses import ListenAddress
 from requiretls.config import Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
-from requiretls.log import setup
+from requiretls.log import kv, setup
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
+from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
 from requiretls.runtime import destination_resolver, trust_resolver
+
+log = logging.getLogger("requiretls")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,39 +33,78 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="SPEC", help="override relay.listen (unix:/path or inet:HOST:PORT)")
 
 
-def agent_state(settings: Settings) -> AgentState:
-    """The agent's reloadable state from a loaded configuration."""
+def postfix_view(settings: Settings) -> PostfixView | None:
+    """Postfix's settings (``postconf``) when ``relay.postfix_settings``; raises PostfixConfigError."""
     relay = settings.relay
+    if not relay.postfix_settings:
+        return None
+    return PostfixView.read(PostfixCommands(relay.postfix_config_dir, relay.postfix_command_prefix))
+
+
+def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentState:
+    """The agent's reloadable state from a loaded configuration and Postfix's settings (``view``): a key set in
+    requiretls.toml wins, an empty one takes Postfix's value."""
+    relay = settings.relay
+    v = view or PostfixView()
     return AgentState(
         AgentSettings(
             reinject=relay.reinject,
             reinject_local=relay.reinject_local,
-            relayhost=relay.relayhost,
+            relayhost=relay.relayhost or v.relayhost,
             local_domains=relay.local_domains,
-            send=SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile),
+            destination_concurrency=relay.destination_concurrency_limit,
+            send=SendSettings(helo_name=relay.helo_name or v.helo_name, timeout=relay.timeout,
+                              cafile=relay.cafile or v.cafile or None, bind_address=v.bind_address,
+                              bind_address6=v.bind_address6),
+            postfix=view,
         ),
         settings.local_policy,
     )
 
 
+def _describe(state: AgentState) -> dict[str, object]:
+    s = state.settings
+    if s.postfix is None:
+        return {"postfix_settings": "off"}
+    return {"helo": s.send.helo_name, "relayhost": ",".join(map(str, s.relayhost if isinstance(s.relayhost, tuple)
+                                                              else [s.relayhost] if s.relayhost else [])) or "-",
+            "bind": s.send.bind_address or "-", "sasl": "on" if s.postfix.sasl_maps else "off",
+            "sender_relayhost_maps": "on" if s.postfix.sender_relayhost_maps else "off"}
+
+
 def run(args: argparse.Namespace) -> int:
     settings = load(args.config)
     setup("relay", settings.log.target, settings.log.level)
+    try:
+        state = agent_state(settings, postfix_view(settings))
+    except PostfixConfigError as e:
+        log.error("%s", kv(error=f"cannot read Postfix's settings: {e}",
+                           hint="set relay.postfix_config_dir / postfix_command_prefix, or postfix_settings = false"))
+        return 1
+    log.info("%s", kv(postfix_settings="read", **_describe(state)))
 
     async def main() -> None:
         relay = settings.relay
         prober = Prober(ProbeSettings(timeout=relay.timeout, cafile=relay.cafile, helo_name=relay.helo_name or None))
-        handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache),
-                               agent_state(settings), prober)
+        handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache), state, prober)
+        # Deliveries, re-injections and table look-ups run in threads: enough of them for the global limit of
+        # deliveries plus the rest (the default pool has os.cpu_count() + 4, which capped deliveries at 6 on a
+        # 2-CPU host whatever the limits said).
+        asyncio.get_running_loop().set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(state.settings.max_parallel + 16, "relay"))
         await trust_resolver(handler.resolver, settings.dns, settings.filename)
 
         def apply(fresh: Settings) -> dict[str, object]:
-            handler.state = agent_state(fresh)
-            return table_sizes(fresh)
+            state = agent_state(fresh, postfix_view(fresh))  # PostfixConfigError: the old state stays
+            handler.state = state
+            return {**table_sizes(fresh), **_describe(state)}
 
         stop = asyncio.Event()
         install_signals(stop, Reloader(args.config, apply))
-        await serve(ListenAddress.parse(args.listen) if args.listen else settings.relay.listen, handler, stop)
+        try:
+            await serve(ListenAddress.parse(args.listen) if args.listen else settings.relay.listen, handler, stop)
+        finally:
+            handler.sessions.prune(everything=True)  # QUIT to the MXs whose sessions were kept open
 
     asyncio.run(main())
     return 0

@@ -15,14 +15,17 @@ import contextlib
 import enum
 import smtplib
 import ssl
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from requiretls.dest import Destination, SessionResult, SessionSettings, open_session
-from requiretls.dest.session import PinnedSMTP, helo_name, quit_quietly, unverified_context
+from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_quietly, unverified_context
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
+from requiretls.relay.mime import Unconvertible, downconvert, has_8bit
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -44,6 +47,13 @@ class Outcome:
     verify: str = ""
     requiretls: bool | None = None
 
+    def delivery_facts(self) -> str:
+        """Where and how it went, for the LMTP reply text Postfix logs in its own ``status=sent (...)`` line
+        (Postfix's relay= names the agent's socket): ``relay=mx.example[192.0.2.1]:25, tls=TLSv1.3,
+        verify=dane, requiretls=yes``."""
+        rt = "" if self.requiretls is None else f", requiretls={'yes' if self.requiretls else 'no'}"
+        return f"relay={self.mx}, tls={self.tls or 'none'}, verify={self.verify or 'none'}{rt}"
+
     def lmtp_reply(self) -> str:
         return f"{self.code} {self.dsn} {self.text}"[:500]
 
@@ -59,8 +69,34 @@ class LmtpEnvelope:
     rcpt_params: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
-#: What the agent's outbound sessions use: port, timeout, CA file, EHLO name.
+#: What the agent's outbound sessions use: port, timeout, CA file, EHLO name, bind addresses.
 SendSettings = SessionSettings
+
+
+@dataclass(frozen=True, slots=True)
+class SaslCredentials:
+    """A ``user:password`` entry of Postfix's smtp_sasl_password_maps for one next hop."""
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, value: str) -> SaslCredentials:
+        user, sep, password = value.strip().partition(":")
+        if not sep or not user:
+            raise ValueError("not username:password")
+        return cls(user, password)
+
+
+#: Credentials by remote host name (lower case); the agent looks them up the way Postfix does (next hop as
+#: written, then the host name, then the domain) before the delivery starts.
+SaslTable = Mapping[str, SaslCredentials]
+
+#: Replies that are about this client, not the message or the recipient: authentication required or failed,
+#: or a policy refusal of AUTH.  Postfix's own smtp client defers its configuration errors
+#: (smtp_sasl_auth_soft_bounce); a bounce here would lose mail because of our configuration.
+_ABOUT_US_CODES = (530, 534, 535, 538)
+_ABOUT_US_DSN = ("5.7.8", "5.7.9", "5.7.11", "5.7.14")
 
 
 def _mail_options(env: LmtpEnvelope, features: dict[str, str], requiretls: bool) -> list[str]:
@@ -92,9 +128,11 @@ def _reply_outcome(code: int, msg: bytes | str, base: Outcome) -> Outcome:
     text = " ".join(text.split())
     dsn = text.split(" ", 1)[0] if text[:2] in ("2.", "4.", "5.") else ""
     rest = text[len(dsn) :].strip() if dsn else text
+    if code >= 500 and (code in _ABOUT_US_CODES or dsn in _ABOUT_US_DSN):
+        return _about_us(code, dsn, rest, base)
     if 200 <= code < 300:
         return replace(base, status=DeliveryStatus.SENT, code=250, dsn="2.0.0",
-                       text=f"delivered via {base.mx}: {code} {text}")
+                       text=f"{base.delivery_facts()} ({code} {text})")
     if 400 <= code < 500:
         return replace(base, status=DeliveryStatus.DEFERRED, code=code, dsn=dsn or "4.0.0",
                        text=f"{base.mx} said: {rest}")
@@ -102,14 +140,67 @@ def _reply_outcome(code: int, msg: bytes | str, base: Outcome) -> Outcome:
                    text=f"{base.mx} said: {rest}")
 
 
+def _about_us(code: int, dsn: str, text: str, base: Outcome) -> Outcome:
+    return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4" + (dsn or "5.7.0")[1:],
+                   text=f"{base.mx} said: {code} {dsn} {text} (about this client's authentication: deferred, "
+                        "not bounced; check smtp_sasl_password_maps)".replace("  ", " "))
+
+
+def authenticate(client: smtplib.SMTP, creds: SaslCredentials | None, base: Outcome) -> Outcome | None:
+    """SASL AUTH (PLAIN, else LOGIN) over the session's verified TLS; None when it succeeded or is not needed.
+
+    Never in clear: the caller only calls it on a verified TLS session, and it checks the socket again.  A
+    server that does not offer AUTH gets the message without it (as Postfix does); a failure defers."""
+    if creds is None or not client.has_extn("auth"):
+        return None
+    if not isinstance(client.sock, ssl.SSLSocket):
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx}: SASL credentials configured, but no verified TLS: not sent in clear")
+    offered = client.esmtp_features.get("auth", "").upper().split()
+    mech = next((m for m in ("PLAIN", "LOGIN") if m in offered), None)
+    if mech is None:
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx} offers AUTH {' '.join(offered) or '(none)'}, not PLAIN or LOGIN")
+    client.user, client.password = creds.username, creds.password
+    authobject = client.auth_plain if mech == "PLAIN" else client.auth_login
+    msg: bytes | str
+    try:
+        code, msg = client.auth(mech, authobject, initial_response_ok=True)
+    except smtplib.SMTPAuthenticationError as e:
+        code, msg = e.smtp_code, e.smtp_error
+    except smtplib.SMTPException as e:
+        return replace(base, status=DeliveryStatus.DEFERRED, code=454, dsn="4.7.0",
+                       text=f"{base.mx}: SASL AUTH {mech} failed: {e}")
+    if code == 235:
+        return None
+    text = " ".join((msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)).split())
+    dsn = text.split(" ", 1)[0] if text[:2] in ("4.", "5.") else ""
+    return _about_us(code, dsn, f"SASL AUTH {mech} as {creds.username}: {text[len(dsn):].strip()}", base)
+
+
 def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes, base: Outcome,
               requiretls: bool) -> dict[str, Outcome]:
     """MAIL, RCPT for each recipient, DATA.  Returns one outcome per recipient."""
     features = client.esmtp_features
     if "SMTPUTF8" in env.mail_params and "smtputf8" not in features:
+        # RFC 6531 section 3.5: no downgrade here; the sender gets it back.
         o = replace(base, status=DeliveryStatus.BOUNCED, code=553, dsn="5.6.7",
                     text=f"{base.mx} does not support SMTPUTF8, which this message needs")
         return dict.fromkeys(rcpts, o)
+    limit = features.get("size", "").strip()
+    if limit.isdigit() and int(limit) > 0 and len(message) > int(limit):
+        # RFC 1870: the MX said it takes at most SIZE bytes; sending would only waste both sides' time.
+        o = replace(base, status=DeliveryStatus.BOUNCED, code=552, dsn="5.3.4",
+                    text=f"message of {len(message)} bytes is larger than {base.mx} accepts (SIZE {limit})")
+        return dict.fromkeys(rcpts, o)
+    if "8bitmime" not in features and has_8bit(message):
+        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.
+        try:
+            message = downconvert(message)
+        except Unconvertible as e:
+            o = replace(base, status=DeliveryStatus.BOUNCED, code=554, dsn="5.6.3",
+                        text=f"{base.mx} does not support 8BITMIME and the message cannot be converted: {e}")
+            return dict.fromkeys(rcpts, o)
     code, msg = client.mail(env.sender, _mail_options(env, features, requiretls))
     if code != 250:
         o = _reply_outcome(code, msg, base)
@@ -139,40 +230,155 @@ def verdict_outcome(verdict: Verdict) -> Outcome:
                    requiretls=False if verdict.dsn == eligibility.DSN_NO_REQUIRETLS else None)
 
 
+class SessionCache:
+    """Qualified REQUIRETLS sessions kept open for the next message to the same MX (Postfix's connection cache:
+    smtp_connection_cache_time_limit 2 s idle, smtp_connection_reuse_time_limit 300 s in all).
+
+    A session is found again only under everything that made it qualify: host, address, port, the TLSA records
+    and DANE names it was verified against, the EHLO name and bind addresses, the SASL user.  Before reuse it
+    must answer RSET with 250; one that does not is closed and a new session is opened.  Thread-safe (the
+    deliveries run in threads); a daemon thread closes idle sessions."""
+
+    def __init__(self, idle: float = 2.0, max_age: float = 300.0, per_key: int = 20) -> None:
+        self.idle, self.max_age, self.per_key = idle, max_age, per_key
+        self._lock = threading.Lock()
+        self._free: dict[tuple[object, ...], list[tuple[PinnedSMTP, SessionResult, float, float]]] = {}
+        self._janitor: threading.Thread | None = None
+        self.reused = 0
+
+    @staticmethod
+    def key(host: str, address: str, settings: SendSettings, tlsa: Sequence[object], names: Sequence[str],
+            creds: SaslCredentials | None) -> tuple[object, ...]:
+        return (host.lower(), address, settings, tuple(tlsa), tuple(names), creds)
+
+    def take(self, key: tuple[object, ...]) -> tuple[PinnedSMTP, SessionResult, float] | None:
+        now = time.monotonic()
+        stale: list[PinnedSMTP] = []
+        found = None
+        with self._lock:
+            free = self._free.get(key, [])
+            while free:
+                client, result, born, idle_since = free.pop()
+                if now - idle_since <= self.idle and now - born <= self.max_age:
+                    found = (client, result, born)
+                    break
+                stale.append(client)
+            if not free:
+                self._free.pop(key, None)
+        for c in stale:
+            quit_quietly(c)
+        return found
+
+    def give(self, key: tuple[object, ...], client: PinnedSMTP, result: SessionResult, born: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            free = self._free.setdefault(key, [])
+            if len(free) >= self.per_key or now - born > self.max_age:
+                extra: PinnedSMTP | None = client
+            else:
+                free.append((client, result, born, now))
+                extra = None
+            if self._janitor is None:
+                self._janitor = threading.Thread(target=self._sweep, name="session-cache", daemon=True)
+                self._janitor.start()
+        if extra is not None:
+            quit_quietly(extra)
+
+    def prune(self, everything: bool = False) -> int:
+        now = time.monotonic()
+        old: list[PinnedSMTP] = []
+        with self._lock:
+            for key in list(self._free):
+                keep = []
+                for item in self._free[key]:
+                    if everything or now - item[3] > self.idle or now - item[2] > self.max_age:
+                        old.append(item[0])
+                    else:
+                        keep.append(item)
+                if keep:
+                    self._free[key] = keep
+                else:
+                    del self._free[key]
+        for c in old:
+            quit_quietly(c)
+        return len(old)
+
+    def _sweep(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.idle / 2 or 1.0))
+            self.prune()
+
+
+def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+             creds: SaslCredentials | None, authenticated: bool) -> tuple[dict[str, Outcome], bool]:
+    """One transaction over a qualified session; also whether the session can carry another one."""
+    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS", r.verification, True)
+    try:
+        if not authenticated:
+            refused = authenticate(client, creds, base)
+            if refused is not None:
+                return dict.fromkeys(rcpts, refused), False
+        return _transmit(client, env, rcpts, message, base, requiretls=True), True
+    except (smtplib.SMTPException, OSError) as e:
+        return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
+                                            text=f"{base.mx}: {e}")), False
+
+
 def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
-                       settings: SendSettings) -> dict[str, Outcome]:
-    """RFC 8689 section 4.2.1 delivery to one domain."""
+                       settings: SendSettings, sasl: SaslTable | None = None,
+                       cache: SessionCache | None = None) -> dict[str, Outcome]:
+    """RFC 8689 section 4.2.1 delivery to one domain; SASL AUTH after the verified TLS handshake when
+    ``sasl`` has credentials for the host.  With a ``cache``, a session kept from an earlier message to the same
+    host (verified the same way) is used first, and a session that is still good afterwards is kept."""
     first = eligibility.judge(dest)
     if not first.deliverable:
         return dict.fromkeys(rcpts, verdict_outcome(first))
     tried: list[SessionResult] = []
     for host in eligibility.candidates(dest):
         names = host.dane_reference_names(dest.domain, dest.canonical)
+        creds = (sasl or {}).get(host.name.lower())
         for address in host.addresses:
+            key = SessionCache.key(host.name, address, settings, host.usable_tlsa, names, creds)
+            kept = cache.take(key) if cache is not None else None
+            if kept is not None:
+                client, r, born = kept
+                try:
+                    ok = client.rset()[0] == 250
+                except (smtplib.SMTPException, OSError):
+                    ok = False
+                if ok:
+                    assert cache is not None
+                    cache.reused += 1
+                    out, good = _send_on(client, r, env, rcpts, message, creds, True)
+                    if good:
+                        cache.give(key, client, r, born)
+                    else:
+                        quit_quietly(client)
+                    return out
+                quit_quietly(client)
             with open_session(host.name, address, settings, host.usable_tlsa, names) as session:
                 tried.append(session.result)
                 if session.client is None or not eligibility.qualifies(session.result):
                     continue
-                r = session.result
-                base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS",
-                               r.verification, True)
-                try:
-                    return _transmit(session.client, env, rcpts, message, base, requiretls=True)
-                except (smtplib.SMTPException, OSError) as e:
-                    return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
-                                                        text=f"{base.mx}: {e}"))
+                out, good = _send_on(session.client, session.result, env, rcpts, message, creds, False)
+                if good and cache is not None:
+                    cache.give(key, session.client, session.result, time.monotonic())
+                    session.client = None  # kept open: the context manager must not close it
+                return out
     return dict.fromkeys(rcpts, verdict_outcome(eligibility.judge(dest, tried)))
 
 
 def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpEnvelope, rcpts: Sequence[str],
-                          message: bytes, settings: SendSettings) -> dict[str, Outcome]:
-    """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake."""
+                          message: bytes, settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+    """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake.  With SASL credentials
+    for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
+    certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
     errors: list[str] = []
     for name, addresses in hosts:
+        creds = (sasl or {}).get(name.lower())
         for address in addresses:
             for use_tls in (True, False):
-                client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
-                client.connect_address = address
+                client = new_client(settings, address)
                 where = f"{name}[{address}]:{settings.port}"
                 try:
                     code, _ = client.connect(name, settings.port)
@@ -184,14 +390,20 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
                     if use_tls and client.has_extn("starttls"):
                         client._host = name  # type: ignore[attr-defined]
                         try:
-                            client.starttls(context=unverified_context())
+                            client.starttls(context=pkix_context(settings.cafile) if creds else unverified_context())
                         except (ssl.SSLError, OSError) as e:
                             errors.append(f"{where}: TLS failed ({e}), retrying in plaintext")
                             continue
                         if isinstance(client.sock, ssl.SSLSocket):  # a refused STARTTLS leaves it in plaintext
                             client.ehlo()
                             tls = client.sock.version() or "TLS"
-                    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none", "none", None)
+                    verified = bool(tls and creds)
+                    base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none",
+                                   "pkix" if verified else "none", None)
+                    if verified:
+                        refused = authenticate(client, creds, base)
+                        if refused is not None:
+                            return dict.fromkeys(rcpts, refused)
                     return _transmit(client, env, rcpts, message, base, requiretls=False)
                 except (smtplib.SMTPException, OSError) as e:
                     errors.append(f"{where}: {e}")

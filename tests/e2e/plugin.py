@@ -29,6 +29,7 @@ class Plugin:
     extra: str = ""  # extra TOML sections
     milter_extra: str = ""  # extra [milter] lines
     relay_extra: str = ""  # extra [relay] lines
+    relay_helo: str | None = "relay.local.test"  # relay.helo_name; None: Postfix's myhostname
     mta_sts_extra: str = ""  # extra [mta_sts] lines
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     apply_args: tuple[str, ...] = ()  # extra postfix-config arguments, e.g. ("--policyd",)
@@ -70,7 +71,8 @@ listen = "unix:{self.relay_sock}"
 reinject = "127.0.0.1:{self.reinject_port}"
 reinject_local = "127.0.0.1:{self.reinject_local_port}"
 cafile = "{ca}"
-helo_name = "relay.local.test"
+{f'helo_name = "{self.relay_helo}"' if self.relay_helo is not None else ""}
+postfix_config_dir = "{self.pf.config_dir}"
 timeout = 10
 {self.relay_extra}
 [policyd]

@@ -83,7 +83,7 @@ def test_agent_sends_to_the_relayhost_next_hop_on_its_port(monkeypatch: pytest.M
     sent: list[tuple[Destination, SendSettings]] = []
 
     def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
-                  settings: SendSettings) -> dict[str, Outcome]:
+                  settings: SendSettings, *_: object) -> dict[str, Outcome]:
         sent.append((d, settings))
         return dict.fromkeys(rcpts, Outcome(DeliveryStatus.SENT, 250, "2.0.0", "ok"))
 
@@ -113,7 +113,7 @@ def test_a_list_of_next_hops_is_tried_in_order(monkeypatch: pytest.MonkeyPatch) 
     }
 
     def fake_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
-                  settings: SendSettings) -> dict[str, Outcome]:
+                  settings: SendSettings, *_: object) -> dict[str, Outcome]:
         return dict.fromkeys(rcpts, replies[d.domain])
 
     class _ByHop(_HopResolver):
@@ -141,3 +141,34 @@ def test_a_list_of_next_hops_is_tried_in_order(monkeypatch: pytest.MonkeyPatch) 
     assert got.status is DeliveryStatus.DEFERRED  # may find a hop later
     got, _ = run("[a.example]|[a.example]:2525")
     assert got.dsn == "5.7.30"
+
+
+def test_per_destination_concurrency_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No more than destination_concurrency deliveries run at once to one destination."""
+    import time as _time
+
+    running = [0]
+    peak = [0]
+    host = MxHost("mx.x.example", 10, True, ("127.0.0.1",), DnssecState.SECURE, dane=DaneState.NONE)
+    dest = Destination("x.example", MxSource.MX, DnssecState.SECURE, (host,), None, TlsRequirement.OPPORTUNISTIC,
+                       "test", 300)
+
+    def slow_send(d: Destination, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+                  settings: SendSettings, *_: object) -> dict[str, Outcome]:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        _time.sleep(0.05)
+        running[0] -= 1
+        return dict.fromkeys(rcpts, Outcome(DeliveryStatus.SENT, 250, "2.0.0", "ok"))
+
+    monkeypatch.setattr(agent, "deliver_requiretls", slow_send)
+    handler = agent.AgentHandler(_HopResolver(dest), agent.AgentState(agent.AgentSettings(  # type: ignore[arg-type]
+        destination_concurrency=3)))
+    env = LmtpEnvelope("a@s.example", {}, ("b@x.example",))
+
+    async def many() -> None:
+        await asyncio.gather(*(handler._deliver("x.example", env, ["b@x.example"], b"m", False, handler.settings)
+                               for _ in range(12)))
+
+    asyncio.run(many())
+    assert peak[0] == 3

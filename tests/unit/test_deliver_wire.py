@@ -1,0 +1,262 @@
+"""The agent on the wire against a real SMTP server on loopback (aiosmtpd): SASL AUTH only over verified TLS,
+replies about our own standing (530/535, a refused EHLO) defer instead of bouncing, the bind address."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
+from requiretls.dest.destination import DaneState
+from requiretls.relay.deliver import (
+    DeliveryStatus,
+    LmtpEnvelope,
+    SaslCredentials,
+    SendSettings,
+    deliver_opportunistic,
+    deliver_requiretls,
+)
+from tests.dest.support import TestCA, server_context
+from tests.testbed.relay_server import RelayOptions, RelayServer
+
+NAME = "relay.test"
+MESSAGE = b"From: a@s.example\r\nTo: b@r.example\r\nSubject: x\r\n\r\nbody line\r\n"
+ENV = LmtpEnvelope("a@s.example", {}, ("b@r.example",))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ca() -> TestCA:
+    return TestCA()
+
+
+@pytest.fixture
+def cafile(ca: TestCA, tmp_path: Path) -> str:
+    return ca.write_root(tmp_path / "root.pem")
+
+
+def _dest(port_host: str = "127.0.0.1") -> Destination:
+    """A configured next hop (relayhost = [relay.test]:PORT): PKIX, as DestinationResolver.nexthop builds it."""
+    host = MxHost(NAME, 0, True, (port_host,), DnssecState.SECURE, dane=DaneState.NONE)
+    return Destination(NAME, MxSource.MX, DnssecState.SECURE, (host,), None, TlsRequirement.OPPORTUNISTIC,
+                       "configured next hop", 300)
+
+
+@pytest.fixture
+def relay(ca: TestCA, tmp_path: Path) -> Iterator[RelayServer]:
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(users={"agent": "s3cret"}), NAME) as r:
+        yield r
+
+
+def _settings(relay: RelayServer, cafile: str, **kw: object) -> SendSettings:
+    return SendSettings(port=relay.controller.port, timeout=5, cafile=cafile, helo_name="out.example", **kw)  # type: ignore[arg-type]
+
+
+def test_sasl_auth_over_verified_tls_delivers_with_requiretls(relay: RelayServer, cafile: str) -> None:
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(relay, cafile),
+                             {NAME: SaslCredentials("agent", "s3cret")})
+    assert out["b@r.example"].status is DeliveryStatus.SENT, out
+    (d,) = relay.deliveries
+    assert d.auth_user == "agent" and d.tls and d.requiretls and d.helo == "out.example"
+    assert relay.auth_attempts and relay.auth_attempts[0][0] == "PLAIN"
+
+
+def test_auth_required_without_credentials_defers_not_bounces(relay: RelayServer, cafile: str) -> None:
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(relay, cafile))
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.DEFERRED and o.code == 454 and o.dsn == "4.7.0", o
+    assert "530" in o.text
+    assert relay.deliveries == []
+
+
+def test_wrong_password_defers_not_bounces(relay: RelayServer, cafile: str) -> None:
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(relay, cafile),
+                             {NAME: SaslCredentials("agent", "wrong")})
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.DEFERRED and o.code == 454 and o.dsn.startswith("4."), o
+    assert "535" in o.text and "wrong" not in o.text
+    assert relay.deliveries == []
+
+
+def test_opt_out_mail_sends_no_password_over_unverified_tls(relay: RelayServer, tmp_path: Path) -> None:
+    """TLS-Required: No to a relay whose certificate does not verify: no AUTH (the password would go to
+    whoever answers), the relay's 530 defers."""
+    other = TestCA("another root").write_root(tmp_path / "other.pem")
+    hosts = [(NAME, ("127.0.0.1",))]
+    out = deliver_opportunistic(hosts, ENV, ENV.rcpts, MESSAGE, _settings(relay, other),
+                                {NAME: SaslCredentials("agent", "s3cret")})
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.DEFERRED, o
+    assert relay.auth_attempts == [] and relay.deliveries == []
+
+
+def test_opt_out_mail_authenticates_over_verified_tls(relay: RelayServer, cafile: str) -> None:
+    hosts = [(NAME, ("127.0.0.1",))]
+    out = deliver_opportunistic(hosts, ENV, ENV.rcpts, MESSAGE, _settings(relay, cafile),
+                                {NAME: SaslCredentials("agent", "s3cret")})
+    assert out["b@r.example"].status is DeliveryStatus.SENT, out
+    (d,) = relay.deliveries
+    assert d.auth_user == "agent" and not d.requiretls
+
+
+def test_bind_address_is_the_source_of_the_connection(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME) as r:
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(r, cafile, bind_address="127.0.0.7"))
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert r.deliveries[0].peer == "127.0.0.7"
+
+
+def _refusing_server(greeting: bytes, ehlo: bytes) -> tuple[int, threading.Thread]:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = int(srv.getsockname()[1])
+
+    def run() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            f = conn.makefile("rwb")
+            f.write(greeting)
+            f.flush()
+            if greeting.startswith(b"220"):
+                f.readline()
+                f.write(ehlo)
+                f.flush()
+                f.readline()  # HELO fallback or QUIT
+                f.write(ehlo)
+                f.flush()
+                f.readline()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return port, t
+
+
+@pytest.mark.parametrize(("greeting", "ehlo"), [
+    (b"554 5.7.1 you are blocked\r\n", b""),
+    (b"220 relay.test ESMTP\r\n", b"554 5.7.1 your EHLO is refused\r\n"),
+])
+def test_refused_greeting_or_ehlo_defers(greeting: bytes, ehlo: bytes, cafile: str) -> None:
+    port, t = _refusing_server(greeting, ehlo)
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE,
+                             SendSettings(port=port, timeout=5, cafile=cafile, helo_name="out.example"))
+    t.join(5)
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.DEFERRED and o.code < 500, o
+
+
+# --- RFC 6152 / 6531 / 1870 on the wire ------------------------------------------------------------------
+
+EIGHT_BIT = ("From: a@s.example\r\nTo: b@r.example\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+             "Grüße aus Köln\r\n.a dot line\r\ntrailing space \r\n").encode()
+
+
+def _plain_mx(ca: TestCA, tmp_path: Path, **options: object) -> RelayServer:
+    return RelayServer(server_context(tmp_path, ca.leaf(NAME)), "127.0.0.1", _free_port(),
+                       RelayOptions(**options), NAME)  # type: ignore[arg-type]
+
+
+def _decoded(raw: bytes) -> list[tuple[str, bytes | None]]:
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    return [(p.get_content_type(), p.get_payload(decode=True)) for p in msg.walk() if not p.is_multipart()]
+
+
+def test_8bit_message_to_mx_without_8bitmime_is_sent_quoted_printable(ca: TestCA, tmp_path: Path,
+                                                                       cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, eightbitmime=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        (d,) = mx.deliveries
+    assert not any(b > 127 for b in d.raw), d.raw  # 7-bit clean on the wire
+    assert not any(o.upper().startswith("BODY=") for o in d.mail_options)
+    assert b"Content-Transfer-Encoding: quoted-printable" in d.raw
+    assert _decoded(d.raw) == _decoded(EIGHT_BIT)
+
+
+def test_8bit_message_to_mx_with_8bitmime_is_sent_unchanged(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path) as mx:
+        deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        (d,) = mx.deliveries
+    assert d.raw == EIGHT_BIT and "BODY=8BITMIME" in d.mail_options
+
+
+def test_signed_8bit_message_to_mx_without_8bitmime_bounces_5_6_3(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    signed = ("From: a@s.example\r\nMIME-Version: 1.0\r\n"
+              "Content-Type: multipart/signed; protocol=\"application/pgp-signature\"; boundary=\"b1\"\r\n\r\n"
+              "--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nsigné\r\n"
+              "--b1\r\nContent-Type: application/pgp-signature\r\n\r\nSIG\r\n--b1--\r\n").encode()
+    env = LmtpEnvelope("a@s.example", {"BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, eightbitmime=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, signed, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.6.3", o
+
+
+def test_smtputf8_message_to_mx_without_smtputf8_bounces_5_6_7(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    env = LmtpEnvelope("a@s.example", {"SMTPUTF8": "", "BODY": "8BITMIME"}, ("b@r.example",))
+    with _plain_mx(ca, tmp_path, smtputf8=False) as mx:
+        out = deliver_requiretls(_dest(), env, env.rcpts, EIGHT_BIT, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.6.7", o
+
+
+def test_message_over_the_mx_size_bounces_5_3_4_without_sending(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    big = MESSAGE + b"x" * 5000 + b"\r\n"
+    with _plain_mx(ca, tmp_path, size=2000) as mx:
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, big, _settings(mx, cafile))
+        assert mx.deliveries == []
+    o = out["b@r.example"]
+    assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.3.4" and o.code == 552, o
+
+
+def test_sessions_are_reused_and_closed_when_idle(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """Postfix-like connection cache: the second message to the same MX goes over the first one's session (RSET
+    first); an idle session is closed."""
+    from requiretls.relay.deliver import SessionCache
+
+    cache = SessionCache(idle=0.5)
+    with _plain_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        for _ in range(3):
+            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert len(mx.deliveries) == 3 and cache.reused == 2
+        assert len({d.peer_port for d in mx.deliveries}) == 1
+        time.sleep(1.5)
+        assert cache.prune(everything=True) == 0  # the janitor closed it already
+        deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        assert cache.reused == 2 and len({d.peer_port for d in mx.deliveries}) == 2
+
+
+def test_a_session_the_mx_closed_is_replaced(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    from requiretls.relay.deliver import SessionCache
+
+    cache = SessionCache(idle=30)
+    with _plain_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        for (client, _r, _b, _i) in next(iter(cache._free.values())):
+            client.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]  # as if the MX had dropped it
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert len(mx.deliveries) == 2 and cache.reused == 0

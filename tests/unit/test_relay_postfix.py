@@ -1,0 +1,89 @@
+"""The agent reads Postfix's settings with the real postconf/postmap of this host (skipped without them)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from requiretls.addresses import NextHop
+from requiretls.config import load
+from requiretls.relay.cli import agent_state
+from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
+
+pytestmark = pytest.mark.skipif(shutil.which("postconf") is None, reason="needs Postfix's postconf/postmap")
+
+
+def _conf(tmp_path: Path, main: str, **tables: str) -> PostfixCommands:
+    (tmp_path / "main.cf").write_text(main)
+    (tmp_path / "master.cf").write_text("")
+    for name, body in tables.items():
+        (tmp_path / name).write_text(body)
+    return PostfixCommands(str(tmp_path))
+
+
+def test_postconf_settings_are_read_with_expansion(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, f"myhostname = mx1.example\nrelayhost = relay.example:587\n"
+                           f"smtp_bind_address = 127.0.0.9\nsmtp_sasl_auth_enable = yes\n"
+                           f"smtp_sasl_password_maps = texthash:{tmp_path}/sasl\n"
+                           f"sender_dependent_relayhost_maps = texthash:{tmp_path}/sdr\n"
+                           f"smtp_tls_CAfile = $config_directory/ca.pem\n",
+                 sasl="[relay.example]:587 u1:p1\nmx.relay.example u2:p2\nother.example u3:p3\n",
+                 sdr="alice@s.example [smart.example]:2525\n@t.example a.example, [b.example]\n")
+    v = PostfixView.read(cmds)
+    assert v.helo_name == "mx1.example" and v.bind_address == "127.0.0.9"
+    assert v.relayhost == NextHop("relay.example", 587, mx=True)  # unbracketed: MX lookup, as Postfix
+    assert v.cafile == f"{tmp_path}/ca.pem"
+    assert v.sasl_credentials("relay.example:587", "mx.relay.example", "relay.example") == "u2:p2"
+    assert v.sasl_credentials("[relay.example]:587", "mx.relay.example", "relay.example") == "u1:p1"
+    assert v.sasl_credentials("x.example", "mx.x.example", "other.example") == "u3:p3"
+    assert v.sasl_credentials("x.example", "mx.x.example", "x.example") is None
+    assert v.sender_relayhost("alice@s.example") == NextHop("smart.example", 2525, mx=False)
+    assert v.sender_relayhost("bob@t.example") == (NextHop("a.example"), NextHop("b.example", mx=False))
+    assert v.sender_relayhost("bob@u.example") is None
+
+
+def test_sasl_off_unless_enabled(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, f"smtp_sasl_password_maps = texthash:{tmp_path}/sasl\n", sasl="x u:p\n")
+    assert PostfixView.read(cmds).sasl_maps == ()
+
+
+def test_unreadable_table_raises_instead_of_answering_not_found(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, f"smtp_sasl_auth_enable = yes\nsmtp_sasl_password_maps = texthash:{tmp_path}/gone\n")
+    with pytest.raises(PostfixConfigError, match="gone"):
+        PostfixView.read(cmds).sasl_credentials("[r.example]", "r.example", "r.example")
+
+
+def test_missing_config_dir_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(PostfixConfigError):
+        PostfixView.read(PostfixCommands(str(tmp_path / "nope")))
+
+
+def test_command_prefix_is_put_before_the_commands(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, "myhostname = viaprefix.example\n")
+    prefixed = PostfixCommands(cmds.config_dir, ("env", "LC_ALL=C"))
+    assert PostfixView.read(prefixed).helo_name == "viaprefix.example"
+    with pytest.raises(PostfixConfigError):
+        PostfixView.read(PostfixCommands(cmds.config_dir, ("/nonexistent/wrapper",)))
+
+
+def test_toml_keys_win_over_postfix_values(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, "myhostname = pf.example\nrelayhost = [pf-relay.example]\nsmtp_tls_CAfile = /pf/ca\n")
+    view = PostfixView.read(cmds)
+    cfg = tmp_path / "r.toml"
+    cfg.write_text('[relay]\nhelo_name = "toml.example"\nrelayhost = "[toml-relay.example]"\n')
+    s = agent_state(load(str(cfg)), view).settings
+    assert s.send.helo_name == "toml.example" and s.relayhost == NextHop("toml-relay.example", mx=False)
+    assert s.send.cafile == "/pf/ca"
+    cfg.write_text("")
+    s = agent_state(load(str(cfg)), view).settings
+    assert s.send.helo_name == "pf.example" and s.relayhost == NextHop("pf-relay.example", mx=False)
+
+
+def test_destination_concurrency_limit_reaches_the_agent(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[relay]\ndestination_concurrency_limit = 5\npostfix_settings = false\n")
+    assert agent_state(load(str(cfg))).settings.destination_concurrency == 5
+    cfg.write_text("")
+    assert agent_state(load(str(cfg))).settings.destination_concurrency == 20
