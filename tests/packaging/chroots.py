@@ -134,6 +134,22 @@ class Box(Chroot):
             self._holder.stderr.close()
 
 
+def stop_group(p: subprocess.Popen[bytes]) -> None:
+    """Stop a process started with :meth:`Box.popen`: nsenter does not pass signals on, so the whole process
+    group (nsenter and the command in the box) gets them."""
+    if p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(p.pid, signal.SIGKILL)  # the command may outlive nsenter
+
+
 def dpkg_status(chroot: Chroot, package: str) -> str:
     """``install ok installed``, ``deinstall ok config-files``, or "" when dpkg does not know the package."""
     r = chroot.run("dpkg-query", "-W", "-f=${Status}", package)
@@ -160,7 +176,9 @@ host, port, sender, *rcpts = sys.argv[1:]
 msg = sys.stdin.read().replace("\n", "\r\n").encode()
 with smtplib.SMTP(host, int(port), local_hostname="client.test", timeout=60) as s:
     s.ehlo()
-    s.mail(sender)
+    code, text = s.mail(sender)
+    if code != 250:
+        sys.exit(f"MAIL FROM: {code} {text.decode()}")
     for r in rcpts:
         code, text = s.rcpt(r)
         if code != 250:

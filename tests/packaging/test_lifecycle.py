@@ -37,6 +37,7 @@ from tests.packaging.chroots import (
     postfix_files,
     queue_id,
     smtp_send,
+    stop_group,
     tail,
     wait_for,
 )
@@ -96,14 +97,7 @@ class Host:
         """What the units' stop does (the package's prerm stops them on removal; systemd restarts them on
         upgrade)."""
         for p in self.daemons.values():
-            if p.poll() is None:
-                p.terminate()  # nsenter passes the signal on to the daemon
-        for p in self.daemons.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            stop_group(p)
         self.daemons.clear()
 
     def log(self, name: str) -> str:
@@ -171,14 +165,14 @@ def test_remove_and_purge_under_running_postfix_leave_it_delivering(postfix_host
 
     # remove: prerm takes the wiring out and reloads the running Postfix, then the units stop.
     out = host.run_ok("apt-get", "remove", "-y", "-q", "requiretls")
-    assert "main.cf: removed smtpd_milters" in out, out
     host.stop_daemons()
+    qid = host.send_and_deliver("after removal")  # with the milter still listed: 451 4.7.1 (tempfail)
+    assert qid not in host.log("milter")
+    assert "main.cf: removed smtpd_milters" in out, out
     assert dpkg_status(host.box, "requiretls") == "deinstall ok config-files"
     assert host.box.run("postfix", "status").returncode == 0, "Postfix stopped"
     _no_trace_of_requiretls(root)
     assert postfix_files(root) == before
-    qid = host.send_and_deliver("after removal")  # with the milter still listed: 451 4.7.1 (tempfail)
-    assert qid not in host.log("milter")
     assert (root / "etc/requiretls/requiretls.toml").exists()  # a conffile: kept until purge
 
     # reinstall, wire again, then purge.
@@ -190,15 +184,15 @@ def test_remove_and_purge_under_running_postfix_leave_it_delivering(postfix_host
     qid = host.send_and_deliver("after reinstall")
     assert f"{qid}: requiretls: class=default" in host.log("milter"), host.log("milter")
     out = host.run_ok("apt-get", "purge", "-y", "-q", "requiretls")
-    assert "main.cf: removed smtpd_milters" in out, out
     host.stop_daemons()
+    host.send_and_deliver("after purge")
+    assert "main.cf: removed smtpd_milters" in out, out
     assert dpkg_status(host.box, "requiretls") == ""
     _no_trace_of_requiretls(root)
     assert postfix_files(root) == before
     assert not (root / "etc/requiretls").exists()
     assert not (root / "var/lib/requiretls").exists()
     assert not (root / SOCKDIR.lstrip("/")).exists()
-    host.send_and_deliver("after purge")
 
 
 @pytest.mark.parametrize("then", ["apply", "remove"])
@@ -248,12 +242,12 @@ def test_upgrade_from_the_previous_package_keeps_postfix_wired(postfix_host: Hos
 
     # Removing the upgraded package takes the wiring out, whichever way it was recorded.
     out = host.run_ok("apt-get", "remove", "-y", "-q", "requiretls")
-    assert "main.cf: removed smtpd_milters" in out, out
     host.stop_daemons()
-    _no_trace_of_requiretls(root)
-    assert postfix_files(root) == before
     qid = host.send_and_deliver("after removal")
     assert qid not in host.log("milter")
+    assert "main.cf: removed smtpd_milters" in out, out
+    _no_trace_of_requiretls(root)
+    assert postfix_files(root) == before
 
 
 SENDMAIL_FQDN = "mail.sendmail.test"
@@ -306,6 +300,7 @@ def test_sendmail_host_keeps_sendmail_and_the_documented_milter_hookup_works(
         host.run_ok("sh", "-c", "mkdir -p /run/sendmail/mta && m4 /etc/mail/sendmail.mc > /etc/mail/sendmail.cf")
         with open(tmp_path / "sendmail.log", "ab") as log:
             sendmail = box.popen(["/usr/sbin/sendmail-mta", "-bD", "-C/etc/mail/sendmail.cf"], log)
+            host.daemons["sendmail"] = sendmail
 
         def listening() -> bool:
             assert sendmail.poll() is None, (tmp_path / "sendmail.log").read_text()
