@@ -140,6 +140,15 @@ def postfix_host(tmp_path: Path) -> Iterator[Host]:
     finally:
         host.stop_daemons()
         box.close()
+        _discard(root, tmp_path)
+
+
+def _discard(root: Path, keep: Path) -> None:
+    """Remove a chroot copy (400 MB), keeping the MTA's log beside the daemons' logs."""
+    for log in ("var/log/postfix.log",):
+        if (root / log).exists():
+            shutil.copy(root / log, keep / Path(log).name)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _start_postfix(host: Host) -> None:
@@ -163,6 +172,19 @@ def test_remove_and_purge_under_running_postfix_leave_it_delivering(postfix_host
     _start_postfix(host)
     qid = host.send_and_deliver("before removal")
     assert f"{qid}: requiretls: class=default" in host.log("milter"), host.log("milter")
+
+    # An undo that cannot run (here: a damaged journal) stops the removal, names the command, changes nothing.
+    journal = root / "etc/postfix/requiretls.journal"
+    good, wired = journal.read_bytes(), postfix_files(root)
+    journal.write_bytes(good[: len(good) // 2])
+    r = host.box.run("apt-get", "remove", "-y", "-q", "requiretls", timeout=300)
+    assert r.returncode != 0, tail(r)
+    assert "unreadable journal" in r.stderr and "run 'requiretls postfix-config --apply --undo'" in r.stderr, tail(r)
+    assert dpkg_status(host.box, "requiretls") == "install ok installed"
+    assert postfix_files(root) == wired
+    qid = host.send_and_deliver("removal refused")
+    assert f"{qid}: requiretls: class=default" in host.log("milter"), host.log("milter")
+    journal.write_bytes(good)
 
     # remove: prerm takes the wiring out and reloads the running Postfix, then the units stop.
     out = host.run_ok("apt-get", "remove", "-y", "-q", "requiretls")
@@ -319,3 +341,4 @@ def test_sendmail_host_keeps_sendmail_and_the_documented_milter_hookup_works(
     finally:
         host.stop_daemons()
         box.close()
+        _discard(root, tmp_path)
