@@ -12,7 +12,7 @@ The previous package is the .deb built from commit 7250120 (the main line just b
 Debian revision 0~COMMIT so that the current package (same upstream version) is an upgrade of it.  There is no
 release tag; that commit is the package an admin installed before the journal and the prerm came.
 
-Cost with the chroots cached: about 100 s on 2 CPUs (four copies of a chroot, 25 s each at most); the previous
+Cost with the chroots cached: 100-145 s on 2 CPUs (four copies of a chroot, 25-35 s each); the previous
 package is built once (10 s) and cached under CACHE/prev-deb.
 """
 
