@@ -102,17 +102,20 @@ class Box(Chroot):
         self.pid = 0
         end = time.monotonic() + 30
         children = Path(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children")
-        while time.monotonic() < end:
-            assert self._holder.poll() is None, self._holder.stderr.read() if self._holder.stderr else ""
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                pid = int(children.read_text().split()[0])
-                if os.readlink(f"/proc/{pid}/root") == str(root) and \
-                        Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
-                    self.pid = pid
-                    return
-            time.sleep(0.05)
-        self.close()
-        raise AssertionError("the box's PID 1 did not start")
+        try:
+            while time.monotonic() < end:
+                assert self._holder.poll() is None, self._holder.stderr.read() if self._holder.stderr else ""
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    pid = int(children.read_text().split()[0])
+                    if os.readlink(f"/proc/{pid}/root") == str(root) and \
+                            Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"sleep\0"):
+                        self.pid = pid
+                        return
+                time.sleep(0.05)
+            raise AssertionError("the box's PID 1 did not start")
+        except BaseException:
+            self.close()  # the holder's process group (unshare and its child) goes
+            raise
 
     def command(self, args: Sequence[str], user: str | None = None) -> list[str]:
         if user is not None:
