@@ -7,7 +7,9 @@
 #                       the units' Documentation= pages); the requiretls package's dependencies
 #                       are downloaded into its apt cache (not installed), so that installing the .deb
 #                       into a copy works from the cache
-#   bookworm-sendmail   Debian 12 with Debian's sendmail (sendmail-bin, sendmail-cf, m4)
+#   bookworm-sendmail   Debian 12 with Debian's sendmail (sendmail-bin, sendmail-cf, m4); like the base,
+#                       the package's dependencies are in its apt cache (the package tests install the .deb
+#                       on this Sendmail host)
 # Env:   RTLS_TESTBED_CACHE   cache dir (default /var/cache/requiretls-testbed)
 #        RTLS_DEBIAN_MIRROR   Debian mirror URL (default: taken from this host's apt sources)
 #        RTLS_REBUILD=1       rebuild even if a finished chroot exists
@@ -25,9 +27,10 @@ suite=bookworm
 # What the requiretls package needs from Debian (packaging/debian/control), fetched into the base's cache.
 PKG_DEPS="adduser procps python3 python3-aiosmtpd python3-cryptography python3-dnspython python3-milter
 python3-prometheus-client python3-uvloop"
+# recipe: written into .rtls-ready; a cached chroot built by an older recipe (no such line) is rebuilt.
 case "$name" in
-    bookworm-base) include=postfix,systemd,man-db,ca-certificates ;;
-    bookworm-sendmail) include=sendmail-bin,sendmail-cf,m4,ca-certificates ;;
+    bookworm-base) include=postfix,systemd,man-db,ca-certificates; recipe="" ;;
+    bookworm-sendmail) include=sendmail-bin,sendmail-cf,m4,ca-certificates; recipe="recipe=deps-1" ;;
     *) echo "build-testchroot: unknown chroot $name" >&2; exit 2 ;;
 esac
 
@@ -48,7 +51,8 @@ exec 9>"$CACHE/.lock-$name"
 flock 9
 
 dest="$CACHE/$name"
-if [ -f "$dest/.rtls-ready" ] && [ "${RTLS_REBUILD:-0}" != 1 ]; then
+if [ -f "$dest/.rtls-ready" ] && [ "${RTLS_REBUILD:-0}" != 1 ] \
+        && { [ -z "$recipe" ] || grep -qx "$recipe" "$dest/.rtls-ready"; }; then
     echo "build-testchroot: $name: cached"
     exit 0
 fi
@@ -67,22 +71,18 @@ unshare --mount --propagation private sh -eu -c '
         || { tail -n 30 "$tmp.log" >&2; exit 1; }
     printf "#!/bin/sh\nexit 101\n" >"$tmp/usr/sbin/policy-rc.d"
     chmod 755 "$tmp/usr/sbin/policy-rc.d"
-    if [ "$name" = bookworm-base ]; then
-        mount -t proc proc "$tmp/proc"
-        cp /etc/resolv.conf "$tmp/etc/resolv.conf" 2>/dev/null || true
-        chroot "$tmp" apt-get update -q >>"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
-        # shellcheck disable=SC2086
-        DEBIAN_FRONTEND=noninteractive chroot "$tmp" apt-get install -y -q --download-only $deps \
-            >>"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
-        umount "$tmp/proc"
-    else
-        chroot "$tmp" apt-get clean >/dev/null 2>&1 || true
-    fi
+    mount -t proc proc "$tmp/proc"
+    cp /etc/resolv.conf "$tmp/etc/resolv.conf" 2>/dev/null || true
+    chroot "$tmp" apt-get update -q >>"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive chroot "$tmp" apt-get install -y -q --download-only $deps \
+        >>"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
+    umount "$tmp/proc"
 ' build "$tmp" "$suite" "$MIRROR" "$include" "$name" "$PKG_DEPS"
 # resolv.conf: the tests need none (no DNS is used); an empty file keeps lookups from leaving the host.
 rm -f "$tmp/etc/resolv.conf"
 : >"$tmp/etc/resolv.conf"
-date -u +%Y-%m-%dT%H:%M:%SZ >"$tmp/.rtls-ready"
+{ date -u +%Y-%m-%dT%H:%M:%SZ; [ -z "$recipe" ] || echo "$recipe"; } >"$tmp/.rtls-ready"
 rm -rf "$dest"
 mv "$tmp" "$dest"
 rm -f "$tmp.log"

@@ -20,81 +20,21 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
+from tests.packaging.chroots import CONFIG, ENV, SOCKDIR, Chroot, Deb, copy_chroot
+from tests.packaging.chroots import tail as _tail
+
 pytestmark = pytest.mark.deb
 
-ROOT = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("RTLS_TESTBED_CACHE", "/var/cache/requiretls-testbed"))
-BASE = CACHE / "bookworm-base"
 UNITS = ("requiretls-milter", "requiretls-policyd", "requiretls-relay")
-CONFIG = "/etc/requiretls/requiretls.toml"
-SOCKDIR = "/var/spool/postfix/requiretls"
-
-
-def _tail(r: subprocess.CompletedProcess[str]) -> str:
-    return ((r.stdout or "") + (r.stderr or "")).strip()[-3000:]
-
-
-@dataclass(frozen=True)
-class Deb:
-    path: Path
-    lintian: str
-
-
-@pytest.fixture(scope="module")
-def deb() -> Deb:
-    if os.environ.get("RTLS_DEB_TESTS", "1") == "0":
-        pytest.skip("RTLS_DEB_TESTS=0")
-    if os.geteuid() != 0:
-        pytest.skip("building and installing the package needs root (apt, chroot)")
-    r = subprocess.run(["sh", "scripts/build-deb.sh", "--deps-only"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
-    if r.returncode != 0:
-        pytest.skip(f"cannot install the build dependencies: {_tail(r)}")
-    r = subprocess.run(["sh", "scripts/build-deb.sh", "--lint"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, _tail(r)
-    debs = sorted((ROOT / "build/deb").glob("requiretls_*_all.deb"))
-    assert len(debs) == 1, debs
-    return Deb(debs[0], (ROOT / "build/deb/lintian.log").read_text())
-
-
-@dataclass
-class Chroot:
-    root: Path
-
-    def run(self, *args: str, user: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(args, user), capture_output=True, text=True, timeout=timeout,
-                              input=stdin, env=self._env(env))
-
-    def command(self, args: Sequence[str], user: str | None = None) -> list[str]:
-        """``args`` inside the chroot (with its own /proc, in a private mount namespace), as ``user``."""
-        if user is not None:
-            args = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *args]
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                'root=$1; shift; mount -t proc proc "$root/proc"; cd "$root"; exec chroot "$root" "$@"',
-                "chroot", str(self.root), *args]
-
-    @staticmethod
-    def _env(extra: dict[str, str] | None) -> dict[str, str]:
-        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
-        return env | (extra or {})
 
 
 @pytest.fixture(scope="module")
 def chroot(deb: Deb, tmp_path_factory: pytest.TempPathFactory) -> Chroot:
-    r = subprocess.run(["sh", str(ROOT / "scripts/build-testchroot.sh"), "bookworm-base"], capture_output=True,
-                       text=True, timeout=1800)
-    if r.returncode != 0:
-        pytest.skip(f"cannot build the Debian 12 chroot: {_tail(r)}")
-    root = tmp_path_factory.mktemp("deb") / "bookworm"
-    subprocess.run(["cp", "-a", "--reflink=auto", str(BASE), str(root)], check=True)
+    root = copy_chroot("bookworm-base", tmp_path_factory.mktemp("deb") / "bookworm")
     shutil.copy(deb.path, root / "tmp" / deb.path.name)
     c = Chroot(root)
     (root / "tmp/postfix-before").write_bytes(
@@ -192,7 +132,7 @@ def daemons(chroot: Chroot) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
             procs[name] = subprocess.Popen(
                 chroot.command(["requiretls", name, "--config", CONFIG], user="_requiretls"),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                env=Chroot._env({"NOTIFY_SOCKET": f"/run/notify-{name}.sock"}),
+                env=ENV | {"NOTIFY_SOCKET": f"/run/notify-{name}.sock"},
             )
             log.close()
         yield procs
