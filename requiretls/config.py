@@ -282,6 +282,17 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Seconds a client connection may stay idle (no request, no answer pending) before policyd closes "
             "it; Postfix reconnects when it next needs an answer.",
         ),
+        "answer_attributes": Setting(
+            str,
+            "map",
+            "Whether MTA-STS answers carry Postfix 3.10+'s TLSRPT policy attributes (policy_type, policy_domain, "
+            "mx_host_pattern, policy_string), which Postfix needs to report MTA-STS results and to enforce the "
+            "policy's MX patterns itself (smtp_tls_enforce_sts_mx_patterns). map: when the map name asks for them "
+            "(default+tlsrpt; postfix-config writes that for Postfix 3.10 and later); plain: never (Postfix "
+            "before 3.10 refuses an answer with them); tlsrpt: always. The MX patterns are enforced exactly "
+            "either way.",
+            _choice("map", "plain", "tlsrpt"),
+        ),
     },
     "milter": {
         "socket": Setting(
@@ -521,6 +532,7 @@ class PolicydSettings:
     lookup_timeout: float
     answer_cache_size: int
     idle_timeout: float
+    answer_attributes: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         settings.local_policy.table,
         destination_resolver(settings.dns, settings.mta_sts, settings.cache),
         metrics,
-        ServiceSettings(pd.answer_ttl, pd.lookup_timeout, pd.answer_cache_size, pd.idle_timeout),
+        ServiceSettings(pd.answer_ttl, pd.lookup_timeout, pd.answer_cache_size, pd.idle_timeout,
+                        pd.answer_attributes),
     )
     if pd.metrics is not None:
         metrics.serve(str(pd.metrics))
