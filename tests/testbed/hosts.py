@@ -130,6 +130,8 @@ MX_HOSTS: tuple[MxHost, ...] = (
     _mx(24, "insecure-norequiretls", "mx.insecure-norequiretls.test.", requiretls=False),
     _mx(25, "sts-wrongmx", "mx.sts-wrongmx.test."),
     _mx(26, "sts-stall", "mx.sts-stall.test."),
+    _mx(27, "sts-deep", "a.b.sts-deep.test."),
+    _mx(28, "sts-wild", "mx.sts-wild.test."),
 )
 
 MX_BY_KEY: dict[str, MxHost] = {m.key: m for m in MX_HOSTS}
@@ -288,6 +290,21 @@ DOMAINS: tuple[Domain, ...] = (
         ((10, "sts-wrongmx"),),
         sts=StsPolicy(mx=("mx.elsewhere.test",)),
         purpose="MTA-STS enforce whose policy does not list the domain's MX (RFC 8461 4.1: refuse it)",
+    ),
+    Domain(
+        "sts-deep.test.",
+        _I,
+        ((10, "sts-deep"),),
+        sts=StsPolicy(mx=("*.sts-deep.test",)),
+        purpose="MTA-STS enforce, mx *.sts-deep.test; the MX a.b.sts-deep.test is two labels below (RFC 8461 4.1: "
+        "refuse it), its certificate valid for its name",
+    ),
+    Domain(
+        "sts-wild.test.",
+        _I,
+        ((10, "sts-wild"),),
+        sts=StsPolicy(mx=("*.sts-wild.test",)),
+        purpose="MTA-STS enforce, mx *.sts-wild.test; the MX mx.sts-wild.test is one label below (allowed)",
     ),
     Domain(
         "toggle.test.",
