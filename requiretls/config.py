@@ -259,13 +259,14 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "metrics": Setting(
             str, "",
-            "Prometheus metrics address IP:PORT ([IPv6]:PORT). Only a loopback address unless "
-            "metrics_allow_remote = true. Empty: off.",
+            "Prometheus metrics address of policyd, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). Only a loopback "
+            "address unless metrics_allow_remote = true. Empty: off.",
             convert=_endpoint(None),
         ),
         "metrics_allow_remote": Setting(
             bool, False,
-            "Allow a metrics address that is not loopback (the endpoint has no authentication; put a firewall "
+            "Allow a metrics address that is not loopback, for every daemon's metrics key (the endpoint has no "
+            "authentication; put a firewall "
             "in front of it).",
         ),
         "answer_ttl": _number(
@@ -320,6 +321,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "The probes use relay.cafile and relay.helo_name.",
         ),
         "preflight_timeout": _timeout(10.0, "Seconds the pre-flight may take; after that the message is accepted."),
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address of the milter, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). Only a loopback "
+            "address unless policyd.metrics_allow_remote = true. Empty: off.",
+            convert=_endpoint(None),
+        ),
         "mta": Setting(
             str,
             "auto",
@@ -419,6 +426,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "hands back recipients that Postfix delivers itself (local, virtual, transport_maps, relayhost). "
             "Port: 10026 unless given.",
             convert=_endpoint(10026),
+        ),
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address of the delivery agent, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). "
+            "Only a loopback "
+            "address unless policyd.metrics_allow_remote = true. Empty: off.",
+            convert=_endpoint(None),
         ),
         "reinject_local": Setting(
             str,
@@ -550,6 +564,7 @@ class RelaySettings:
     destination_concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint
+    metrics: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,6 +585,7 @@ class MilterSettings:
     local_transports: frozenset[str] = frozenset()
     probe_cafile: str | None = None
     probe_helo_name: str = ""
+    metrics: Endpoint | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -691,11 +707,12 @@ def _parse(text: str, filename: str) -> _Parsed:
             warnings.extend(str(ConfigError(filename, line, f"{section}.{key}",
                                             f"{raw!r} is an old form; write {str(item)!r}"))
                             for raw, item in pairs if isinstance(item, ListenAddress) and item.legacy)
-    metrics = typed["policyd"]["metrics"]
-    if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
-        raise ConfigError(filename, where.get(("policyd", "metrics")), "policyd.metrics",
-                          f"{values['policyd']['metrics']!r} is not a loopback address; the metrics endpoint has "
-                          "no authentication: set metrics_allow_remote = true to serve it there anyway")
+    for section in ("policyd", "milter", "relay"):
+        metrics = typed[section]["metrics"]
+        if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
+            raise ConfigError(filename, where.get((section, "metrics")), f"{section}.metrics",
+                              f"{values[section]['metrics']!r} is not a loopback address; the metrics endpoint has "
+                              "no authentication: set policyd.metrics_allow_remote = true to serve it there anyway")
     return _Parsed(values, typed, tuple(warnings), where)
 
 

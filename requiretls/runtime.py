@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from requiretls import metrics
 from requiretls.config import CacheSettings, DnsSettings, MtaStsSettings
 from requiretls.dest import DestinationResolver, DestSettings, DnsClient, ResolverSettings, StsResolver, StsSettings
 from requiretls.dest.cache import create_cache
@@ -45,8 +46,10 @@ async def trust_resolver(resolver: DestinationResolver, dns: DnsSettings, filena
                              detail=check.detail))
         return
     else:
+        metrics.resolver_validating(True)
         log.info("%s", kv(resolver=where, resolver_check="validating"))
         return
+    metrics.resolver_validating(False)
     if dns.untrusted_resolver == "refuse":
         raise ConfigError(filename or "<defaults>", None, "dns.untrusted_resolver",
                           f"refusing to run: {problem} (set untrusted_resolver = \"warn\" to run anyway)")

@@ -35,6 +35,7 @@ from requiretls.daemon import (
     table_sizes,
 )
 from requiretls.log import kv
+from requiretls.milter import metrics as milter_metrics
 from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
     Decision,
@@ -186,6 +187,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
     def _tempfail(self, queue_id: str, reason: str) -> int:
         log.error("%s: requiretls: %s", queue_id, kv(action="tempfail", reason=reason))
+        milter_metrics.tempfail()
         try:
             self.setreply("451", "4.3.0", "requiretls: internal error, try again later")
         except Exception:
@@ -204,6 +206,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                           self.preflight.readiness if self.preflight is not None else None, self.local_transports)
         decision = result.decision
         self._log(queue_id, decision, result.route)
+        milter_metrics.record(decision)
         if decision.reject is not None:
             r = decision.reject
             self.setreply(str(r.code), r.dsn, r.text)
@@ -357,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
         policy = fresh.local_policy
         return table_sizes(fresh)
 
+    if m.metrics is not None:
+        milter_metrics.start(str(m.metrics))
     serve(spec, current_policy, m.timeout, m.postfix_version, str(m.relayhost) if m.relayhost else "",
           m.socket_group, m.socket_mode, m.mta, preflight, Reloader(args.config, apply), m.local_transports)
     return 0

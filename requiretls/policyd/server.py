@@ -35,7 +35,7 @@ from requiretls.policy.tlsmap import (
     needs_destination,
     parse_key,
 )
-from requiretls.policyd.metrics import Metrics
+from requiretls.policyd.metrics import Metrics, level_of
 from requiretls.policyd.netstring import Decoder, NetstringError, TooLong, encode
 
 log = logging.getLogger("requiretls")
@@ -74,6 +74,7 @@ class PolicyService:
         self.settings = settings or ServiceSettings()
         self.clock = clock
         self._cache: dict[bytes, tuple[float, bytes, Callable[[], None]]] = {}
+        metrics.cache_size = lambda: len(self._cache)
 
     def set_table(self, table: PolicyTable) -> None:
         self.table = table
@@ -115,7 +116,8 @@ class PolicyService:
                 # an evicted answer is simply looked up again
                 now = self.clock()
                 evict(self._cache, self.settings.answer_cache_size, lambda hit: hit[0] <= now)
-            self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(str(zone), ans.status.value))
+            self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(
+                str(zone), ans.status.value, level_of(ans.status.value, ans.data)))
         return wire
 
     async def _answer(self, zone: Zone, query: Query, attributes: bool = False) -> tuple[Answer, float]:
@@ -139,7 +141,7 @@ class PolicyService:
         return answer(zone, query, self.table, dest, attributes=attributes), ttl
 
     def _frame(self, ans: Answer, zone: Zone | str) -> bytes:
-        self.metrics.request(str(zone), ans.status.value)
+        self.metrics.request(str(zone), ans.status.value, level_of(ans.status.value, ans.data))
         return encode(ans.wire().encode("ascii", "replace"))
 
 

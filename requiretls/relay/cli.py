@@ -20,6 +20,7 @@ from requiretls.config import Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
 from requiretls.log import kv, setup
+from requiretls.relay import metrics as relay_metrics
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
@@ -82,6 +83,9 @@ def run(args: argparse.Namespace) -> int:
                            hint="set relay.postfix_config_dir / postfix_command_prefix, or postfix_settings = false"))
         return 1
     log.info("%s", kv(postfix_settings="read", **_describe(state)))
+
+    if settings.relay.metrics is not None:
+        relay_metrics.start(str(settings.relay.metrics))
 
     async def main() -> None:
         relay = settings.relay

@@ -201,9 +201,11 @@ def test_metrics_count_requests_by_zone_and_answer(sock_path: str) -> None:
     from prometheus_client import generate_latest
 
     text = generate_latest(m.registry).decode()
-    assert 'requiretls_policyd_requests_total{answer="OK",zone="default"} 2.0' in text
+    assert 'requiretls_policyd_requests_total{answer="OK",level="may",zone="default"} 2.0' in text
     assert "requiretls_policyd_cache_hits_total 1.0" in text
-    assert 'requiretls_policyd_requests_total{answer="PERM",zone="-"} 1.0' in text
+    assert 'requiretls_policyd_requests_total{answer="PERM",level="",zone="-"} 1.0' in text
+    assert "requiretls_policyd_cache_entries 1.0" in text  # the one cached answer
+    assert 'requiretls_build_info{daemon="policyd",' in text
 
 
 def test_answer_cache_is_bounded_and_still_counts_hits() -> None:
