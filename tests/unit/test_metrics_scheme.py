@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from requiretls import metrics as common
+from requiretls.dest.errors import MtaStsTimeoutError
 from requiretls.milter.metrics import MilterMetrics
 from requiretls.policy import Envelope, LocalPolicy, MessageFacts, OptoutFrom, PolicyTable, Session
 from requiretls.policy.decide import decide
@@ -50,8 +51,6 @@ def _policyd() -> str:
     class Sts:
         async def fetch(self, domain: str, record_id: str) -> str:
             if domain == "bad.example":
-                from requiretls.dest.errors import MtaStsTimeoutError
-
                 raise MtaStsTimeoutError("timed out")
             return "policy"
 
@@ -63,7 +62,7 @@ def _policyd() -> str:
                     b"relaxed news.example", b"default bad..key", b"nosuch x"):
             await service.reply(req)
         await fetcher.fetch("sts.example", "1")
-        with pytest.raises(Exception):
+        with pytest.raises(MtaStsTimeoutError):
             await fetcher.fetch("bad.example", "1")
 
     asyncio.run(main())
