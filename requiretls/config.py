@@ -434,6 +434,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "address unless policyd.metrics_allow_remote = true. Empty: off.",
             convert=_endpoint(None),
         ),
+        "tlsrpt_socket": Setting(
+            str, "",
+            "TLS-RPT (RFC 8460): the unix datagram socket of a TLSRPT collector (tlsrpt-reporter's tlsrpt-collectd, "
+            "the one Postfix's smtp_tlsrpt_socket_name names), to which the agent reports each of its TLS sessions "
+            "to a domain that publishes a TLSRPT record, in the format Postfix uses. Empty: off.",
+            convert=_path_or_none,
+        ),
         "reinject_local": Setting(
             str,
             "127.0.0.1:10027",
@@ -565,6 +572,7 @@ class RelaySettings:
     reinject: Endpoint
     reinject_local: Endpoint
     metrics: Endpoint | None = None
+    tlsrpt_socket: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
