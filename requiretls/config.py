@@ -217,6 +217,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "daemon runs: its lookups defer until it answers.",
             _choice("refuse", "warn"),
         ),
+        "resolver_check_name": Setting(
+            str,
+            ".",
+            "The DNSSEC-signed name whose DNSKEY answer must come back with the AD bit for the resolver to count "
+            "as validating (at daemon start and in requiretls check). The default, the root zone (.), works on "
+            "the Internet; name a signed zone of your own where the root is not reachable.",
+        ),
     },
     "mta_sts": {
         "enabled": Setting(bool, True, "Look up MTA-STS policies (RFC 8461) for destinations without DANE."),
@@ -526,6 +533,7 @@ class DnsSettings:
     resolver: Endpoint | None
     timeout: float
     untrusted_resolver: str
+    resolver_check_name: str = "."
 
 
 @dataclass(frozen=True, slots=True)

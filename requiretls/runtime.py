@@ -34,7 +34,7 @@ async def trust_resolver(resolver: DestinationResolver, dns: DnsSettings, filena
     Refuse to run (``dns.untrusted_resolver = refuse``, ConfigError) or warn when that bit cannot be trusted;
     log and go on when the resolver gives no answer now (its lookups defer until it does).
     """
-    check = await resolver.dns.check_resolver(ask_remote=dns.resolver is not None)
+    check = await resolver.dns.check_resolver(ask_remote=dns.resolver is not None, name=dns.resolver_check_name)
     where = f"{check.address}:{check.port}" if check.address else "none"
     if dns.resolver is None and not check.loopback and check.address:
         problem = (f"the first nameserver of /etc/resolv.conf, {check.address}, is not on loopback: its AD bit "
