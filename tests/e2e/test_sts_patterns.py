@@ -77,5 +77,25 @@ def test_mx_two_labels_below_the_wildcard_is_refused(plugin: Plugin) -> None:
     _wire(plugin)
     q = plugin.pf.submit("alice@sender.test", ["bob@sts-deep.test"])
     m = plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@sts-deep.test>.*status=deferred")
-    assert "MTA-STS" in m.line or "TLS policy" in m.line, m.line
+    assert "dsn=4.7.5" in m.line, m.line
+    # policyd's TEMP ("no MX host matches the MTA-STS policy's mx patterns"): Postfix defers before connecting
+    assert plugin.pf.find_log(r"TLS policy lookup for sts-deep\.test/a\.b\.sts-deep\.test") is not None
     assert plugin.bed.mx("sts-deep").deliveries() == []
+
+
+def test_the_allowed_mx_gets_the_mail_the_deep_one_does_not(plugin: Plugin) -> None:
+    """``sts-mixed.test``: the preferred MX ``a.b.sts-mixed.test`` is two labels below ``*.sts-mixed.test``, the
+    second ``mx.sts-mixed.test`` one label: the mail goes to the second only.  Our answer lists only the
+    allowed MX (3.7: the deep MX's certificate is refused); 3.10+ with the attributes and
+    smtp_tls_enforce_sts_mx_patterns do not even connect to the deep MX."""
+    _wire(plugin)
+    q = plugin.pf.submit("alice@sender.test", ["bob@sts-mixed.test"])
+    (d,) = plugin.wait_mx("sts-mixed")
+    assert d.tls
+    plugin.pf.wait_log(rf"{q.queue_id}: to=<bob@sts-mixed.test>, relay=mx\.sts-mixed\.test.*status=sent")
+    assert plugin.bed.mx("sts-mixed-deep").deliveries() == []
+    deep_tls = plugin.pf.find_log(r"a\.b\.sts-mixed\.test\[127\.0\.2\.29\]:25.*(certificate|TLS)")
+    if _modern(plugin):
+        assert deep_tls is None, deep_tls.line if deep_tls else ""
+    else:
+        assert deep_tls is not None  # tried, and its certificate refused

@@ -132,6 +132,8 @@ MX_HOSTS: tuple[MxHost, ...] = (
     _mx(26, "sts-stall", "mx.sts-stall.test."),
     _mx(27, "sts-deep", "a.b.sts-deep.test."),
     _mx(28, "sts-wild", "mx.sts-wild.test."),
+    _mx(29, "sts-mixed-deep", "a.b.sts-mixed.test."),
+    _mx(30, "sts-mixed", "mx.sts-mixed.test."),
 )
 
 MX_BY_KEY: dict[str, MxHost] = {m.key: m for m in MX_HOSTS}
@@ -305,6 +307,14 @@ DOMAINS: tuple[Domain, ...] = (
         ((10, "sts-wild"),),
         sts=StsPolicy(mx=("*.sts-wild.test",)),
         purpose="MTA-STS enforce, mx *.sts-wild.test; the MX mx.sts-wild.test is one label below (allowed)",
+    ),
+    Domain(
+        "sts-mixed.test.",
+        _I,
+        ((10, "sts-mixed-deep"), (20, "sts-mixed")),
+        sts=StsPolicy(mx=("*.sts-mixed.test",)),
+        purpose="MTA-STS enforce, mx *.sts-mixed.test; preferred MX a.b.sts-mixed.test (two labels below: not to be "
+        "used), second MX mx.sts-mixed.test (allowed)",
     ),
     Domain(
         "toggle.test.",
