@@ -328,6 +328,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "The probes use relay.cafile and relay.helo_name.",
         ),
         "preflight_timeout": _timeout(10.0, "Seconds the pre-flight may take; after that the message is accepted."),
+        "optout_audit": Setting(
+            bool, True,
+            "After accepting an opt-out message (TLS-Required: No), look up its recipient domains that go to their "
+            "MX and log, per message, each whose DANE or MTA-STS policy the opt-out set aside (optout_set_aside=), "
+            "counted in the metrics. The message is never held for it; the lookups are the cached ones of the "
+            "policy service and the agent.",
+        ),
         "metrics": Setting(
             str, "",
             "Prometheus metrics address of the milter, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). Only a loopback "
@@ -602,6 +609,7 @@ class MilterSettings:
     probe_cafile: str | None = None
     probe_helo_name: str = ""
     metrics: Endpoint | None = None
+    optout_audit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from requiretls.daemon import (
 )
 from requiretls.log import kv
 from requiretls.milter import metrics as milter_metrics
+from requiretls.milter import setaside
 from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
     Decision,
@@ -207,6 +208,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
         decision = result.decision
         self._log(queue_id, decision, result.route)
         milter_metrics.record(decision)
+        setaside.message(queue_id, decision, routes, self.relayhost, self.local_transports)
         if decision.reject is not None:
             r = decision.reject
             self.setreply(str(r.code), r.dsn, r.text)
@@ -349,6 +351,16 @@ def run(args: argparse.Namespace) -> int:
         preflight = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), prober,
                               m.preflight_timeout)
         preflight.call(trust_resolver(preflight.resolver, settings.dns, settings.filename))
+    if m.optout_audit:
+        audit = preflight
+        if audit is None:
+            from requiretls.runtime import destination_resolver
+
+            # Its own loop thread, never used for the pre-flight; no resolver check: a resolver that does not
+            # validate only hides DANE destinations from this log.
+            audit = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), None,
+                              m.preflight_timeout)
+        setaside.AUDIT = setaside.SetAside(audit.resolver, audit.loop)
     policy = settings.local_policy
 
     def current_policy() -> LocalPolicy:

@@ -36,6 +36,11 @@ class MilterMetrics:
         self.rejections = Counter("requiretls_milter_rejections",
                                   "messages refused at end of data (pre-flight 5.7.30, syntax), by enhanced code",
                                   ["dsn"], registry=self.registry)
+        self.set_aside = Counter("requiretls_milter_optout_set_aside",
+                                 "destinations of opt-out messages whose DANE or MTA-STS policy the opt-out set "
+                                 "aside", ["policy"], registry=self.registry)
+        for p in ("dane", "mta-sts"):
+            self.set_aside.labels(p)
         self.tempfails = Counter("requiretls_milter_tempfails", "messages tempfailed on internal doubt",
                                  registry=self.registry)
         for c in MessageClass:
@@ -67,6 +72,11 @@ METRICS: MilterMetrics | None = None
 def record(d: Decision) -> None:
     if METRICS is not None:
         METRICS.record(d)
+
+
+def set_aside(policy: str) -> None:
+    if METRICS is not None:
+        METRICS.set_aside.labels(policy).inc()
 
 
 def tempfail() -> None:
