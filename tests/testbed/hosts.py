@@ -306,7 +306,9 @@ DOMAINS: tuple[Domain, ...] = (
         _I,
         ((10, "sts-wild"),),
         sts=StsPolicy(mx=("*.sts-wild.test",)),
-        purpose="MTA-STS enforce, mx *.sts-wild.test; the MX mx.sts-wild.test is one label below (allowed)",
+        purpose="MTA-STS enforce, mx *.sts-wild.test; the MX mx.sts-wild.test is one label below (allowed); "
+        "publishes a TLSRPT record",
+        extra=('_smtp._tls 300 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@sts-wild.test"',),
     ),
     Domain(
         "sts-mixed.test.",
