@@ -92,11 +92,12 @@ def test_the_agent_reports_its_requiretls_session(plugin: Plugin, collector: tup
         pytest.skip("3.11 sends REQUIRETLS itself (Postfix's own TLSRPT)")
     sock, db = collector
     plugin.relay_extra = f'tlsrpt_socket = "{sock}"'
+    plugin.table = "sts-wild.test requiretls=yes\n"  # REQUIRETLS by a destination rule (3.7/3.10 have no MAIL FROM one)
     plugin.apply()
     for d in ("milter", "relay", "policyd"):
         plugin.start_daemon(d)
     plugin.pf.start()
-    plugin.pf.submit("alice@sender.test", ["bob@sts-wild.test"], mail_options=["REQUIRETLS"])
+    plugin.pf.submit("alice@sender.test", ["bob@sts-wild.test"])
     (d,) = plugin.wait_mx("sts-wild", timeout=60)
     assert d.tls and d.requiretls
     got = _policies(db, "sts-wild.test")
