@@ -5,6 +5,7 @@ the delivery agent's datagrams for its REQUIRETLS sessions.  ``sts-wild.test`` p
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +27,8 @@ def collector(plugin: Plugin) -> Iterator[tuple[Path, Path]]:
     if not COLLECTD.exists():
         pytest.skip("tlsrpt-reporter not installed (requirements-dev.txt)")
     d = plugin.dir / "tlsrpt"
-    d.mkdir(exist_ok=True)
+    shutil.rmtree(d, ignore_errors=True)  # the instance's directory outlives a session: no old counts
+    d.mkdir()
     d.chmod(0o755)
     cfg, sock, db = d / "tlsrpt.cfg", d / "collectd.sock", d / "collectd.sqlite"
     cfg.write_text("[tlsrpt_collectd]\n")
