@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connect to each validated MX: STARTTLS, certificate, REQUIRETLS after TLS")
     parser.add_argument("--resolver", metavar="IP[:PORT]",
                         help="trusted DNSSEC-validating resolver (default: first nameserver of /etc/resolv.conf)")
+    parser.add_argument("--check-name", metavar="NAME", default=".",
+                        help="DNSSEC-signed name whose answer must carry the AD bit for the resolver to count as "
+                             "validating (default: the root zone)")
     parser.add_argument("--cafile", metavar="FILE",
                         help="CA certificates for PKIX checks of MTA-STS hosts and MX servers (default: system)")
     parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
@@ -64,6 +67,9 @@ async def _check(args: argparse.Namespace) -> tuple[Destination, dict[str, Sessi
     dns_client = DnsClient(ResolverSettings(address=address, port=port, timeout=args.timeout))
     sts = StsResolver(dns_client, StsSettings(cafile=args.cafile, fetch_timeout=args.fetch_timeout,
                                               https_port=args.https_port))
+    check = await dns_client.check_resolver(ask_remote=True, name=args.check_name)
+    if check.validates is False:
+        raise UntrustedResolver(f"resolver {check.address}:{check.port} {check.detail}")
     dest = await DestinationResolver(dns_client, sts).lookup(args.domain)
     probes: dict[str, SessionResult] | None = None
     if args.probe:
@@ -154,10 +160,20 @@ def as_json(dest: Destination, probes: dict[str, SessionResult] | None, verdict:
     return d
 
 
+class UntrustedResolver(Exception):
+    """The resolver answered the check query without the AD bit: it does not validate DNSSEC."""
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     try:
         dest, probes = asyncio.run(_check(args))
+    except UntrustedResolver as e:
+        print(f"requiretls check: WARNING: {e}.\n  Without a validating resolver every answer counts as insecure: "
+              "DANE is never used and no MX counts as DNSSEC-validated, so REQUIRETLS mail would bounce and DANE "
+              "destinations fall back.\n  Point --resolver (dns.resolver) at a DNSSEC-validating resolver on a "
+              "trusted path.", file=sys.stderr)
+        return EXIT_LOOKUP_ERROR
     except ValueError as e:
         print(f"requiretls check: {e}", file=sys.stderr)
         return EXIT_LOOKUP_ERROR

@@ -217,6 +217,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "daemon runs: its lookups defer until it answers.",
             _choice("refuse", "warn"),
         ),
+        "resolver_check_name": Setting(
+            str,
+            ".",
+            "The DNSSEC-signed name whose DNSKEY answer must come back with the AD bit for the resolver to count "
+            "as validating (at daemon start and in requiretls check). The default, the root zone (.), works on "
+            "the Internet; name a signed zone of your own where the root is not reachable.",
+        ),
     },
     "mta_sts": {
         "enabled": Setting(bool, True, "Look up MTA-STS policies (RFC 8461) for destinations without DANE."),
@@ -259,13 +266,14 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "metrics": Setting(
             str, "",
-            "Prometheus metrics address IP:PORT ([IPv6]:PORT). Only a loopback address unless "
-            "metrics_allow_remote = true. Empty: off.",
+            "Prometheus metrics address of policyd, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). Only a loopback "
+            "address unless metrics_allow_remote = true. Empty: off.",
             convert=_endpoint(None),
         ),
         "metrics_allow_remote": Setting(
             bool, False,
-            "Allow a metrics address that is not loopback (the endpoint has no authentication; put a firewall "
+            "Allow a metrics address that is not loopback, for every daemon's metrics key (the endpoint has no "
+            "authentication; put a firewall "
             "in front of it).",
         ),
         "answer_ttl": _number(
@@ -281,6 +289,17 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             300.0,
             "Seconds a client connection may stay idle (no request, no answer pending) before policyd closes "
             "it; Postfix reconnects when it next needs an answer.",
+        ),
+        "answer_attributes": Setting(
+            str,
+            "map",
+            "Whether MTA-STS answers carry Postfix 3.10+'s TLSRPT policy attributes (policy_type, policy_domain, "
+            "mx_host_pattern, policy_string), which Postfix needs to report MTA-STS results and to enforce the "
+            "policy's MX patterns itself (smtp_tls_enforce_sts_mx_patterns). map: when the map name asks for them "
+            "(default+tlsrpt; postfix-config writes that for Postfix 3.10 and later); plain: never (Postfix "
+            "before 3.10 refuses an answer with them); tlsrpt: always. The MX patterns are enforced exactly "
+            "either way.",
+            _choice("map", "plain", "tlsrpt"),
         ),
     },
     "milter": {
@@ -309,6 +328,19 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "The probes use relay.cafile and relay.helo_name.",
         ),
         "preflight_timeout": _timeout(10.0, "Seconds the pre-flight may take; after that the message is accepted."),
+        "optout_audit": Setting(
+            bool, True,
+            "After accepting an opt-out message (TLS-Required: No), look up its recipient domains that go to their "
+            "MX and log, per message, each whose DANE or MTA-STS policy the opt-out set aside (optout_set_aside=), "
+            "counted in the metrics. The message is never held for it; the lookups are the cached ones of the "
+            "policy service and the agent.",
+        ),
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address of the milter, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). Only a loopback "
+            "address unless policyd.metrics_allow_remote = true. Empty: off.",
+            convert=_endpoint(None),
+        ),
         "mta": Setting(
             str,
             "auto",
@@ -409,6 +441,20 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Port: 10026 unless given.",
             convert=_endpoint(10026),
         ),
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address of the delivery agent, IP:PORT ([IPv6]:PORT) (docs/monitoring.md). "
+            "Only a loopback "
+            "address unless policyd.metrics_allow_remote = true. Empty: off.",
+            convert=_endpoint(None),
+        ),
+        "tlsrpt_socket": Setting(
+            str, "",
+            "TLS-RPT (RFC 8460): the unix datagram socket of a TLSRPT collector (tlsrpt-reporter's tlsrpt-collectd, "
+            "the one Postfix's smtp_tlsrpt_socket_name names), to which the agent reports each of its TLS sessions "
+            "to a domain that publishes a TLSRPT record, in the format Postfix uses. Empty: off.",
+            convert=_path_or_none,
+        ),
         "reinject_local": Setting(
             str,
             "127.0.0.1:10027",
@@ -494,6 +540,7 @@ class DnsSettings:
     resolver: Endpoint | None
     timeout: float
     untrusted_resolver: str
+    resolver_check_name: str = "."
 
 
 @dataclass(frozen=True, slots=True)
@@ -521,6 +568,7 @@ class PolicydSettings:
     lookup_timeout: float
     answer_cache_size: int
     idle_timeout: float
+    answer_attributes: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +586,8 @@ class RelaySettings:
     destination_concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint
+    metrics: Endpoint | None = None
+    tlsrpt_socket: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +608,8 @@ class MilterSettings:
     local_transports: frozenset[str] = frozenset()
     probe_cafile: str | None = None
     probe_helo_name: str = ""
+    metrics: Endpoint | None = None
+    optout_audit: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -679,11 +731,12 @@ def _parse(text: str, filename: str) -> _Parsed:
             warnings.extend(str(ConfigError(filename, line, f"{section}.{key}",
                                             f"{raw!r} is an old form; write {str(item)!r}"))
                             for raw, item in pairs if isinstance(item, ListenAddress) and item.legacy)
-    metrics = typed["policyd"]["metrics"]
-    if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
-        raise ConfigError(filename, where.get(("policyd", "metrics")), "policyd.metrics",
-                          f"{values['policyd']['metrics']!r} is not a loopback address; the metrics endpoint has "
-                          "no authentication: set metrics_allow_remote = true to serve it there anyway")
+    for section in ("policyd", "milter", "relay"):
+        metrics = typed[section]["metrics"]
+        if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
+            raise ConfigError(filename, where.get((section, "metrics")), f"{section}.metrics",
+                              f"{values[section]['metrics']!r} is not a loopback address; the metrics endpoint has "
+                              "no authentication: set policyd.metrics_allow_remote = true to serve it there anyway")
     return _Parsed(values, typed, tuple(warnings), where)
 
 

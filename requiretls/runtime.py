@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from requiretls import metrics
 from requiretls.config import CacheSettings, DnsSettings, MtaStsSettings
 from requiretls.dest import DestinationResolver, DestSettings, DnsClient, ResolverSettings, StsResolver, StsSettings
 from requiretls.dest.cache import create_cache
@@ -33,7 +34,7 @@ async def trust_resolver(resolver: DestinationResolver, dns: DnsSettings, filena
     Refuse to run (``dns.untrusted_resolver = refuse``, ConfigError) or warn when that bit cannot be trusted;
     log and go on when the resolver gives no answer now (its lookups defer until it does).
     """
-    check = await resolver.dns.check_resolver(ask_remote=dns.resolver is not None)
+    check = await resolver.dns.check_resolver(ask_remote=dns.resolver is not None, name=dns.resolver_check_name)
     where = f"{check.address}:{check.port}" if check.address else "none"
     if dns.resolver is None and not check.loopback and check.address:
         problem = (f"the first nameserver of /etc/resolv.conf, {check.address}, is not on loopback: its AD bit "
@@ -45,8 +46,10 @@ async def trust_resolver(resolver: DestinationResolver, dns: DnsSettings, filena
                              detail=check.detail))
         return
     else:
+        metrics.resolver_validating(True)
         log.info("%s", kv(resolver=where, resolver_check="validating"))
         return
+    metrics.resolver_validating(False)
     if dns.untrusted_resolver == "refuse":
         raise ConfigError(filename or "<defaults>", None, "dns.untrusted_resolver",
                           f"refusing to run: {problem} (set untrusted_resolver = \"warn\" to run anyway)")

@@ -7,7 +7,7 @@
 set -eu
 PKGS="python3-venv python3-dev libmilter-dev build-essential
 postfix nsd unbound ldnsutils debootstrap redis-server openssl iproute2 util-linux
-procps psmisc swaks bsdutils debian-archive-keyring miltertest"
+procps psmisc swaks bsdutils debian-archive-keyring miltertest prometheus"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

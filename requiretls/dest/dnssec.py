@@ -325,13 +325,14 @@ class DnsClient:
         return DnsAnswer(qname, rdtype, LookupStatus.ERROR, DnssecState.INDETERMINATE, 0, qname, (),
                          f"resolver {self.address}:{self.settings.port}: {last_error}")
 
-    async def check_resolver(self, ask_remote: bool = False) -> ResolverCheck:
+    async def check_resolver(self, ask_remote: bool = False, name: str = ".") -> ResolverCheck:
         """Is the resolver one whose AD bit may be trusted (RFC 7672 section 2.1.1, RFC 6698 section 4.1)?
 
         It must be reached over a trusted path (a loopback address) and must validate: asked for the root
         zone's DNSKEY RRset with DO set, a validating resolver answers with AD (it checked the set against its
         trust anchor); a plain forwarder or a non-validating cache does not.  A resolver off loopback is asked
-        only with ``ask_remote`` (the admin named it).
+        only with ``ask_remote`` (the admin named it).  ``name``: the signed name asked for instead of the root
+        (its DNSKEY RRset, or the signed proof that it has none): the answer must carry AD.
         """
         try:
             address = self.address
@@ -340,7 +341,12 @@ class DnsClient:
         loopback = is_loopback(address)
         if not loopback and not ask_remote:
             return ResolverCheck(address, self.settings.port, False, None, "not on loopback, not asked")
-        q = dns.message.make_query(dns.name.root, dns.rdatatype.DNSKEY, use_edns=0, want_dnssec=True, payload=1232)
+        what = "root DNSKEY" if name.strip(".") == "" else f"{name.rstrip('.')} DNSKEY"
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as e:
+            return ResolverCheck(address, self.settings.port, loopback, None, f"bad check name {name!r}: {e}")
+        q = dns.message.make_query(qname, dns.rdatatype.DNSKEY, use_edns=0, want_dnssec=True, payload=1232)
         q.flags |= dns.flags.AD | dns.flags.RD
         wait = min(self.settings.timeout, CHECK_TIMEOUT)  # a start-up check: never hold a daemon's start long
         try:
@@ -348,14 +354,14 @@ class DnsClient:
                 dns.asyncquery.udp_with_fallback(q, address, timeout=wait, port=self.settings.port), wait * 2)
         except (dns.exception.DNSException, TimeoutError, OSError, EOFError) as e:
             return ResolverCheck(address, self.settings.port, loopback, None,
-                                 f"no answer to the root DNSKEY query: {type(e).__name__} {e}".strip())
+                                 f"no answer to the {what} query: {type(e).__name__} {e}".strip())
         rcode = response.rcode()
         if rcode != dns.rcode.NOERROR:
             return ResolverCheck(address, self.settings.port, loopback, None,
-                                 f"root DNSKEY query answered {dns.rcode.to_text(rcode)}")
+                                 f"{what} query answered {dns.rcode.to_text(rcode)}")
         validates = bool(response.flags & dns.flags.AD)
-        detail = "validates (AD set on the root DNSKEY answer)" if validates else (
-            "does not validate: the root DNSKEY answer came without the AD bit")
+        detail = f"validates (AD set on the {what} answer)" if validates else (
+            f"does not validate: the {what} answer came without the AD bit")
         return ResolverCheck(address, self.settings.port, loopback, validates, detail)
 
     async def query_many(self, name: str, rdtypes: Sequence[str]) -> tuple[DnsAnswer, ...]:

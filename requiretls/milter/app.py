@@ -35,6 +35,8 @@ from requiretls.daemon import (
     table_sizes,
 )
 from requiretls.log import kv
+from requiretls.milter import metrics as milter_metrics
+from requiretls.milter import setaside
 from requiretls.milter.preflight import Preflight
 from requiretls.policy import (
     Decision,
@@ -186,6 +188,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
     def _tempfail(self, queue_id: str, reason: str) -> int:
         log.error("%s: requiretls: %s", queue_id, kv(action="tempfail", reason=reason))
+        milter_metrics.tempfail()
         try:
             self.setreply("451", "4.3.0", "requiretls: internal error, try again later")
         except Exception:
@@ -204,6 +207,8 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                           self.preflight.readiness if self.preflight is not None else None, self.local_transports)
         decision = result.decision
         self._log(queue_id, decision, result.route)
+        milter_metrics.record(decision)
+        setaside.message(queue_id, decision, routes, self.relayhost, self.local_transports)
         if decision.reject is not None:
             r = decision.reject
             self.setreply(str(r.code), r.dsn, r.text)
@@ -346,6 +351,16 @@ def run(args: argparse.Namespace) -> int:
         preflight = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), prober,
                               m.preflight_timeout)
         preflight.call(trust_resolver(preflight.resolver, settings.dns, settings.filename))
+    if m.optout_audit:
+        audit = preflight
+        if audit is None:
+            from requiretls.runtime import destination_resolver
+
+            # Its own loop thread, never used for the pre-flight; no resolver check: a resolver that does not
+            # validate only hides DANE destinations from this log.
+            audit = Preflight(destination_resolver(settings.dns, settings.mta_sts, settings.cache), None,
+                              m.preflight_timeout)
+        setaside.AUDIT = setaside.SetAside(audit.resolver, audit.loop)
     policy = settings.local_policy
 
     def current_policy() -> LocalPolicy:
@@ -357,6 +372,8 @@ def run(args: argparse.Namespace) -> int:
         policy = fresh.local_policy
         return table_sizes(fresh)
 
+    if m.metrics is not None:
+        milter_metrics.start(str(m.metrics))
     serve(spec, current_policy, m.timeout, m.postfix_version, str(m.relayhost) if m.relayhost else "",
           m.socket_group, m.socket_mode, m.mta, preflight, Reloader(args.config, apply), m.local_transports)
     return 0

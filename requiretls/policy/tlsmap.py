@@ -8,6 +8,10 @@ One daemon serves several transports; the socketmap *name* selects the zone:
   the MX, ``encrypt`` (which 3.11 refuses for REQUIRETLS with 5.7.10) where it does not, TEMP on doubt;
 * ``requiretls``: Postfix 3.11 ``smtp_requiretls_policy``: ``enforce`` unless the table says ``requiretls=no``.
 
+A map name with :data:`TLSRPT_SUFFIX` (``default+tlsrpt``, written by ``postfix-config`` for Postfix 3.10+)
+asks for MTA-STS answers with Postfix's TLSRPT policy attributes; the bare name gets plain answers, which
+every Postfix version reads.  MTA-STS ``mx`` patterns are enforced exactly in both forms (RFC 8461 section 4.1).
+
 Answers use exact Postfix syntax; ``optout=`` and ``requiretls=`` never reach Postfix.  Trouble is TEMP
 (Postfix defers), never a weaker level.
 """
@@ -20,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from requiretls.facts import Destination, TlsRequirement
+from requiretls.facts import Destination, TlsRequirement, name_matches
 from requiretls.policy.eligibility import Outcome, judge, mx_validated
 from requiretls.policy.table import PolicyTable, TableEntry
 
@@ -30,6 +34,10 @@ class Zone(enum.StrEnum):
     RELAXED = "relaxed"
     STRICT = "strict"
     REQUIRETLS = "requiretls"
+
+
+#: Map-name suffix asking for Postfix 3.10+'s TLSRPT attributes in MTA-STS answers.
+TLSRPT_SUFFIX = "+tlsrpt"
 
 
 class Status(enum.StrEnum):
@@ -110,16 +118,54 @@ def needs_destination(zone: Zone, query: Query, table: PolicyTable) -> bool:
     return entry is None or entry.level is None
 
 
-def _sts_match(dest: Destination) -> str | None:
-    """``secure`` match list from MTA-STS ``mx`` patterns: ``*.example.net`` -> ``.example.net``.
+def _sts_names(dest: Destination) -> tuple[str, ...]:
+    """The certificate names an MTA-STS ``enforce`` policy allows, as literal host names Postfix matches
+    exactly: each exact ``mx`` pattern as published, and each ``*.`` pattern expanded to the destination's
+    current MX hosts it matches (RFC 8461 section 4.1: the wildcard is one whole label).
 
-    Postfix's ``.domain`` form also accepts deeper names than RFC 8461 §4.1's one-label wildcard; the
-    certificate must still carry a name within the domain the policy owner published.
-    """
+    Postfix's ``.domain`` form would also accept ``a.b.domain`` (a name two labels below ``*.domain``), so a
+    wildcard is never passed on as such: an MX the policy does not allow finds its certificate refused (its
+    name is not in the list) and Postfix tries the next MX or defers.  Where no current MX matches a pattern
+    there is nothing to list, and the caller answers TEMP."""
     if dest.sts is None or dest.sts.policy is None:
-        return None
-    pats = [p[1:] if p.startswith("*.") else p for p in dest.sts.policy.mx]
-    return ":".join(dict.fromkeys(p.lower() for p in pats)) or None
+        return ()
+    names: list[str] = []
+    for pattern in (p.lower().rstrip(".") for p in dest.sts.policy.mx):
+        if pattern.startswith("*."):
+            names += [h.name.lower().rstrip(".") for h in dest.hosts if name_matches(pattern, h.name)]
+        elif pattern:
+            names.append(pattern)
+    return tuple(dict.fromkeys(names))
+
+
+def _tlsrpt_attributes(dest: Destination) -> str:
+    """Postfix >= 3.10's STS policy attributes (TLSRPT_README "MTA-STS Support via smtp_tls_policy_maps"):
+    with them Postfix reports the policy in its TLSRPT summaries, and 3.10.5+ with
+    ``smtp_tls_enforce_sts_mx_patterns = yes`` (its default) connects only to MX hosts the patterns allow
+    and matches each certificate against the MX host name.  Postfix < 3.10 refuses the whole answer
+    ("invalid attribute name"), hence the plain answers for those versions."""
+    pol = dest.sts.policy if dest.sts is not None else None
+    if pol is None:
+        return ""
+    patterns = [p.lower().rstrip(".") for p in pol.mx]
+    lines = ["version: STSv1", f"mode: {pol.mode.value}", *(f"mx: {p}" for p in patterns), f"max_age: {pol.max_age}"]
+    return " ".join([
+        "policy_type=sts", f"policy_domain={dest.domain.lower().rstrip('.')}",
+        *(f"mx_host_pattern={p}" for p in patterns),
+        *(f"{{ policy_string = {line} }}" for line in lines),
+    ])
+
+
+def _sts_secure(dest: Destination, attributes: bool) -> Answer:
+    """``secure`` for an MTA-STS ``enforce`` destination, its MX patterns enforced exactly; TEMP (defer) when
+    no current MX may be used under the policy."""
+    names = _sts_names(dest)
+    if not names:
+        return Answer(Status.TEMP, "no MX host matches the MTA-STS policy's mx patterns")
+    data = f"secure match={':'.join(names)} servername=hostname"
+    if attributes:
+        data += " " + _tlsrpt_attributes(dest)
+    return Answer(Status.OK, data)
 
 
 def _dane(dest: Destination) -> str:
@@ -128,17 +174,16 @@ def _dane(dest: Destination) -> str:
     return "dane-only" if usable and all(h.usable_tlsa for h in usable) else "dane"
 
 
-def _from_destination(dest: Destination) -> Answer:
+def _from_destination(dest: Destination, attributes: bool = False) -> Answer:
     req = dest.requirement
     if req is TlsRequirement.DEFER:
         return Answer(Status.TEMP, dest.reason[:200])
     if req is TlsRequirement.DANE:
         return Answer(Status.OK, _dane(dest))
     if req is TlsRequirement.STS_ENFORCE:
-        match = _sts_match(dest)
-        if match:
-            return Answer(Status.OK, f"secure match={match} servername=hostname")
-        return Answer(Status.TEMP, "MTA-STS enforce policy without mx patterns")
+        if dest.sts is None or dest.sts.policy is None or not dest.sts.policy.mx:
+            return Answer(Status.TEMP, "MTA-STS enforce policy without mx patterns")
+        return _sts_secure(dest, attributes)
     return Answer(Status.NOTFOUND)
 
 
@@ -149,9 +194,14 @@ def _table(entry: TableEntry | None) -> Answer | None:
 
 
 def answer(zone: Zone, query: Query, table: PolicyTable, dest: Destination | None = None,
-           error: str | None = None) -> Answer:
+           error: str | None = None, attributes: bool = False) -> Answer:
     """The reply for one lookup.  ``dest`` is the lookup result when :func:`needs_destination` said so;
-    ``error`` says that lookup failed (then the answer is TEMP wherever the destination mattered)."""
+    ``error`` says that lookup failed (then the answer is TEMP wherever the destination mattered).
+    ``attributes``: add Postfix 3.10+'s TLSRPT policy attributes to MTA-STS answers (never for Postfix < 3.10,
+    which refuses them)."""
+    def from_dest(d: Destination) -> Answer:
+        return _from_destination(d, attributes)
+
     entry = table.lookup_nexthop(query.key) if query.domain is None else (
         None if query.parent else table.lookup_domain(query.domain)
     )
@@ -165,16 +215,16 @@ def answer(zone: Zone, query: Query, table: PolicyTable, dest: Destination | Non
     if zone is Zone.RELAXED:
         if entry is None or entry.optout is not False:
             return Answer(Status.OK, "may")
-        return _table(entry) or _need(dest, error, _from_destination)
+        return _table(entry) or _need(dest, error, from_dest)
     if zone is Zone.STRICT:
         if entry is not None and entry.level in AUTHENTICATED_LEVELS:
             return _table(entry) or Answer(Status.TEMP, "table")
         if query.domain is None:
             return Answer(Status.OK, "secure")
-        return _need(dest, error, _strict)
+        return _need(dest, error, lambda d: _strict(d, attributes))
     if query.domain is None:
         return _table(entry) or Answer(Status.NOTFOUND)
-    return _table(entry) or _need(dest, error, _from_destination)
+    return _table(entry) or _need(dest, error, from_dest)
 
 
 def _need(dest: Destination | None, error: str | None, f: Callable[[Destination], Answer]) -> Answer:
@@ -183,7 +233,7 @@ def _need(dest: Destination | None, error: str | None, f: Callable[[Destination]
     return f(dest)
 
 
-def _strict(dest: Destination) -> Answer:
+def _strict(dest: Destination, attributes: bool = False) -> Answer:
     """REQUIRETLS through Postfix 3.11's smtp client (the strict clone): the eligibility verdict (RFC 8689
     section 4.2.1 steps 1-2), then an authenticated level for its first candidate MX.
 
@@ -199,9 +249,7 @@ def _strict(dest: Destination) -> Answer:
     if dest.requirement is TlsRequirement.DANE:
         return Answer(Status.OK, "dane-only")
     first = next(h for h in dest.hosts if h.name == verdict.mx)
-    if not first.mx_secure and mx_validated(dest, first):
-        match = _sts_match(dest)
-        if match:
-            return Answer(Status.OK, f"secure match={match} servername=hostname")
+    if not first.mx_secure and mx_validated(dest, first) and _sts_names(dest):
+        return _sts_secure(dest, attributes)
     # RFC 8689 section 4.2.1: a DNSSEC-validated MX name with a PKIX certificate for that name also qualifies.
     return Answer(Status.OK, "secure match=hostname")

@@ -11,7 +11,7 @@ from requiretls.addresses import ListenAddress
 from requiretls.config import Settings, load
 from requiretls.daemon import Reloader
 from requiretls.log import kv, setup
-from requiretls.policyd.metrics import Metrics
+from requiretls.policyd.metrics import Metrics, count_sts_fetches
 from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings, serve_forever
 from requiretls.runtime import destination_resolver, trust_resolver
 
@@ -36,8 +36,11 @@ def run(args: argparse.Namespace) -> int:
         settings.local_policy.table,
         destination_resolver(settings.dns, settings.mta_sts, settings.cache),
         metrics,
-        ServiceSettings(pd.answer_ttl, pd.lookup_timeout, pd.answer_cache_size, pd.idle_timeout),
+        ServiceSettings(pd.answer_ttl, pd.lookup_timeout, pd.answer_cache_size, pd.idle_timeout,
+                        pd.answer_attributes),
     )
+    if service.resolver is not None and service.resolver.sts is not None:
+        count_sts_fetches(service.resolver.sts, metrics)
     if pd.metrics is not None:
         metrics.serve(str(pd.metrics))
 

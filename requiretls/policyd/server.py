@@ -25,8 +25,17 @@ from requiretls.dest import DestinationResolver
 from requiretls.dest.cache import evict
 from requiretls.log import kv
 from requiretls.policy.table import PolicyTable
-from requiretls.policy.tlsmap import Answer, Query, Status, Zone, answer, needs_destination, parse_key
-from requiretls.policyd.metrics import Metrics
+from requiretls.policy.tlsmap import (
+    TLSRPT_SUFFIX,
+    Answer,
+    Query,
+    Status,
+    Zone,
+    answer,
+    needs_destination,
+    parse_key,
+)
+from requiretls.policyd.metrics import Metrics, level_of
 from requiretls.policyd.netstring import Decoder, NetstringError, TooLong, encode
 
 log = logging.getLogger("requiretls")
@@ -37,7 +46,9 @@ MAX_PENDING = 256
 #: map name (default_process_limit 100 per transport), so 1000 leaves room and stays within the usual soft limit
 #: of 1024 open files.
 MAX_CONNECTIONS = 1000
-_ZONES = {z.value.encode(): z for z in Zone}
+#: Map name -> (zone, whether answers carry the TLSRPT attributes by name).
+_ZONES = {**{z.value.encode(): (z, False) for z in Zone},
+          **{(z.value + TLSRPT_SUFFIX).encode(): (z, True) for z in Zone}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,9 @@ class ServiceSettings:
     answer_cache_size: int = 100_000
     #: Seconds a connection may sit idle (no request, no answer pending) before it is closed.
     idle_timeout: float = 300.0
+    #: Which answers carry Postfix 3.10+'s TLSRPT attributes: ``map`` (the map name says: ``default+tlsrpt``),
+    #: ``plain`` (none, whatever the name) or ``tlsrpt`` (all MTA-STS answers).
+    attributes: str = "map"
 
 
 class PolicyService:
@@ -60,6 +74,7 @@ class PolicyService:
         self.settings = settings or ServiceSettings()
         self.clock = clock
         self._cache: dict[bytes, tuple[float, bytes, Callable[[], None]]] = {}
+        metrics.cache_size = lambda: len(self._cache)
 
     def set_table(self, table: PolicyTable) -> None:
         self.table = table
@@ -78,10 +93,13 @@ class PolicyService:
         if hit is not None:
             return hit
         name, sep, rawkey = request.partition(b" ")
-        zone = _ZONES.get(name)
-        if zone is None or not sep:
+        found = _ZONES.get(name)
+        if found is None or not sep:
             self.metrics.error("unknown_zone" if sep else "malformed")
             return self._frame(Answer(Status.PERM, "unknown map name" if sep else "malformed request"), "-")
+        zone, by_name = found
+        mode = self.settings.attributes
+        attributes = mode == "tlsrpt" or (mode == "map" and by_name)
         try:
             key_text = rawkey.decode("ascii")
         except UnicodeDecodeError:
@@ -91,17 +109,18 @@ class PolicyService:
         if isinstance(query, Answer):
             self.metrics.error("bad_key")
             return self._frame(query, zone)
-        ans, ttl = await self._answer(zone, query)
+        ans, ttl = await self._answer(zone, query, attributes)
         wire = self._frame(ans, zone)
         if ans.status is not Status.TEMP and ttl > 0:
             if len(self._cache) >= self.settings.answer_cache_size and request not in self._cache:
                 # an evicted answer is simply looked up again
                 now = self.clock()
                 evict(self._cache, self.settings.answer_cache_size, lambda hit: hit[0] <= now)
-            self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(str(zone), ans.status.value))
+            self._cache[request] = (self.clock() + ttl, wire, self.metrics.hit_counter(
+                str(zone), ans.status.value, level_of(ans.status.value, ans.data)))
         return wire
 
-    async def _answer(self, zone: Zone, query: Query) -> tuple[Answer, float]:
+    async def _answer(self, zone: Zone, query: Query, attributes: bool = False) -> tuple[Answer, float]:
         if not needs_destination(zone, query, self.table) or query.domain is None:
             return answer(zone, query, self.table), self.settings.answer_ttl
         if self.resolver is None:
@@ -119,10 +138,10 @@ class PolicyService:
         finally:
             self.metrics.lookup_seconds(self.clock() - started)
         ttl = max(0.0, min(float(dest.ttl), self.settings.answer_ttl))
-        return answer(zone, query, self.table, dest), ttl
+        return answer(zone, query, self.table, dest, attributes=attributes), ttl
 
     def _frame(self, ans: Answer, zone: Zone | str) -> bytes:
-        self.metrics.request(str(zone), ans.status.value)
+        self.metrics.request(str(zone), ans.status.value, level_of(ans.status.value, ans.data))
         return encode(ans.wire().encode("ascii", "replace"))
 
 

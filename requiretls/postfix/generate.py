@@ -31,6 +31,7 @@ from requiretls.addresses import ListenAddress
 from requiretls.policy import LocalPolicy
 from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, ROUTE_HEADER, TLS_REQUIRED
 from requiretls.policy.route import FORWARD_SUFFIX, PostfixFeatures, Route
+from requiretls.policy.tlsmap import TLSRPT_SUFFIX
 
 RELAXED_SERVICE = "requiretls-relaxed"
 STRICT_SERVICE = "requiretls-strict"
@@ -367,10 +368,14 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     if returned is None:
         main.append(("milter_header_checks", _prepend(env.current.get("milter_header_checks", ""), mhc)))
         items.append(("milter_header_checks", mhc))
+    # Postfix 3.10+ reads the TLSRPT policy attributes in MTA-STS answers (and needs them to enforce the policy's
+    # MX patterns itself); before 3.10 they make the whole answer invalid.  The map name tells policyd which.
+    tlsrpt = TLSRPT_SUFFIX if env.version.version >= (3, 10) else ""
     if sockmap:
-        current_maps = env.current.get("smtp_tls_policy_maps", "")
-        main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default")))
-        items.append(("smtp_tls_policy_maps", f"{sockmap}:default"))
+        current_maps = ", ".join(_without_ours(_split_list(env.current.get("smtp_tls_policy_maps", "")),
+                                               f"{sockmap}:default{TLSRPT_SUFFIX if not tlsrpt else ''}"))
+        main.append(("smtp_tls_policy_maps", _prepend(current_maps, f"{sockmap}:default{tlsrpt}")))
+        items.append(("smtp_tls_policy_maps", f"{sockmap}:default{tlsrpt}"))
         if env.version.native_requiretls:
             main.append(("smtp_requiretls_policy", f"{sockmap}:requiretls"))
     if env.version.version < (3, 9) and "smtpd_forbid_bare_newline" not in env.explicit:
@@ -429,7 +434,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             "unix",
             f"{RELAXED_SERVICE} unix - - n - - smtp -o syslog_name=postfix/{RELAXED_SERVICE} "
             "-o smtp_tls_security_level=may -o smtp_tls_policy_maps="
-            + (f"{sockmap}:relaxed" if sockmap else f"texthash:{cdir}/{RELAXED_POLICY}")
+            + (f"{sockmap}:relaxed{tlsrpt}" if sockmap else f"texthash:{cdir}/{RELAXED_POLICY}")
             # the route header served its purpose: it does not go to the next hop
             + f" -o smtp_header_checks=regexp:{cdir}/{REINJECT_HEADER_CHECKS}",
         ),
@@ -462,7 +467,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
         master += guard_master
         files += guard_files
     else:
-        master, files = _strict_route(cdir, sockmap, master, files)
+        master, files = _strict_route(cdir, sockmap, master, files, tlsrpt)
     if returned is not None:
         master += (
             MasterEntry(
@@ -480,8 +485,8 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     return Plan(tuple(main), master, files, tuple(items), tuple(notes))
 
 
-def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], files: tuple[tuple[str, str], ...]
-                  ) -> tuple[tuple[MasterEntry, ...], tuple[tuple[str, str], ...]]:
+def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], files: tuple[tuple[str, str], ...],
+                  tlsrpt: str = "") -> tuple[tuple[MasterEntry, ...], tuple[tuple[str, str], ...]]:
     """Postfix 3.11: the strict smtp clone for REQUIRETLS mail whose recipients all go to their MX.
 
     3.11 enforces REQUIRETLS itself, but only at the TLS level smtp_tls_policy_maps gives; the ``default`` zone
@@ -495,7 +500,7 @@ def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], file
     reinject_text = dict(files)[REINJECT_HEADER_CHECKS]
     cleanup_checks = ("# requiretls (3.11): re-injected REQUIRETLS mail for MX recipients goes to the strict clone\n"
                       + route_rule + "\n" + reinject_text)
-    policy = f" -o smtp_tls_policy_maps={sockmap}:strict" if sockmap else ""
+    policy = f" -o smtp_tls_policy_maps={sockmap}:strict{tlsrpt}" if sockmap else ""
     strict = MasterEntry(
         STRICT_SERVICE,
         "unix",

@@ -43,6 +43,7 @@ from requiretls.policy.headers import (
 from requiretls.policy.local import LocalPolicy
 from requiretls.policy.route import FORWARD_SUFFIX, LOCAL_GUARD, MX_PLAN, NEXTHOP_LIST_SEP, Route
 from requiretls.policy.table import split_address
+from requiretls.relay import metrics as relay_metrics
 from requiretls.relay.deliver import (
     DeliveryStatus,
     LmtpEnvelope,
@@ -317,6 +318,7 @@ class AgentHandler:
                                        verify=o.verify or None,
                                        requiretls=None if o.requiretls is None else ("yes" if o.requiretls else "no"),
                                        dsn=o.dsn, status=str(o.status), reply=o.text))
+            relay_metrics.outcome(str(route), o)
             replies.append(o.lmtp_reply())
         return "\r\n".join(replies)
 

@@ -20,6 +20,8 @@ from requiretls.config import Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
 from requiretls.log import kv, setup
+from requiretls.relay import metrics as relay_metrics
+from requiretls.relay import tlsrpt as relay_tlsrpt
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
@@ -83,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     log.info("%s", kv(postfix_settings="read", **_describe(state)))
 
+    if settings.relay.metrics is not None:
+        relay_metrics.start(str(settings.relay.metrics))
+
     async def main() -> None:
         relay = settings.relay
         prober = Prober(ProbeSettings(timeout=relay.timeout, cafile=relay.cafile, helo_name=relay.helo_name or None))
@@ -93,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().set_default_executor(
             concurrent.futures.ThreadPoolExecutor(state.settings.max_parallel + 16, "relay"))
         await trust_resolver(handler.resolver, settings.dns, settings.filename)
+        if relay.tlsrpt_socket:
+            relay_tlsrpt.start(relay.tlsrpt_socket, handler.resolver.dns, asyncio.get_running_loop())
 
         def apply(fresh: Settings) -> dict[str, object]:
             state = agent_state(fresh, postfix_view(fresh))  # PostfixConfigError: the old state stays

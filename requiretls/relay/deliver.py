@@ -25,6 +25,7 @@ from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_q
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
+from requiretls.relay import tlsrpt
 from requiretls.relay.mime import Unconvertible, downconvert, has_8bit
 
 
@@ -358,6 +359,7 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
                 quit_quietly(client)
             with open_session(host.name, address, settings, host.usable_tlsa, names) as session:
                 tried.append(session.result)
+                tlsrpt.session(dest, session.result)
                 if session.client is None or not eligibility.qualifies(session.result):
                     continue
                 out, good = _send_on(session.client, session.result, env, rcpts, message, creds, False)

@@ -21,12 +21,14 @@ def dane(domain: str, all_tlsa: bool = True) -> Destination:
     return Destination(domain, MxSource.MX, DnssecState.SECURE, hosts, None, TlsRequirement.DANE, "dane", 300)
 
 
-def sts(domain: str, mode: StsMode = StsMode.ENFORCE) -> Destination:
+def sts(domain: str, mode: StsMode = StsMode.ENFORCE, mx: tuple[str, ...] | None = None) -> Destination:
+    """An MTA-STS destination, policy ``mx.D`` and ``*.backup.D``; ``mx``: its MX host names (default mx.D)."""
     policy = StsPolicy(mode, 86400, (f"mx.{domain}", f"*.backup.{domain}"))
     result = StsResult(domain, StsStatus.FETCHED, policy, "id1")
     req = TlsRequirement.STS_ENFORCE if mode is StsMode.ENFORCE else TlsRequirement.STS_TESTING
-    host = MxHost(f"mx.{domain}", 10, False, ("192.0.2.3",), DnssecState.INSECURE, sts_match=True)
-    return Destination(domain, MxSource.MX, DnssecState.INSECURE, (host,), result, req, "sts", 300)
+    hosts = tuple(MxHost(name, 10 * (i + 1), False, ("192.0.2.3",), DnssecState.INSECURE,
+                         sts_match=policy.matches(name)) for i, name in enumerate(mx or (f"mx.{domain}",)))
+    return Destination(domain, MxSource.MX, DnssecState.INSECURE, hosts, result, req, "sts", 300)
 
 
 def plain(domain: str, secure: bool = False) -> Destination:

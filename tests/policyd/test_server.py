@@ -38,6 +38,9 @@ DESTS = {
     "mixed.example": dane("mixed.example", all_tlsa=False),
     "sts.example": sts("sts.example"),
     "ststest.example": sts("ststest.example", StsMode.TESTING),
+    # RFC 8461 section 4.1: *.backup.wild.example allows a.backup.wild.example, not x.y.backup.wild.example.
+    "wild.example": sts("wild.example", mx=("x.y.backup.wild.example", "a.backup.wild.example")),
+    "deep.example": sts("deep.example", mx=("x.y.backup.deep.example",)),
     "partner.example": dane("partner.example"),
     "signed.example": plain("signed.example", secure=True),
     "bogus.example": deferred("bogus.example"),
@@ -51,7 +54,19 @@ CASES = [
     (b"default agency.gov.example", b"OK secure"),
     (b"default dane.example", b"OK dane-only"),
     (b"default mixed.example", b"OK dane"),
-    (b"default sts.example", b"OK secure match=mx.sts.example:.backup.sts.example servername=hostname"),
+    # MX patterns exactly: the exact name as published, the wildcard as the current MX hosts it matches.
+    (b"default sts.example", b"OK secure match=mx.sts.example servername=hostname"),
+    (b"default wild.example", b"OK secure match=mx.wild.example:a.backup.wild.example servername=hostname"),
+    # x.y.backup.deep.example is two labels below the wildcard: not in the list, its certificate is refused.
+    (b"default deep.example", b"OK secure match=mx.deep.example servername=hostname"),
+    # Postfix 3.10+ (the map name postfix-config writes for it): the TLSRPT attributes.
+    (b"default+tlsrpt sts.example", b"OK secure match=mx.sts.example servername=hostname policy_type=sts "
+     b"policy_domain=sts.example mx_host_pattern=mx.sts.example mx_host_pattern=*.backup.sts.example "
+     b"{ policy_string = version: STSv1 } { policy_string = mode: enforce } { policy_string = mx: mx.sts.example }"
+     b" { policy_string = mx: *.backup.sts.example } { policy_string = max_age: 86400 }"),
+    (b"default+tlsrpt dane.example", b"OK dane-only"),
+    (b"relaxed+tlsrpt news.example", b"OK may"),
+    (b"requiretls+tlsrpt dane.example", b"OK enforce"),
     (b"default ststest.example", b"NOTFOUND "),
     (b"default plain.example", b"NOTFOUND "),
     (b"default bogus.example", b"TEMP MX lookup bogus: deferring"),
@@ -66,7 +81,12 @@ CASES = [
     (b"relaxed strictpartner.example", b"OK secure match=nexthop"),
     (b"relaxed news.example", b"OK may"),
     (b"strict dane.example", b"OK dane-only"),
-    (b"strict sts.example", b"OK secure match=mx.sts.example:.backup.sts.example servername=hostname"),
+    (b"strict sts.example", b"OK secure match=mx.sts.example servername=hostname"),
+    (b"strict+tlsrpt wild.example", b"OK secure match=mx.wild.example:a.backup.wild.example servername=hostname "
+     b"policy_type=sts policy_domain=wild.example mx_host_pattern=mx.wild.example "
+     b"mx_host_pattern=*.backup.wild.example { policy_string = version: STSv1 } { policy_string = mode: enforce }"
+     b" { policy_string = mx: mx.wild.example } { policy_string = mx: *.backup.wild.example }"
+     b" { policy_string = max_age: 86400 }"),
     # RFC 8461 section 5: a testing policy validates no MX for REQUIRETLS (the eligibility verdict).
     # The bounce verdict is a level Postfix 3.11 refuses for REQUIRETLS at once with 5.7.10.
     (b"strict ststest.example", b"OK encrypt"),
@@ -181,9 +201,11 @@ def test_metrics_count_requests_by_zone_and_answer(sock_path: str) -> None:
     from prometheus_client import generate_latest
 
     text = generate_latest(m.registry).decode()
-    assert 'requiretls_policyd_requests_total{answer="OK",zone="default"} 2.0' in text
+    assert 'requiretls_policyd_requests_total{answer="OK",level="may",zone="default"} 2.0' in text
     assert "requiretls_policyd_cache_hits_total 1.0" in text
-    assert 'requiretls_policyd_requests_total{answer="PERM",zone="-"} 1.0' in text
+    assert 'requiretls_policyd_requests_total{answer="PERM",level="",zone="-"} 1.0' in text
+    assert "requiretls_policyd_cache_entries 1.0" in text  # the one cached answer
+    assert 'requiretls_build_info{daemon="policyd",' in text
 
 
 def test_answer_cache_is_bounded_and_still_counts_hits() -> None:

@@ -130,6 +130,10 @@ MX_HOSTS: tuple[MxHost, ...] = (
     _mx(24, "insecure-norequiretls", "mx.insecure-norequiretls.test.", requiretls=False),
     _mx(25, "sts-wrongmx", "mx.sts-wrongmx.test."),
     _mx(26, "sts-stall", "mx.sts-stall.test."),
+    _mx(27, "sts-deep", "a.b.sts-deep.test."),
+    _mx(28, "sts-wild", "mx.sts-wild.test."),
+    _mx(29, "sts-mixed-deep", "a.b.sts-mixed.test."),
+    _mx(30, "sts-mixed", "mx.sts-mixed.test."),
 )
 
 MX_BY_KEY: dict[str, MxHost] = {m.key: m for m in MX_HOSTS}
@@ -288,6 +292,31 @@ DOMAINS: tuple[Domain, ...] = (
         ((10, "sts-wrongmx"),),
         sts=StsPolicy(mx=("mx.elsewhere.test",)),
         purpose="MTA-STS enforce whose policy does not list the domain's MX (RFC 8461 4.1: refuse it)",
+    ),
+    Domain(
+        "sts-deep.test.",
+        _I,
+        ((10, "sts-deep"),),
+        sts=StsPolicy(mx=("*.sts-deep.test",)),
+        purpose="MTA-STS enforce, mx *.sts-deep.test; the MX a.b.sts-deep.test is two labels below (RFC 8461 4.1: "
+        "refuse it), its certificate valid for its name",
+    ),
+    Domain(
+        "sts-wild.test.",
+        _I,
+        ((10, "sts-wild"),),
+        sts=StsPolicy(mx=("*.sts-wild.test",)),
+        purpose="MTA-STS enforce, mx *.sts-wild.test; the MX mx.sts-wild.test is one label below (allowed); "
+        "publishes a TLSRPT record",
+        extra=('_smtp._tls 300 IN TXT "v=TLSRPTv1; rua=mailto:tlsrpt@sts-wild.test"',),
+    ),
+    Domain(
+        "sts-mixed.test.",
+        _I,
+        ((10, "sts-mixed-deep"), (20, "sts-mixed")),
+        sts=StsPolicy(mx=("*.sts-mixed.test",)),
+        purpose="MTA-STS enforce, mx *.sts-mixed.test; preferred MX a.b.sts-mixed.test (two labels below: not to be "
+        "used), second MX mx.sts-mixed.test (allowed)",
     ),
     Domain(
         "toggle.test.",

@@ -213,7 +213,8 @@ def test_preflight_readiness_for_each_verdict() -> None:
                   "MtaStsTimeoutError: timed out"),
     # a bounce verdict: a level 3.11 refuses for REQUIRETLS at once (5.7.10), never cleartext, never days of TEMP
     (CASES[7][1], "OK encrypt"),
-    (CASES[10][1], "OK secure match=.example.test servername=hostname"),
+    # RFC 8461 section 4.1: the wildcard *.example.test names the MX host it matches, exactly
+    (CASES[10][1], "OK secure match=mx.example.test servername=hostname"),
     (SECURE, "OK secure match=hostname"),
     (_dest(_host("mx.example.test", dane=DaneState.USABLE), requirement=TlsRequirement.DANE), "OK dane-only"),
 ], ids=["dns", "sts-fetch", "unvalidated", "sts-enforce", "dnssec-pkix", "dane"])
