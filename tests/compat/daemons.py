@@ -15,6 +15,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,74 @@ lmtp_save_to_detail_mailbox = no
 
     def log(self) -> str:
         p = self.dir / "dovecot.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def stop(self) -> None:
+        _stop(self.proc)
+        self.proc = None
+
+
+@dataclass
+class MtaStsResolver:
+    """postfix-mta-sts-resolver (``mta-sts-daemon``, PyPI) as the admin's ``smtp_tls_policy_maps`` socketmap on
+    ``127.0.0.1:port``.  It resolves with the system resolver, so it runs in a private mount namespace with the
+    bed's resolv.conf bound over /etc/resolv.conf (as the bed's Postfix does), and trusts the bed's CA
+    (``SSL_CERT_FILE``).  ``strict_testing``: policies in mode ``testing`` are enforced too (the admin's choice,
+    and what tells its answers apart from ours, which leave ``testing`` alone)."""
+
+    dir: Path
+    port: int
+    resolv_conf: Path
+    cafile: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        d = _fresh_dir(self.dir)
+        conf = d / "mta-sts-daemon.yml"
+        conf.write_text(
+            f"""host: 127.0.0.1
+port: {self.port}
+reuse_port: true
+shutdown_timeout: 2
+cache:
+  type: internal
+  options:
+    cache_size: 100
+default_zone:
+  strict_testing: true
+  timeout: 5
+"""
+        )
+        exe = Path(sys.executable).parent / "mta-sts-daemon"
+        script = (f"set -e; mount --make-rprivate /; mount --bind {self.resolv_conf} /etc/resolv.conf; "
+                  f"exec {exe} -c {conf} -v debug")
+        log = d / "console.log"
+        logf = open(log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--", "sh", "-c", script],
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, cwd=d,
+            env={**os.environ, "SSL_CERT_FILE": str(self.cafile)},
+        )
+        try:
+            _wait_port(self.port, self.proc, log, timeout=20)
+        except RuntimeError as e:
+            raise RuntimeError(f"mta-sts-daemon did not start: {e}") from e
+
+    def query(self, domain: str, zone: str = "postfix") -> str:
+        """One socketmap lookup, as Postfix makes it."""
+        req = f"{zone} {domain}".encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(str(len(req)).encode() + b":" + req + b",")
+            data = b""
+            while not data.endswith(b","):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data.partition(b":")[2][:-1].decode()
+
+    def log(self) -> str:
+        p = self.dir / "console.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
     def stop(self) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
@@ -22,7 +24,7 @@ from typing import Any
 import dkim
 import pytest
 
-from tests.compat.daemons import Amavis, Dovecot, OpenDkim, package_version
+from tests.compat.daemons import Amavis, Dovecot, MtaStsResolver, OpenDkim, package_version
 from tests.compat.matrix import MATRIX
 from tests.e2e.plugin import Plugin
 from tests.testbed.bed import Bed
@@ -81,7 +83,10 @@ class Site:
         self.amavis = Amavis(base / "amavis", port=x[1], forward_port=x[2])
         self.dkim = OpenDkim(base / "opendkim", port=x[3])
         self.dovecot = Dovecot(base / "dovecot", port=x[4])
-        self.plugin = Plugin(bed, pf)
+        self.sts = MtaStsResolver(base / "mta-sts", port=x[5], resolv_conf=bed.state / "dns" / "resolv.conf",
+                                  cafile=bed.pki.ca_cert)
+        self.sts_map = f"socketmap:inet:127.0.0.1:{x[5]}:postfix"
+        self.plugin = Plugin(bed, pf, apply_args=("--policyd",))
         self.relay: RelayServer | None = None
         self.sasl = pf.version == "3.7"  # the 3.10/3.11 chroots have no libsasl2-modules (PLAIN/LOGIN)
 
@@ -89,6 +94,7 @@ class Site:
         self.amavis.start()
         self.dkim.start()
         self.dovecot.start()
+        self.sts.start()
         if self.sasl:
             files = self.bed.pki.mx("dane")
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -101,7 +107,7 @@ class Site:
         self.plugin.stop()
         if self.relay is not None:
             self.relay.__exit__(None, None, None)
-        for d in (self.amavis, self.dkim, self.dovecot):
+        for d in (self.amavis, self.dkim, self.dovecot, self.sts):
             d.stop()
 
     def configure_admin_site(self) -> None:
@@ -113,6 +119,7 @@ class Site:
             non_smtpd_milters="$smtpd_milters",
             milter_default_action="accept",
             mailbox_transport=f"lmtp:inet:127.0.0.1:{x[4]}",
+            smtp_tls_policy_maps=self.sts_map,
         )
         # amavisd-new's README.Postfix (Debian): the filter transport and the return smtpd
         pf.add_service("amavis", "unix", "unix - - n - 2 smtp -o smtp_data_done_timeout=1200 "
@@ -141,6 +148,13 @@ class Site:
             pf.set(smtp_sasl_auth_enable="yes", smtp_sasl_security_options="noanonymous",
                    smtp_sasl_password_maps=f"texthash:{pf.config_dir}/sasl_passwd",
                    sender_dependent_relayhost_maps=f"texthash:{pf.config_dir}/sender_relay")
+
+    def plugin_undo(self) -> subprocess.CompletedProcess[str]:
+        p = self.plugin
+        return subprocess.run(
+            [sys.executable, "-m", "requiretls", "postfix-config", "--config", str(p.config), "-c",
+             str(self.pf.config_dir), "--postfix-version", self.pf.version, "--apply", "--undo"],
+            capture_output=True, text=True, timeout=60)
 
     def wire_requiretls(self) -> None:
         self.plugin.table = "dane.test requiretls=yes\n"
@@ -192,11 +206,16 @@ def test_real_site_every_class(site: Site) -> None:
         "non_smtpd_milters = $smtpd_milters" in conf and sum("requiretls" in m for m in nonsmtpd) == 1,
         " ".join(nonsmtpd))
 
-    sent: dict[str, str] = {}  # class -> recipient
+    maps = pf.postconf("-h", "smtp_tls_policy_maps").replace(",", " ").split()
+    rec("sts-chain", "existing `smtp_tls_policy_maps` (postfix-mta-sts-resolver) kept after ours",
+        len(maps) == 2 and "requiretls" in maps[0] and maps[1] == site.sts_map, " ".join(maps))
     # A. ordinary mail, through postscreen on the smtp port
     pf.submit(f"alice@{DOMAIN}", ["ann@insecure.test"], _message(f"alice@{DOMAIN}", "ann@insecure.test",
               "ordinary"), port="smtp")
-    sent["ordinary"] = "ann@insecure.test"
+    # I. ordinary mail to an MTA-STS "testing" domain: our policy service leaves it alone (NOTFOUND), the
+    # admin's resolver (strict_testing) answers "secure": verified TLS proves the chain reaches it
+    pf.submit(f"alice@{DOMAIN}", ["ivy@sts-testing.test"],
+              _message(f"alice@{DOMAIN}", "ivy@sts-testing.test", "mta-sts testing"))
     # B. opt-out: TLS-Required: No from a trusted client, to a DANE domain whose MX has no STARTTLS
     pf.submit(f"alice@{DOMAIN}", ["bob@dane-nostarttls.test"],
               _message(f"alice@{DOMAIN}", "bob@dane-nostarttls.test", "opt-out", TLS_Required="No"))
@@ -212,7 +231,7 @@ def test_real_site_every_class(site: Site) -> None:
     # F. local submission (sendmail, pickup): non_smtpd_milters
     msg_f = _message(f"pickup@{DOMAIN}", "erin@insecure.test", "from sendmail")
     pf.run(["sendmail", "-f", f"pickup@{DOMAIN}", "erin@insecure.test"], input=msg_f.as_string())
-    expected = 6
+    expected = 7
     # G. 3.11: native MAIL FROM ... REQUIRETLS
     if v == "3.11":
         pf.submit(f"alice@{DOMAIN}", ["hal@dane.test"], _message(f"alice@{DOMAIN}", "hal@dane.test", "native"),
@@ -231,13 +250,15 @@ def test_real_site_every_class(site: Site) -> None:
     dane = _wait(lambda: len(bed.mx("dane").deliveries()) >= n_dane and bed.mx("dane").deliveries(), 90) or []
     ins = _wait(lambda: len(bed.mx("insecure").deliveries()) >= 2 and bed.mx("insecure").deliveries(), 30) or []
     nost = _wait(lambda: bed.mx("dane-nostarttls").deliveries(), 30) or []
+    stst = _wait(lambda: bed.mx("sts-testing").deliveries(), 30) or []
     box = _wait(lambda: site.dovecot.mailbox(LOCAL_USER), 30) or []
     relayed = _wait(lambda: site.relay is not None and len(site.relay.deliveries) >= 2 and site.relay.deliveries,
                     30) if site.sasl else []
     time.sleep(2)  # anything delivered twice or unfiltered would show up now
     dane, ins = bed.mx("dane").deliveries(), bed.mx("insecure").deliveries()
     nost, box = bed.mx("dane-nostarttls").deliveries(), site.dovecot.mailbox(LOCAL_USER)
-    by_rcpt = {d.rcpt_tos[0]: d for d in [*dane, *ins, *nost]}
+    stst = bed.mx("sts-testing").deliveries()
+    by_rcpt = {d.rcpt_tos[0]: d for d in [*dane, *ins, *nost, *stst]}
     log = pf.log()
 
     def delivered(key: str, desc: str, rcpt: str) -> Any:
@@ -315,13 +336,28 @@ def test_real_site_every_class(site: Site) -> None:
             and h.requiretls and not g.requiretls and amavis_passes(g.raw) == 1 and amavis_passes(h.raw) == 1,
             f"got={sorted(got)} auth={[r.auth_user for r in got.values()]}")
 
+    # I
+    desc = "existing postfix-mta-sts-resolver map still consulted (MTA-STS `testing` domain: verified TLS), amavis once"
+    d = delivered("sts-chain-mail", desc, "ivy@sts-testing.test")
+    if d is not None:
+        verified = re.search(r"Verified TLS connection established to mx\.sts-testing\.test", log) is not None
+        asked = "sts-testing.test" in site.sts.log()
+        rec("sts-chain-mail", desc, amavis_passes(d.raw) == 1 and d.tls and verified and asked,
+            f"amavis={amavis_passes(d.raw)} tls={d.tls} verified-in-log={verified} resolver-asked={asked}")
+
     # nothing unfiltered, nothing twice: amavis saw each message once, and nothing else was delivered
     passed = len(re.findall(r"Passed CLEAN", site.amavis.log()))
-    total = len(dane) + len(ins) + len(nost) + len(box) + len(relayed or [])
+    total = len(dane) + len(ins) + len(nost) + len(stst) + len(box) + len(relayed or [])
     rec("filter-count", "amavis passed every message exactly once; nothing delivered unfiltered or twice",
         passed == expected and total == expected,
         f"sent={expected} amavis-passed={passed} delivered={total}")
-    assert not any("X-RequireTLS" in d.raw.decode(errors="replace") for d in [*dane, *ins, *nost])
+    assert not any("X-RequireTLS" in d.raw.decode(errors="replace") for d in [*dane, *ins, *nost, *stst])
+
+    # --undo gives the admin's policy map back as it was
+    r = site.plugin_undo()
+    maps = pf.postconf("-h", "smtp_tls_policy_maps").strip()
+    rec("sts-undo", "`--undo` leaves the admin's `smtp_tls_policy_maps` exactly as before",
+        r.returncode == 0 and maps == site.sts_map, f"exit={r.returncode} maps={maps}")
 
     failures = MATRIX.failures(v)
     assert not failures, "\n".join(failures) + "\n--- maillog tail:\n" + log[-4000:]
