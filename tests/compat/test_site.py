@@ -56,6 +56,11 @@ def dkim_ok(raw: bytes, dk: OpenDkim) -> bool:
     return bool(dkim.verify(data, dnsfunc=dk.dnsfunc))
 
 
+def _milter_list(text: str) -> list[str]:
+    """A milter list as Postfix reads it: items separated by commas or space, ``{ ... }`` one item."""
+    return re.findall(r"\{[^}]*\}|[^\s,{}]+", text)
+
+
 def _message(sender: str, rcpt: str, subject: str, **headers: str) -> EmailMessage:
     m = EmailMessage()
     m["From"] = sender
@@ -198,10 +203,10 @@ def test_real_site_every_class(site: Site) -> None:
     site.configure_admin_site()
     site.wire_requiretls()
     conf = pf.postconf("-n")
-    milters = pf.postconf("-xh", "smtpd_milters").split()
+    milters = _milter_list(pf.postconf("-xh", "smtpd_milters"))
     rec("milter-order", "`--apply` puts our milter before opendkim (smtpd_milters, expanded)",
         len(milters) == 2 and "requiretls" in milters[0], " ".join(milters))
-    nonsmtpd = pf.postconf("-xh", "non_smtpd_milters").split()
+    nonsmtpd = _milter_list(pf.postconf("-xh", "non_smtpd_milters"))
     rec("non-smtpd-ref", "`non_smtpd_milters = $smtpd_milters` kept; our milter once after expansion",
         "non_smtpd_milters = $smtpd_milters" in conf and sum("requiretls" in m for m in nonsmtpd) == 1,
         " ".join(nonsmtpd))
