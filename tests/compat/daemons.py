@@ -37,6 +37,16 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     raise RuntimeError(f"port {port} not listening after {timeout}s:\n{_tail(log)}")
 
 
+def _port_free(port: int) -> None:
+    """Refuse to start on a port something already listens on: a leftover daemon would answer in our place."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+    except OSError:
+        return
+    raise RuntimeError(f"127.0.0.1:{port} is already in use (a leftover daemon?)")
+
+
 def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
 
@@ -84,6 +94,7 @@ class Amavis:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        _port_free(self.port)
         d = _fresh_dir(self.dir, "amavis", 0o750)
         for sub in ("tmp", "db", "var"):
             _fresh_dir(d / sub, "amavis", 0o750)
@@ -162,6 +173,7 @@ class OpenDkim:
     public_txt: str = ""
 
     def start(self) -> None:
+        _port_free(self.port)
         d = _fresh_dir(self.dir, "opendkim", 0o750)
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         keyfile = d / "private.key"
@@ -227,6 +239,7 @@ class Dovecot:
     users: list[str] = field(default_factory=list)
 
     def start(self) -> None:
+        _port_free(self.port)
         d = _fresh_dir(self.dir)
         _fresh_dir(d / "run")
         mail = _fresh_dir(d / "mail", "nobody", 0o755)
@@ -314,6 +327,7 @@ class MtaStsResolver:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        _port_free(self.port)
         d = _fresh_dir(self.dir)
         conf = d / "mta-sts-daemon.yml"
         conf.write_text(

@@ -201,7 +201,12 @@ def test_real_site_every_class(site: Site) -> None:
         MATRIX.record(v, key, desc, ok, detail)
 
     site.configure_admin_site()
+    amavis_before = pf.postconf("-M", "amavis/unix")
     site.wire_requiretls()
+    amavis_after = pf.postconf("-M", "amavis/unix")
+    hop = "smtp_requiretls_policy=opportunistic" in amavis_after
+    rec("filter-hop", "the hop to amavis: `-o smtp_requiretls_policy=opportunistic` only on 3.11 (ours enforces)",
+        hop == (v == "3.11"), f"set={hop}")
     conf = pf.postconf("-n")
     milters = _milter_list(pf.postconf("-xh", "smtpd_milters"))
     rec("milter-order", "`--apply` puts our milter before opendkim (smtpd_milters, expanded)",
@@ -365,6 +370,10 @@ def test_real_site_every_class(site: Site) -> None:
     maps = pf.postconf("-h", "smtp_tls_policy_maps").strip()
     rec("sts-undo", "`--undo` leaves the admin's `smtp_tls_policy_maps` exactly as before",
         r.returncode == 0 and maps == site.sts_map, f"exit={r.returncode} maps={maps}")
+    rec("filter-undo", "`--undo` gives back the admin's amavis transport and return smtpd",
+        r.returncode == 0 and pf.postconf("-M", "amavis/unix") == amavis_before
+        and "requiretls" not in pf.postconf("-M", f"127.0.0.1:{pf.ports.extra[2]}/inet"),
+        f"exit={r.returncode}")
 
     failures = MATRIX.failures(v)
     assert not failures, "\n".join(failures) + "\n--- maillog tail:\n" + log[-4000:]
