@@ -303,10 +303,14 @@ def test_real_site_every_class(site: Site) -> None:
     d = delivered("cookie-dkim", desc, "dave@dane.test")
     if d is not None:
         subj = d.header("Subject")
+        # the verifier is not vacuous: the same message with the cookie put back fails
+        tampered = d.raw.replace(b"Subject: quarterly figures", b"Subject: [requiretls] quarterly figures", 1)
         rec("cookie-dkim", desc, amavis_passes(d.raw) == 1 and d.requiretls and subj == ["quarterly figures"]
-            and bool(d.header("DKIM-Signature")) and dkim_ok(d.raw, site.dkim),
+            and bool(d.header("DKIM-Signature")) and dkim_ok(d.raw, site.dkim)
+            and tampered != d.raw and not dkim_ok(tampered, site.dkim),
             f"amavis={amavis_passes(d.raw)} requiretls={d.requiretls} subject={subj} "
-            f"signed={bool(d.header('DKIM-Signature'))} dkim={dkim_ok(d.raw, site.dkim)}")
+            f"signed={bool(d.header('DKIM-Signature'))} dkim={dkim_ok(d.raw, site.dkim)} "
+            f"with-cookie-back={dkim_ok(tampered, site.dkim)}")
     # E
     desc = "REQUIRETLS to a local mailbox: delivered by Dovecot LMTP (mailbox_transport), amavis once, DKIM verifies"
     if len(box) != 1:
