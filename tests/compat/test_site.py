@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
+from pathlib import Path
 from typing import Any
 
 import dkim
@@ -93,7 +94,11 @@ class Site:
         self.sts_map = f"socketmap:inet:127.0.0.1:{x[5]}:postfix"
         self.plugin = Plugin(bed, pf, apply_args=("--policyd",))
         self.relay: RelayServer | None = None
-        self.sasl = pf.version == "3.7"  # the 3.10/3.11 chroots have no libsasl2-modules (PLAIN/LOGIN)
+        # Postfix's smtp needs libsasl2-modules (PLAIN/LOGIN) in its root; chroots built before it was added to
+        # scripts/build-chroots.sh lack it (the matrix then says n/a)
+        root = pf.pv.root or Path("/")
+        self.sasl = any((root / d / "sasl2" / "libplain.so.2").exists()
+                        for d in ("usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "usr/lib"))
 
     def start(self) -> None:
         self.amavis.start()
@@ -342,7 +347,7 @@ def test_real_site_every_class(site: Site) -> None:
     # H
     desc = "sender-dependent relayhost with SASL: ordinary and REQUIRETLS mail authenticated, amavis once"
     if not site.sasl:
-        rec("sasl-relay", desc, None, "chroot has no libsasl2-modules")
+        rec("sasl-relay", desc, None, "no libsasl2-modules in this Postfix's root")
     else:
         got = {r.rcpt_tos[0]: r for r in (relayed or [])}
         g, h = got.get("gina@insecure.test"), got.get("hugo@insecure.test")
