@@ -277,6 +277,7 @@ def test_real_site_every_class(site: Site) -> None:
     dane, ins = bed.mx("dane").deliveries(), bed.mx("insecure").deliveries()
     nost, box = bed.mx("dane-nostarttls").deliveries(), site.dovecot.mailbox(LOCAL_USER)
     stst = bed.mx("sts-testing").deliveries()
+    relayed = list(site.relay.deliveries) if site.relay is not None else []
     by_rcpt = {d.rcpt_tos[0]: d for d in [*dane, *ins, *nost, *stst]}
     log = pf.log()
 
