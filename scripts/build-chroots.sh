@@ -49,7 +49,7 @@ build_suite() {
     # the second stage makes vanish with it even if the build is interrupted.
     unshare --mount --propagation private sh -eu -c '
         tmp=$1; suite=$2; mirror=$3
-        debootstrap --foreign --variant=minbase --include=postfix,ca-certificates \
+        debootstrap --foreign --variant=minbase --include=postfix,ca-certificates,libsasl2-modules \
             "$suite" "$tmp" "$mirror" >"$tmp.log" 2>&1 || { tail -n 30 "$tmp.log" >&2; exit 1; }
         printf "#!/bin/sh\nexit 101\n" >"$tmp/usr/sbin/policy-rc.d"
         chmod 755 "$tmp/usr/sbin/policy-rc.d"

@@ -1,13 +1,14 @@
 #!/bin/sh
 # Install the Debian packages the project needs (build, tests, demo, testbed).
 # Runs as root without a terminal. Services that Debian would start on install
-# (postfix, nsd, unbound, redis) are kept stopped: the testbed runs its own
+# (postfix, nsd, unbound, redis, amavis, opendkim, dovecot) are kept stopped: the testbed runs its own
 # private instances on loopback, and a system daemon on :25 or :53 would be in
 # the way.  Safe to run again: it installs only what is missing.
 set -eu
 PKGS="python3-venv python3-dev libmilter-dev build-essential
 postfix nsd unbound ldnsutils debootstrap redis-server openssl iproute2 util-linux
-procps psmisc swaks bsdutils debian-archive-keyring miltertest prometheus"
+procps psmisc swaks bsdutils debian-archive-keyring miltertest prometheus
+amavisd-new opendkim opendkim-tools dovecot-core dovecot-lmtpd libsasl2-modules"
 missing=""
 for p in $PKGS; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -248,6 +248,37 @@ def _adopt_return(key: str, line: str, version: PostfixFeatures) -> MasterEntry:
     return MasterEntry(service, kind, text, adopt=True)
 
 
+def _filter_transports(env: PostfixEnv) -> list[str]:
+    """The master.cf keys (``name/unix``) of the smtp/lmtp transports content filters send to (``amavis`` in
+    ``content_filter = amavis:[127.0.0.1]:10024``, main.cf or ``-o content_filter=`` on an smtpd)."""
+    setting, _ = _filtered_services(env.master)
+    values = [env.current.get("content_filter", "")]
+    values += [v for key in setting for n, v in _options(env.master[key])[1] if n == "content_filter"]
+    keys: list[str] = []
+    for value in values:
+        transport = value.split(":", 1)[0].strip()
+        key = f"{transport}/unix"
+        head = _options(env.master.get(key, ""))[0]
+        if transport and key not in keys and len(head) >= 8 and head[7] == "smtp":
+            keys.append(key)
+    return keys
+
+
+def _adopt_filter_transport(key: str, line: str) -> MasterEntry | None:
+    """Postfix 3.11 with our ``smtp_requiretls_policy`` (``enforce`` for every next hop the table does not
+    exempt): the hop to a content filter on this host would demand REQUIRETLS (and authenticated TLS) from the
+    filter, which amavisd-new does not offer, so native REQUIRETLS mail would bounce there.  That hop gets
+    ``opportunistic``: the message keeps its class through the filter in Postfix's own ``Require-TLS-ESMTP:
+    yes`` field (cleanup adds it, the filter passes it on, the return smtpd's cleanup turns it back into
+    REQUIRETLS), and leaves this host under ``enforce``.  An entry that sets the parameter itself is kept."""
+    head, opts = _options(line)
+    if any(n == "smtp_requiretls_policy" for n, _ in opts):
+        return None
+    service, kind = key.split("/", 1)
+    text = " ".join(head + [f"-o {n}={v}" for n, v in opts] + ["-o smtp_requiretls_policy=opportunistic"])
+    return MasterEntry(service, kind, text, adopt=True)
+
+
 def relaxed_policy_table(policy: LocalPolicy, default_level: str) -> str:
     """TLS policy for the relaxed clone: ``optout=no`` destinations keep their normal policy; everything else
     falls to the clone's ``may``.  (With the policy service running, its ``relaxed`` socketmap zone replaces
@@ -482,6 +513,14 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             ),
             _adopt_return(returned, env.master[returned], env.version),
         )
+        if env.version.native_requiretls and sockmap:
+            for key in _filter_transports(env):
+                entry = _adopt_filter_transport(key, env.master[key])
+                if entry is not None:
+                    master += (entry,)
+                    notes.append(f"content filter transport {key}: -o smtp_requiretls_policy=opportunistic (the "
+                                 "hop to the filter on this host; REQUIRETLS is kept through it by Require-TLS-ESMTP "
+                                 "and enforced after it)")
     return Plan(tuple(main), master, files, tuple(items), tuple(notes))
 
 
