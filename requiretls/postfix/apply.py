@@ -114,13 +114,14 @@ def read_env(config_dir: str | None, version: str | None = None) -> PostfixEnv:
 
 def admin_view(env: PostfixEnv) -> PostfixEnv:
     """``env`` as the admin set it: the parameters we added to main.cf (by the journal, or by an old backup)
-    count as not set, so that planning again gives the same plan."""
+    count as not set, so that planning again gives the same plan.  One of ours that the admin changed since
+    stays ours: the plan keeps it, and reconciling reports the change as a conflict (kept unless --force)
+    instead of quietly giving the parameter up."""
     cdir = env.config_directory
     journal = Journal.load(cdir)
     live = _explicit(cdir)
     if journal is not None:
-        ours = {n for n, r in journal.main.items()
-                if r.get("before") is None and "item" not in r and _norm(live.get(n)) == _norm(r.get("ours"))}
+        ours = {n for n, r in journal.main.items() if r.get("before") is None and "item" not in r}
     elif os.path.isfile(os.path.join(cdir, BACKUP_DIR, "main.cf")):
         ours = set(live) - set(_explicit(os.path.join(cdir, BACKUP_DIR)))
     else:

@@ -392,7 +392,6 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
     returned, filter_notes = _filter_return(env, filter_return)
     notes += filter_notes
     main += [
-        ("milter_default_action", "tempfail"),
         ("header_checks", _prepend(env.current.get("header_checks", ""), hc)),
     ]
     items.append(("header_checks", hc))

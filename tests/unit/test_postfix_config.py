@@ -32,7 +32,8 @@ def _plan(version: str, current: dict[str, str] | None = None) -> tuple[dict[str
 @pytest.mark.parametrize("version", ["3.7", "3.10", "3.11"])
 def test_every_version_gets_tempfail_milter_and_forgery_stripping(version: str) -> None:
     main, files = _plan(version)
-    assert main["milter_default_action"] == "tempfail"
+    # default_action=tempfail on our milter alone: the admin's milters keep their own milter_default_action.
+    assert "milter_default_action" not in main
     assert main["smtpd_milters"] == "{ unix:requiretls/milter.sock, default_action=tempfail }"
     assert ("/^(X-RequireTLS-Route|X-RequireTLS-Handback|X-RequireTLS-Nexthop):/ IGNORE"
             in files["requiretls_header_checks"])
@@ -167,19 +168,19 @@ def test_later_admin_edits_survive_reapply_and_undo(tmp_path: Path) -> None:
 def test_a_value_of_ours_changed_by_the_admin_is_a_conflict_kept_by_apply_and_undo(tmp_path: Path) -> None:
     pf = Instance(tmp_path)
     pf.ok("--apply")
-    pf.pc("-e", "milter_default_action=accept")
+    pf.pc("-e", "smtpd_forbid_bare_newline=no")
     pf.pc("-M", "requiretls-relaxed/unix=requiretls-relaxed unix - - n - 4 smtp")
     edited = pf.files()
     r = pf.tool("--apply")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "milter_default_action = 'accept' was changed since requiretls set 'tempfail'; kept" in r.stderr
+    assert "smtpd_forbid_bare_newline = 'no' was changed since requiretls set 'normalize'; kept" in r.stderr
     assert "master.cf: requiretls-relaxed/unix was changed since requiretls set it; kept" in r.stderr
     assert pf.files() == edited
     check = pf.tool("--check")
-    assert check.returncode == 1 and "drift (conflict): main.cf: milter_default_action" in check.stdout
+    assert check.returncode == 1 and "drift (conflict): main.cf: smtpd_forbid_bare_newline" in check.stdout
     out = pf.ok("--apply", "--undo")
-    assert "milter_default_action = 'accept' was changed since requiretls set 'tempfail'; kept" in out
-    assert pf.pc("-h", "milter_default_action").strip() == "accept"
+    assert "smtpd_forbid_bare_newline = 'no' was changed since requiretls set 'normalize'; kept" in out
+    assert pf.pc("-h", "smtpd_forbid_bare_newline").strip() == "no"
     assert pf.pc("-M", "requiretls-relaxed/unix").split()[:7] == ["requiretls-relaxed", "unix", "-", "-", "n", "-", "4"]
     assert "requiretls" not in pf.pc("-h", "smtpd_milters")
 
@@ -188,10 +189,10 @@ def test_a_value_of_ours_changed_by_the_admin_is_a_conflict_kept_by_apply_and_un
 def test_force_writes_ours_over_the_admins_value(tmp_path: Path) -> None:
     pf = Instance(tmp_path)
     pf.ok("--apply")
-    pf.pc("-e", "milter_default_action=accept")
+    pf.pc("-e", "smtpd_forbid_bare_newline=no")
     assert pf.tool("--check").returncode == 1
     pf.ok("--apply", "--force")
-    assert pf.pc("-h", "milter_default_action").strip() == "tempfail"
+    assert pf.pc("-h", "smtpd_forbid_bare_newline").strip() == "normalize"
     assert pf.tool("--check").returncode == 0
 
 
