@@ -396,6 +396,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x).strip() for x in v),
         ),
         "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
+        "spool_dir": Setting(
+            str, "/var/lib/requiretls/relay-spool",
+            "Directory (made 0700 at start, leftovers removed) where the agent spools the body of a message "
+            "over 1 MiB while it is delivered, so that a large message is not held in memory. Each file is "
+            "0600 and unlinked as soon as it is made: nothing stays after the transaction or a crash.",
+        ),
         "destination_concurrency_limit": _number(
             int, 20,
             "Most deliveries the agent runs at once to one next hop or recipient domain (Postfix's "
@@ -535,6 +541,7 @@ class RelaySettings:
     postfix_config_dir: str
     postfix_command_prefix: tuple[str, ...]
     timeout: float
+    spool_dir: str
     destination_concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint

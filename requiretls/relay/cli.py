@@ -23,6 +23,7 @@ from requiretls.log import kv, setup
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
+from requiretls.relay.spool import prepare_spool_dir
 from requiretls.runtime import destination_resolver, trust_resolver
 
 log = logging.getLogger("requiretls")
@@ -53,6 +54,7 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
             relayhost=relay.relayhost or v.relayhost,
             local_domains=relay.local_domains,
             destination_concurrency=relay.destination_concurrency_limit,
+            spool_dir=relay.spool_dir,
             send=SendSettings(helo_name=relay.helo_name or v.helo_name, timeout=relay.timeout,
                               cafile=relay.cafile or v.cafile or None, bind_address=v.bind_address,
                               bind_address6=v.bind_address6),
@@ -82,6 +84,14 @@ def run(args: argparse.Namespace) -> int:
                            hint="set relay.postfix_config_dir / postfix_command_prefix, or postfix_settings = false"))
         return 1
     log.info("%s", kv(postfix_settings="read", **_describe(state)))
+    try:
+        left = prepare_spool_dir(settings.relay.spool_dir)
+    except OSError as e:
+        log.error("%s", kv(error=f"spool directory {settings.relay.spool_dir}: {e}",
+                           hint="set relay.spool_dir to a directory the agent can write"))
+        return 1
+    if left:
+        log.warning("%s", kv(spool_dir=settings.relay.spool_dir, removed=left, note="spool files left by a crash"))
 
     async def main() -> None:
         relay = settings.relay

@@ -25,7 +25,8 @@ from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_q
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
-from requiretls.relay.mime import Unconvertible, downconvert, has_8bit
+from requiretls.relay.mime import Unconvertible, downconvert
+from requiretls.relay.spool import Message, as_message, send_data
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -178,9 +179,10 @@ def authenticate(client: smtplib.SMTP, creds: SaslCredentials | None, base: Outc
     return _about_us(code, dsn, f"SASL AUTH {mech} as {creds.username}: {text[len(dsn):].strip()}", base)
 
 
-def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes, base: Outcome,
+def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], data: bytes | Message, base: Outcome,
               requiretls: bool) -> dict[str, Outcome]:
-    """MAIL, RCPT for each recipient, DATA.  Returns one outcome per recipient."""
+    """MAIL, RCPT for each recipient, DATA (sent from the spool in chunks).  Returns one outcome per recipient."""
+    message = as_message(data)
     features = client.esmtp_features
     if "SMTPUTF8" in env.mail_params and "smtputf8" not in features:
         # RFC 6531 section 3.5: no downgrade here; the sender gets it back.
@@ -188,15 +190,16 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], mes
                     text=f"{base.mx} does not support SMTPUTF8, which this message needs")
         return dict.fromkeys(rcpts, o)
     limit = features.get("size", "").strip()
-    if limit.isdigit() and int(limit) > 0 and len(message) > int(limit):
+    if limit.isdigit() and int(limit) > 0 and message.size > int(limit):
         # RFC 1870: the MX said it takes at most SIZE bytes; sending would only waste both sides' time.
         o = replace(base, status=DeliveryStatus.BOUNCED, code=552, dsn="5.3.4",
-                    text=f"message of {len(message)} bytes is larger than {base.mx} accepts (SIZE {limit})")
+                    text=f"message of {message.size} bytes is larger than {base.mx} accepts (SIZE {limit})")
         return dict.fromkeys(rcpts, o)
-    if "8bitmime" not in features and has_8bit(message):
-        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.
+    if "8bitmime" not in features and message.has_8bit():
+        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.  The conversion
+        # works on the whole message: a spooled one is read into memory for it (only in this case).
         try:
-            message = downconvert(message)
+            message = Message(downconvert(message.read()))
         except Unconvertible as e:
             o = replace(base, status=DeliveryStatus.BOUNCED, code=554, dsn="5.6.3",
                         text=f"{base.mx} does not support 8BITMIME and the message cannot be converted: {e}")
@@ -217,7 +220,7 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], mes
         with contextlib.suppress(smtplib.SMTPException, OSError):
             client.rset()
         return results
-    code, msg = client.data(message)
+    code, msg = send_data(client, message)
     for r in accepted:
         results[r] = _reply_outcome(code, msg, base)
     return results
@@ -309,7 +312,8 @@ class SessionCache:
             self.prune()
 
 
-def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str],
+             message: bytes | Message,
              creds: SaslCredentials | None, authenticated: bool) -> tuple[dict[str, Outcome], bool]:
     """One transaction over a qualified session; also whether the session can carry another one."""
     base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS", r.verification, True)
@@ -324,7 +328,8 @@ def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Seq
                                             text=f"{base.mx}: {e}")), False
 
 
-def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str],
+                       message: bytes | Message,
                        settings: SendSettings, sasl: SaslTable | None = None,
                        cache: SessionCache | None = None) -> dict[str, Outcome]:
     """RFC 8689 section 4.2.1 delivery to one domain; SASL AUTH after the verified TLS handshake when
@@ -369,7 +374,8 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
 
 
 def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpEnvelope, rcpts: Sequence[str],
-                          message: bytes, settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+                          message: bytes | Message, settings: SendSettings,
+                          sasl: SaslTable | None = None) -> dict[str, Outcome]:
     """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake.  With SASL credentials
     for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
     certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
