@@ -13,6 +13,7 @@ while SNI and the PKIX host-name check use the MX name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import smtplib
 import socket
 import ssl
@@ -32,11 +33,17 @@ _TRANSIENT = (ConnectionError, TimeoutError, socket.timeout, ssl.SSLEOFError, sm
 @dataclass(frozen=True)
 class SessionSettings:
     port: int = 25
-    timeout: float = 20.0
-    cafile: str | None = None  # None: the system trust store
+    timeout: float = 20.0  # each SMTP step without a timeout of its own
+    cafile: str | None = None  # None: the system trust store (with capath: both)
     helo_name: str = ""  # "": socket.getfqdn()
     bind_address: str = ""  # local IPv4 address for outbound connections (Postfix's smtp_bind_address)
     bind_address6: str = ""  # local IPv6 address (smtp_bind_address6)
+    capath: str | None = None  # a hashed CA directory (Postfix's smtp_tls_CApath), with or without cafile
+    tls_min_version: str = "TLSv1.2"  # "TLSv1.2" or "TLSv1.3" (smtp_tls_mandatory_protocols can only raise it)
+    high_ciphers: bool = False  # TLS 1.2 cipher suites of grade HIGH only (smtp_tls_mandatory_ciphers = high)
+    connect_timeout: float = 0.0  # TCP connect (smtp_connect_timeout); 0: timeout
+    helo_timeout: float = 0.0  # greeting, EHLO, STARTTLS and the handshake (smtp_helo_timeout); 0: timeout
+    data_done_timeout: float = 0.0  # the reply after the final dot (smtp_data_done_timeout); 0: timeout
 
 
 class PinnedSMTP(smtplib.SMTP):
@@ -46,17 +53,33 @@ class PinnedSMTP(smtplib.SMTP):
     connect_address: str = ""
     bind: tuple[str, str] = ("", "")  # (IPv4, IPv6) local addresses
 
+    connect_timeout: float = 0.0
+    #: After the connection is made, until the session is ready for MAIL: greeting, EHLO, STARTTLS.
+    helo_timeout: float = 0.0
+    #: The wait for the reply after the final dot (used by the agent's DATA).
+    data_done_timeout: float = 0.0
+
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         local = self.bind[1 if ":" in self.connect_address else 0]
         source = (local, 0) if local else self.source_address
-        return socket.create_connection((self.connect_address, port), timeout, source)
+        sock = socket.create_connection((self.connect_address, port), self.connect_timeout or timeout, source)
+        sock.settimeout(self.helo_timeout or timeout)
+        return sock
+
+    def step_timeout(self, seconds: float) -> None:
+        """The time limit for what is read and written next on the open connection."""
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
 
 
 def new_client(settings: SessionSettings, address: str) -> PinnedSMTP:
-    """A client for ``address`` with the settings' EHLO name, timeout and bind addresses."""
+    """A client for ``address`` with the settings' EHLO name, timeouts and bind addresses."""
     client = PinnedSMTP(local_hostname=helo_name(settings), timeout=settings.timeout)
     client.connect_address = address
     client.bind = (settings.bind_address, settings.bind_address6)
+    client.connect_timeout = settings.connect_timeout
+    client.helo_timeout = settings.helo_timeout
+    client.data_done_timeout = settings.data_done_timeout
     return client
 
 
@@ -82,20 +105,48 @@ def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
     return [leaf] if leaf else []
 
 
-def pkix_context(cafile: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+_MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str, high_ciphers: bool) -> ssl.SSLContext:
+    # Never below TLS 1.2, whatever is asked; an unknown name is the floor too.
+    ctx.minimum_version = max(_MIN_VERSIONS.get(min_version, ssl.TLSVersion.TLSv1_2), ssl.TLSVersion.TLSv1_2)
+    if high_ciphers:
+        # Python's own list minus anything below HIGH: only ever fewer suites than the default.
+        default = ":".join(c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3")
+        ctx.set_ciphers(f"{default}:!MEDIUM:!LOW:!EXP:!aNULL:!eNULL")
     return ctx
 
 
-def unverified_context() -> ssl.SSLContext:
-    """No PKIX checks: DANE authenticates the chain after the handshake (RFC 7672 section 3), and
-    opportunistic TLS (RFC 8689 section 4.2.2) does not authenticate at all."""
+@functools.lru_cache(maxsize=64)
+def _pkix(cafile: str | None, capath: str | None, min_version: str, high_ciphers: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath)
+    return _harden(ctx, min_version, high_ciphers)
+
+
+@functools.lru_cache(maxsize=16)
+def _unverified(min_version: str, high_ciphers: bool) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    return ctx
+    return _harden(ctx, min_version, high_ciphers)
+
+
+def pkix_context(settings: SessionSettings | str | None) -> ssl.SSLContext:
+    """The PKIX context for ``settings`` (CA file and/or directory, protocol floor, ciphers), or for a CA file
+    alone.  One shared context per set of parameters (contexts are safe to share between threads; loading the
+    CA bundle once, and TLS session resumption needs the same context)."""
+    if not isinstance(settings, SessionSettings):
+        return _pkix(settings, None, "TLSv1.2", False)
+    return _pkix(settings.cafile, settings.capath, settings.tls_min_version, settings.high_ciphers)
+
+
+def unverified_context(settings: SessionSettings | None = None) -> ssl.SSLContext:
+    """No PKIX checks: DANE authenticates the chain after the handshake (RFC 7672 section 3), and
+    opportunistic TLS (RFC 8689 section 4.2.2) does not authenticate at all."""
+    if settings is None:
+        return _unverified("TLSv1.2", False)
+    return _unverified(settings.tls_min_version, settings.high_ciphers)
 
 
 def helo_name(settings: SessionSettings) -> str:
@@ -172,7 +223,7 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     r = replace(r, stage=SessionStage.STARTTLS, extensions=tuple(sorted(client.esmtp_features)))
     if not client.has_extn("starttls"):
         return replace(r, error="STARTTLS not offered")
-    ctx = unverified_context() if mode == "dane" else pkix_context(settings.cafile)
+    ctx = unverified_context(settings) if mode == "dane" else pkix_context(settings)
     client._host = sni  # type: ignore[attr-defined]  # smtplib uses it as SNI server_hostname
     try:
         code, msg = client.starttls(context=ctx)
@@ -205,5 +256,6 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     code, _ = client.ehlo()
     if code != 250:
         return replace(r, transient=True, error=f"EHLO after STARTTLS answered {code}")
+    client.step_timeout(settings.timeout)  # from now on MAIL, RCPT, DATA: the ordinary step limit
     return replace(r, stage=SessionStage.DONE, extensions=tuple(sorted(client.esmtp_features)),
                    requiretls=client.has_extn("requiretls"))

@@ -335,13 +335,22 @@ class AgentHandler:
             env = _unsuffixed(env, forwarded)
             log.info("%s: %s", qid, kv(forwarded_copy=",".join(f"<{a}>" for a in forwarded.values()),
                                        note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
-        if state.settings.local_domains:
-            # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
-            # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
-            back |= {r.lower() for r in env.rcpts if r.lower() not in hops
-                     and split_address(r)[1].lower().rstrip(".") in state.settings.local_domains}
         relayhost = state.settings.relayhost
         view = state.settings.postfix
+        unplanned = [r for r in env.rcpts if r.lower() not in hops and r.lower() not in back]
+        if unplanned and (state.settings.local_domains or (view is not None and view.local_domains)):
+            # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
+            # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
+            # relay.local_domains, else Postfix's mydestination and virtual domains.
+            try:
+                local = await asyncio.to_thread(_local_recipients, state.settings, unplanned)
+            except PostfixConfigError as e:
+                log.error("%s: %s", qid, kv(error=f"local domain lists: {e}"))
+                trouble = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.5",
+                                  f"cannot read the local domain lists: {e}"[:300])
+                outcomes.update(dict.fromkeys(unplanned, trouble))
+                local = set()
+            back |= local
         if view is not None and view.sender_relayhost_maps and any(r.lower() not in back for r in env.rcpts):
             try:
                 relayhost = await asyncio.to_thread(view.sender_relayhost, env.sender) or relayhost
@@ -538,6 +547,21 @@ class AgentHandler:
                 return results
         except (smtplib.SMTPException, OSError) as e:
             return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+
+
+def _local_recipients(settings: AgentSettings, rcpts: Sequence[str]) -> set[str]:
+    """The recipients (lower case) whose domain Postfix delivers here: relay.local_domains when set, else
+    Postfix's own lists (tables queried with postmap -q).  PostfixConfigError when a table cannot be read."""
+    out = set()
+    for r in rcpts:
+        domain = split_address(r)[1].lower().rstrip(".")
+        if settings.local_domains:
+            local = domain in settings.local_domains
+        else:
+            local = settings.postfix is not None and settings.postfix.is_local_domain(domain)
+        if local:
+            out.add(r.lower())
+    return out
 
 
 def _sasl_table(view: PostfixView | None, target: NextHop | str, dest: Destination) -> dict[str, SaslCredentials]:

@@ -16,7 +16,7 @@ import concurrent.futures
 import logging
 
 from requiretls.addresses import ListenAddress
-from requiretls.config import Settings, load
+from requiretls.config import RelaySettings, Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
 from requiretls.log import kv, setup
@@ -46,22 +46,38 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
     """The agent's reloadable state from a loaded configuration and Postfix's settings (``view``): a key set in
     requiretls.toml wins, an empty one takes Postfix's value."""
     relay = settings.relay
-    v = view or PostfixView()
     return AgentState(
         AgentSettings(
             reinject=relay.reinject,
             reinject_local=relay.reinject_local,
-            relayhost=relay.relayhost or v.relayhost,
+            relayhost=relay.relayhost or (view.relayhost if view is not None else None),
             local_domains=relay.local_domains,
             destination_concurrency=relay.destination_concurrency_limit,
             spool_dir=relay.spool_dir,
-            send=SendSettings(helo_name=relay.helo_name or v.helo_name, timeout=relay.timeout,
-                              cafile=relay.cafile or v.cafile or None, bind_address=v.bind_address,
-                              bind_address6=v.bind_address6),
+            send=send_settings(relay, view),
             postfix=view,
         ),
         settings.local_policy,
     )
+
+
+def send_settings(relay: RelaySettings, view: PostfixView | None) -> SendSettings:
+    """The outbound session settings: the TOML keys, and Postfix's where they are empty.  Postfix's
+    smtp_tls_mandatory_protocols / _ciphers only raise the agent's floor (TLS >= 1.2); its CApath joins its CAfile
+    (a CA file of relay.cafile replaces both).  Postfix's timeouts are kept within what its LMTP client waits for
+    the agent's answer (lmtp_data_done_timeout): connect as smtp_connect_timeout, greeting to STARTTLS at most a
+    quarter of it (smtp_helo_timeout), the reply after the dot at most half (smtp_data_done_timeout); every other
+    step relay.timeout."""
+    if view is None:
+        return SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile)
+    lmtp = view.lmtp_data_done_timeout
+    return SendSettings(
+        helo_name=relay.helo_name or view.helo_name, timeout=relay.timeout,
+        cafile=relay.cafile or view.cafile or None, capath=None if relay.cafile else (view.capath or None),
+        bind_address=view.bind_address, bind_address6=view.bind_address6,
+        tls_min_version=view.tls_min_version, high_ciphers=view.tls_high_ciphers,
+        connect_timeout=min(view.connect_timeout, lmtp / 4), helo_timeout=min(view.helo_timeout, lmtp / 4),
+        data_done_timeout=min(view.data_done_timeout, lmtp / 2))
 
 
 def _describe(state: AgentState) -> dict[str, object]:

@@ -396,13 +396,14 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
                     if use_tls and client.has_extn("starttls"):
                         client._host = name  # type: ignore[attr-defined]
                         try:
-                            client.starttls(context=pkix_context(settings.cafile) if creds else unverified_context())
+                            client.starttls(context=pkix_context(settings) if creds else unverified_context(settings))
                         except (ssl.SSLError, OSError) as e:
                             errors.append(f"{where}: TLS failed ({e}), retrying in plaintext")
                             continue
                         if isinstance(client.sock, ssl.SSLSocket):  # a refused STARTTLS leaves it in plaintext
                             client.ehlo()
                             tls = client.sock.version() or "TLS"
+                    client.step_timeout(settings.timeout)
                     verified = bool(tls and creds)
                     base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none",
                                    "pkix" if verified else "none", None)

@@ -198,4 +198,13 @@ def send_data(client: smtplib.SMTP, message: bytes | Message) -> tuple[int, byte
         at_line_start = chunk[-1:] == b"\n"
         tail = (tail + chunk)[-2:]
     client.send(b".\r\n" if tail == b"\r\n" else b"\r\n.\r\n")
-    return client.getreply()
+    done = float(getattr(client, "data_done_timeout", 0.0) or 0.0)
+    sock = client.sock
+    if not done or sock is None:
+        return client.getreply()
+    before = sock.gettimeout()
+    sock.settimeout(done)  # the MX may scan the message before it answers (Postfix's smtp_data_done_timeout)
+    try:
+        return client.getreply()
+    finally:
+        sock.settimeout(before)

@@ -73,6 +73,8 @@ def test_leftovers_removed_at_start(tmp_path: Path) -> None:
 
 
 class _Capture:
+    sock = None
+
     def __init__(self) -> None:
         self.sent = b""
 
