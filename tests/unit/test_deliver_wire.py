@@ -4,15 +4,18 @@ replies about our own standing (530/535, a refused EHLO) defer instead of bounci
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
 from requiretls.dest.destination import DaneState
+from requiretls.dest.session import pkix_context
 from requiretls.relay.deliver import (
     DeliveryStatus,
     LmtpEnvelope,
@@ -260,3 +263,49 @@ def test_a_session_the_mx_closed_is_replaced(ca: TestCA, tmp_path: Path, cafile:
         out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
         assert out["b@r.example"].status is DeliveryStatus.SENT, out
         assert len(mx.deliveries) == 2 and cache.reused == 0
+
+
+def test_ca_directory_alone_verifies_the_relay(relay: RelayServer, ca: TestCA, tmp_path: Path) -> None:
+    """smtp_tls_CApath: the root only in a hashed CA directory (openssl rehash) is enough for PKIX; without it
+    the same relay does not verify and nothing is sent."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl rehash")
+    capath = tmp_path / "certs"
+    capath.mkdir()
+    ca.write_root(capath / "root.pem")
+    subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True)
+    creds = {NAME: SaslCredentials("agent", "s3cret")}
+    base = SendSettings(port=relay.controller.port, timeout=5, helo_name="out.example")
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, base, creds)
+    assert out["b@r.example"].status is not DeliveryStatus.SENT and relay.deliveries == [], out
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(base, capath=str(capath)), creds)
+    assert out["b@r.example"].status is DeliveryStatus.SENT, out
+    assert "verify=pkix" in out["b@r.example"].text
+
+
+def _tls12_mx(ca: TestCA, tmp_path: Path) -> RelayServer:
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME)
+
+
+def test_postfix_protocol_floor_raises_the_agents(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """smtp_tls_mandatory_protocols = >=TLSv1.3: an MX that stops at TLS 1.2 does not get the message; the
+    agent's own floor (1.2) delivers it."""
+    with _tls12_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(s, tls_min_version="TLSv1.3"))
+        assert out["b@r.example"].status is not DeliveryStatus.SENT and mx.deliveries == [], out
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and out["b@r.example"].tls == "TLSv1.2", out
+        # A weaker request never lowers the agent's floor below TLS 1.2.
+        assert pkix_context(replace(s, tls_min_version="TLSv1")).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_high_ciphers_only_remove_suites(cafile: str) -> None:
+    default = {c["name"] for c in pkix_context(SendSettings(cafile=cafile)).get_ciphers()}
+    high = {c["name"] for c in pkix_context(SendSettings(cafile=cafile, high_ciphers=True)).get_ciphers()}
+    assert high and high <= default
