@@ -235,3 +235,32 @@ def test_50mb_message_streams_through_the_agent_with_bounded_memory(agent_plugin
         assert end["VmHWM"] < base["VmRSS"] + 30 * MiB, figures
         assert end["VmRSS"] < base["VmRSS"] + 10 * MiB, figures
         assert list((plugin.dir / "spool").iterdir()) == []
+
+
+def test_virtual_alias_to_a_local_domain_is_handed_back_without_relay_local_domains(plugin: Plugin) -> None:
+    """relay.local_domains is not set: the agent takes the local domains from Postfix (mydestination =
+    $myhostname, localhost; a virtual mailbox domain from a table).  A virtual alias expanded after the milter
+    planned the message to nobody@postfix.local.test is delivered here; the remote one goes to its MX with
+    REQUIRETLS."""
+    from tests.e2e.test_relay import SECRET
+
+    vdomains = plugin.pf.config_dir / "vdomains"
+    vdomains.write_text("vmail.test ok\n")
+    plugin.table = "virt.test requiretls=yes\n"
+    plugin.apply()
+    plugin.pf.set(virtual_alias_domains="virt.test", virtual_mailbox_domains=f"texthash:{vdomains}",
+                  virtual_alias_maps="inline:{ {va@virt.test = vb@dane.test}, "
+                                     "{vl@virt.test = nobody@postfix.local.test} }")
+    for daemon in ("milter", "relay", "policyd"):
+        plugin.start_daemon(daemon)
+    plugin.pf.start()
+    assert "local_domains" not in plugin.config.read_text()
+    rcpts = ["va@virt.test", "vl@virt.test"]
+    plugin.pf.submit(SENDER, rcpts, _message(rcpts))
+    (d,) = plugin.wait_mx("dane", timeout=60)
+    assert d.rcpt_tos == ("vb@dane.test",) and d.tls and d.requiretls, d.mail_options
+    plugin.pf.wait_log(r"to=<nobody@postfix\.local\.test>.*status=sent", timeout=60)
+    plugin.pf.wait_queue_empty(60)
+    assert plugin.pf.find_log(r"status=bounced") is None, plugin.pf.log()[-2000:]
+    mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
+    assert mbox.count(SECRET) == 1
