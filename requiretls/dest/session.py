@@ -17,6 +17,7 @@ import functools
 import smtplib
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -149,6 +150,57 @@ def unverified_context(settings: SessionSettings | None = None) -> ssl.SSLContex
     return _unverified(settings.tls_min_version, settings.high_ciphers)
 
 
+class TlsResumption:
+    """TLS sessions kept for the next handshake with the same server (session resumption: one round trip and
+    no certificate exchange less).  A session is offered again only under everything its first handshake was
+    verified with: host, address, port, SNI name, the DANE records and names or the PKIX trust (CA file and
+    directory), the protocol floor and ciphers.  A resumed DANE session is checked against the chain stored in
+    the session, as a new one would be.  Thread-safe; at most ``size`` entries (the oldest go)."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[object, ...], ssl.SSLSession] = {}
+        self.resumed = 0
+
+    @staticmethod
+    def key(base: SessionResult, settings: SessionSettings, mode: str, tlsa: Sequence[TlsaRecord],
+            dane_names: Sequence[str], sni: str) -> tuple[object, ...]:
+        trust = () if mode == "dane" else (settings.cafile, settings.capath)
+        return (mode, base.host.lower(), base.address, settings.port, sni.lower(), tuple(tlsa),
+                tuple(n.lower() for n in dane_names), trust, settings.tls_min_version, settings.high_ciphers)
+
+    def get(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
+        with self._lock:
+            return self._sessions.get(key)
+
+    def put(self, key: tuple[object, ...], session: ssl.SSLSession | None) -> None:
+        with self._lock:
+            if session is None:
+                self._sessions.pop(key, None)
+                return
+            self._sessions.pop(key, None)
+            self._sessions[key] = session
+            while len(self._sessions) > self.size:
+                del self._sessions[next(iter(self._sessions))]
+
+
+class _Resuming:
+    """What smtplib's starttls() calls ``context``: wraps with the kept session (a session of another context
+    is not offered)."""
+
+    def __init__(self, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
+        self.ctx, self.session = ctx, session
+
+    def wrap_socket(self, sock: socket.socket, server_hostname: str | None = None) -> ssl.SSLSocket:
+        if self.session is not None:
+            try:
+                return self.ctx.wrap_socket(sock, server_hostname=server_hostname, session=self.session)
+            except ValueError:  # "Session refers to a different SSLContext" (the context was rebuilt)
+                pass
+        return self.ctx.wrap_socket(sock, server_hostname=server_hostname)
+
+
 def helo_name(settings: SessionSettings) -> str:
     return settings.helo_name or socket.getfqdn()
 
@@ -182,7 +234,8 @@ def quit_quietly(client: smtplib.SMTP) -> None:
 
 
 def open_session(host: str, address: str, settings: SessionSettings, tlsa: Sequence[TlsaRecord] = (),
-                 dane_names: Sequence[str] = (), sni: str | None = None) -> TlsSession:
+                 dane_names: Sequence[str] = (), sni: str | None = None,
+                 resumption: TlsResumption | None = None) -> TlsSession:
     """Run the session with ``host`` at ``address`` (blocking).
 
     With usable ``tlsa`` records DANE authenticates the server against ``dane_names`` (RFC 7672 section 3.2);
@@ -194,7 +247,7 @@ def open_session(host: str, address: str, settings: SessionSettings, tlsa: Seque
     base = SessionResult(host, address, settings.port, verification=mode)
     client = new_client(settings, address)
     try:
-        result = _dialogue(client, base, settings, mode, tlsa, dane_names, sni or host)
+        result = _dialogue(client, base, settings, mode, tlsa, dane_names, sni or host, resumption)
     except _TRANSIENT as e:
         result = replace(base, transient=True, error=f"connection lost: {e or type(e).__name__}")
     except (smtplib.SMTPException, OSError) as e:
@@ -206,7 +259,8 @@ def open_session(host: str, address: str, settings: SessionSettings, tlsa: Seque
 
 
 def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings, mode: str,
-              tlsa: Sequence[TlsaRecord], dane_names: Sequence[str], sni: str) -> SessionResult:
+              tlsa: Sequence[TlsaRecord], dane_names: Sequence[str], sni: str,
+              resumption: TlsResumption | None = None) -> SessionResult:
     try:
         code, _ = client.connect(base.host, settings.port)
     except (OSError, smtplib.SMTPException) as e:
@@ -225,8 +279,10 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
         return replace(r, error="STARTTLS not offered")
     ctx = unverified_context(settings) if mode == "dane" else pkix_context(settings)
     client._host = sni  # type: ignore[attr-defined]  # smtplib uses it as SNI server_hostname
+    key = TlsResumption.key(base, settings, mode, tlsa, dane_names, sni) if resumption is not None else ()
+    kept = resumption.get(key) if resumption is not None else None
     try:
-        code, msg = client.starttls(context=ctx)
+        code, msg = client.starttls(context=_Resuming(ctx, kept))  # type: ignore[call-overload]
     except ssl.SSLCertVerificationError as e:
         return replace(r, stage=SessionStage.HANDSHAKE, verify_error=f"certificate not valid: {e.verify_message}",
                        error="certificate verification failed")
@@ -257,5 +313,10 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     if code != 250:
         return replace(r, transient=True, error=f"EHLO after STARTTLS answered {code}")
     client.step_timeout(settings.timeout)  # from now on MAIL, RCPT, DATA: the ordinary step limit
+    if resumption is not None and isinstance(client.sock, ssl.SSLSocket):
+        # Kept only now: the handshake was verified (DANE or PKIX) and the server answered EHLO over it.
+        if client.sock.session_reused:
+            resumption.resumed += 1
+        resumption.put(key, client.sock.session)
     return replace(r, stage=SessionStage.DONE, extensions=tuple(sorted(client.esmtp_features)),
                    requiretls=client.has_extn("requiretls"))

@@ -21,7 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from requiretls.dest import Destination, SessionResult, SessionSettings, open_session
-from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_quietly, unverified_context
+from requiretls.dest.session import (
+    PinnedSMTP,
+    TlsResumption,
+    new_client,
+    pkix_context,
+    quit_quietly,
+    unverified_context,
+)
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
@@ -248,6 +255,8 @@ class SessionCache:
         self._free: dict[tuple[object, ...], list[tuple[PinnedSMTP, SessionResult, float, float]]] = {}
         self._janitor: threading.Thread | None = None
         self.reused = 0
+        #: TLS sessions for resumption when a new connection to the same MX is made.
+        self.tls = TlsResumption()
 
     @staticmethod
     def key(host: str, address: str, settings: SendSettings, tlsa: Sequence[object], names: Sequence[str],
@@ -361,7 +370,8 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
                         quit_quietly(client)
                     return out
                 quit_quietly(client)
-            with open_session(host.name, address, settings, host.usable_tlsa, names) as session:
+            with open_session(host.name, address, settings, host.usable_tlsa, names,
+                              resumption=cache.tls if cache is not None else None) as session:
                 tried.append(session.result)
                 if session.client is None or not eligibility.qualifies(session.result):
                     continue

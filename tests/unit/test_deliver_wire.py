@@ -309,3 +309,27 @@ def test_high_ciphers_only_remove_suites(cafile: str) -> None:
     default = {c["name"] for c in pkix_context(SendSettings(cafile=cafile)).get_ciphers()}
     high = {c["name"] for c in pkix_context(SendSettings(cafile=cafile, high_ciphers=True)).get_ciphers()}
     assert high and high <= default
+
+
+@pytest.mark.parametrize("tls_max", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_session_resumed_on_a_new_connection_only_under_the_same_trust(ca: TestCA, tmp_path: Path,
+                                                                          cafile: str, tls_max: ssl.TLSVersion) -> None:
+    """A new connection to the same MX resumes the TLS session of the last one (TLS 1.2 session id or 1.3
+    ticket), checked with the server's real ``session_reused``; a handshake under other verification
+    parameters (another CA file) never gets it."""
+    from requiretls.relay.deliver import SessionCache
+
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    ctx.maximum_version = tls_max
+    cache = SessionCache(idle=30)
+    other_ca = ca.write_root(tmp_path / "same-root-other-file.pem")
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME) as mx:
+        s = _settings(mx, cafile)
+        for i in range(3):
+            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+            cache.prune(everything=True)  # no connection kept: the next message makes a new one
+            assert cache.tls.resumed == i
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(s, cafile=other_ca), None, cache)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and cache.tls.resumed == 2, out
+        assert len({d.peer_port for d in mx.deliveries}) == 4  # four connections, two of them resumed
