@@ -54,6 +54,7 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
             local_domains=relay.local_domains,
             destination_concurrency=relay.destination_concurrency_limit,
             spool_dir=relay.spool_dir,
+            max_parallel=relay.concurrency_limit,
             send=send_settings(relay, view),
             postfix=view,
         ),

@@ -145,3 +145,11 @@ def test_local_domains_default_from_mydestination_and_virtual_lists(tmp_path: Pa
     # relay.local_domains, when set, wins over Postfix's lists.
     toml = agent.AgentSettings(postfix=view, local_domains=frozenset({"relayed.example"}))
     assert agent._local_recipients(toml, rcpts) == {"b@relayed.example"}
+
+
+def test_global_concurrency_limit_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[relay]\nconcurrency_limit = 64\npostfix_settings = false\n")
+    assert agent_state(load(str(cfg))).settings.max_parallel == 64
+    cfg.write_text("")
+    assert agent_state(load(str(cfg))).settings.max_parallel == 32
