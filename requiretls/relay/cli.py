@@ -3,9 +3,10 @@
 SIGHUP re-reads the configuration file and Postfix's settings (``postconf``, unless
 ``relay.postfix_settings = false``): the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
 timeout, CA file), Postfix's (myhostname, smtp_bind_address, relayhost, the SASL and sender-dependent
-relayhost tables, smtp_tls_CAfile) and the policy tables take effect for the next message, on connections
-already open too.  A key set in requiretls.toml wins over Postfix's value.  The listen address, DNS, MTA-STS
-and cache settings are read at start only.
+relayhost tables, smtp_tls_CAfile/CApath, the mandatory TLS protocols and ciphers, the smtp timeouts, the local
+domain lists) and the policy tables take effect for the next message, on connections already open too.  A key
+set in requiretls.toml wins over Postfix's value.  The listen address, DNS, MTA-STS, cache, spool directory and
+global concurrency limit are read at start only.
 """
 
 from __future__ import annotations
