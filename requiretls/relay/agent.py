@@ -155,12 +155,15 @@ class AgentLMTP(LMTP):
         settings = handler.settings if isinstance(handler, AgentHandler) else AgentSettings()
         spool = SpoolWriter(settings.spool_dir, settings.spool_threshold)
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        too_long = failed = fragment = False
+        too_long = failed = fragment = ended = False
         pending = bytearray()
         try:
             while self.transport is not None:
                 try:
                     line: bytes = await self._reader.readuntil(b"\r\n")
+                except asyncio.CancelledError:  # the connection was lost during DATA
+                    self._writer.close()
+                    raise
                 except asyncio.LimitOverrunError as e:
                     too_long = fragment = True
                     await self._reader.read(e.consumed)  # drained, never kept
@@ -169,6 +172,7 @@ class AgentLMTP(LMTP):
                     fragment = False
                     continue
                 if line == b".\r\n":
+                    ended = True
                     break
                 if too_long or failed:
                     continue
@@ -183,6 +187,9 @@ class AgentLMTP(LMTP):
                         failed = True
                         log.error("%s", kv(error=f"spool: {e}", spool_dir=settings.spool_dir or "-"))
                     pending.clear()
+            if not ended:  # never the final dot: nothing is delivered from a truncated message
+                spool.discard()
+                return
             if too_long or failed:
                 spool.discard()
                 await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if too_long

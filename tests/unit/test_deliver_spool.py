@@ -183,3 +183,22 @@ def test_lmtp_over_long_line_refused_and_nothing_left(lmtp: tuple[int, list[tupl
     assert got == [] and os.listdir(spool) == []
     assert _lmtp_send(port, b"Subject: x\r\n\r\nok\r\n").startswith(b"250")
     assert got == [(False, b"Subject: x\r\n\r\nok\r\n")]
+
+
+def test_connection_lost_during_data_delivers_nothing(lmtp: tuple[int, list[tuple[bool, bytes]], Path]) -> None:
+    import time
+
+    port, got, spool = lmtp
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b"LHLO c.test\r\n")
+        while not f.readline().startswith(b"250 "):
+            pass
+        for cmd in (b"MAIL FROM:<a@s.example>", b"RCPT TO:<b@x.example>", b"DATA"):
+            s.sendall(cmd + b"\r\n")
+            f.readline()
+        s.sendall(b"Subject: cut\r\n\r\n" + b"z" * 70 + b"\r\n" * 1000 + b"y" * 200_000)  # spooled, no final dot
+        f.close()
+    time.sleep(0.5)
+    assert got == [] and os.listdir(spool) == []
