@@ -390,6 +390,9 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
     for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
     certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
     errors: list[str] = []
+    # Opportunistic TLS is not mandatory TLS: Postfix's smtp_tls_mandatory_* do not apply (a 1.2-only MX would
+    # otherwise get the message in plaintext); the agent's own floor, TLS 1.2, does.
+    loose = replace(settings, tls_min_version="TLSv1.2", high_ciphers=False)
     for name, addresses in hosts:
         creds = (sasl or {}).get(name.lower())
         for address in addresses:
@@ -406,7 +409,7 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
                     if use_tls and client.has_extn("starttls"):
                         client._host = name  # type: ignore[attr-defined]
                         try:
-                            client.starttls(context=pkix_context(settings) if creds else unverified_context(settings))
+                            client.starttls(context=pkix_context(loose) if creds else unverified_context(loose))
                         except (ssl.SSLError, OSError) as e:
                             errors.append(f"{where}: TLS failed ({e}), retrying in plaintext")
                             continue

@@ -333,3 +333,13 @@ def test_tls_session_resumed_on_a_new_connection_only_under_the_same_trust(ca: T
         out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(s, cafile=other_ca), None, cache)
         assert out["b@r.example"].status is DeliveryStatus.SENT and cache.tls.resumed == 2, out
         assert len({d.peer_port for d in mx.deliveries}) == 4  # four connections, two of them resumed
+
+
+def test_mandatory_floor_does_not_push_opt_out_mail_to_plaintext(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """TLS-Required: No is opportunistic TLS: smtp_tls_mandatory_protocols does not apply, so a TLS 1.2-only MX
+    still gets TLS 1.2 rather than plaintext."""
+    with _tls12_mx(ca, tmp_path) as mx:
+        s = replace(_settings(mx, cafile), tls_min_version="TLSv1.3", high_ciphers=True)
+        out = deliver_opportunistic([(NAME, ["127.0.0.1"])], ENV, ENV.rcpts, MESSAGE, s)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and out["b@r.example"].tls == "TLSv1.2", out
+        assert mx.deliveries[0].tls
