@@ -13,12 +13,11 @@ while SNI and the PKIX host-name check use the MX name.
 from __future__ import annotations
 
 import contextlib
-import functools
 import smtplib
 import socket
 import ssl
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
 
@@ -119,18 +118,38 @@ def _harden(ctx: ssl.SSLContext, min_version: str, high_ciphers: bool) -> ssl.SS
     return ctx
 
 
-@functools.lru_cache(maxsize=64)
+#: One context per parameter set, made under a lock: two threads must never build two contexts for the same
+#: parameters (a TLS session kept from one cannot be offered on the other).
+_CONTEXTS: dict[tuple[object, ...], ssl.SSLContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def _shared(key: tuple[object, ...], make: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(key)
+        if ctx is None:
+            if len(_CONTEXTS) >= 64:
+                _CONTEXTS.clear()  # a context in use stays valid; only its sessions stop being offered
+            ctx = _CONTEXTS[key] = make()
+        return ctx
+
+
 def _pkix(cafile: str | None, capath: str | None, min_version: str, high_ciphers: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath)
-    return _harden(ctx, min_version, high_ciphers)
+    def make() -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath)
+        return _harden(ctx, min_version, high_ciphers)
+
+    return _shared(("pkix", cafile, capath, min_version, high_ciphers), make)
 
 
-@functools.lru_cache(maxsize=16)
 def _unverified(min_version: str, high_ciphers: bool) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return _harden(ctx, min_version, high_ciphers)
+    def make() -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return _harden(ctx, min_version, high_ciphers)
+
+    return _shared(("none", min_version, high_ciphers), make)
 
 
 def pkix_context(settings: SessionSettings | str | None) -> ssl.SSLContext:
@@ -193,12 +212,15 @@ class _Resuming:
         self.ctx, self.session = ctx, session
 
     def wrap_socket(self, sock: socket.socket, server_hostname: str | None = None) -> ssl.SSLSocket:
+        # The session is set on the wrapped socket before the handshake, not passed to wrap_socket(): there a
+        # refused session ("Session refers to a different SSLContext") raises after the plain socket was
+        # detached, and its descriptor is lost (EBADF on any retry).
+        tls = self.ctx.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
         if self.session is not None:
-            try:
-                return self.ctx.wrap_socket(sock, server_hostname=server_hostname, session=self.session)
-            except ValueError:  # "Session refers to a different SSLContext" (the context was rebuilt)
-                pass
-        return self.ctx.wrap_socket(sock, server_hostname=server_hostname)
+            with contextlib.suppress(ValueError):
+                tls.session = self.session
+        tls.do_handshake()
+        return tls
 
 
 def helo_name(settings: SessionSettings) -> str:
@@ -289,8 +311,10 @@ def _dialogue(client: PinnedSMTP, base: SessionResult, settings: SessionSettings
     except _TRANSIENT as e:
         return replace(r, stage=SessionStage.HANDSHAKE, transient=True,
                        error=f"connection lost during TLS handshake: {e or type(e).__name__}")
-    except (ssl.SSLError, OSError) as e:
+    except ssl.SSLError as e:
         return replace(r, stage=SessionStage.HANDSHAKE, error=f"TLS handshake failed: {e}")
+    except OSError as e:  # not a TLS answer from the server (a local socket error): says nothing about its TLS
+        return replace(r, stage=SessionStage.HANDSHAKE, transient=True, error=f"TLS handshake failed: {e}")
     sock = client.sock
     if code != 220 or not isinstance(sock, ssl.SSLSocket):
         text = msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)

@@ -343,3 +343,46 @@ def test_mandatory_floor_does_not_push_opt_out_mail_to_plaintext(ca: TestCA, tmp
         out = deliver_opportunistic([(NAME, ["127.0.0.1"])], ENV, ENV.rcpts, MESSAGE, s)
         assert out["b@r.example"].status is DeliveryStatus.SENT and out["b@r.example"].tls == "TLSv1.2", out
         assert mx.deliveries[0].tls
+
+
+def test_contexts_made_at_once_by_many_threads_are_one(cafile: str) -> None:
+    """The bench found it: 20 first deliveries at once built two contexts for the same parameters; a TLS session
+    of one offered on the other was refused after the socket was detached (EBADF), and the message bounced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from requiretls.dest import session as sess
+
+    s = SendSettings(cafile=cafile, tls_min_version="TLSv1.3", capath=None, port=2)
+    with ThreadPoolExecutor(20) as pool:
+        made = list(pool.map(lambda _: id(pkix_context(s)), range(40)))
+    assert len(set(made)) == 1
+    assert sess.unverified_context(s) is sess.unverified_context(replace(s, cafile=None))
+
+
+def test_a_session_of_another_context_is_not_offered_and_the_handshake_goes_on(ca: TestCA, tmp_path: Path,
+                                                                               cafile: str) -> None:
+    from requiretls.dest.session import _Resuming
+
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME) as mx:
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(mx, cafile))
+        assert out["b@r.example"].status is DeliveryStatus.SENT
+        other = ssl.create_default_context(cafile=cafile)
+        first = socket.create_connection(("127.0.0.1", mx.controller.port))
+        first.recv(1000)
+        first.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        time.sleep(0.3)
+        first.recv(4000)
+        t = other.wrap_socket(first, server_hostname=NAME)
+        t.sendall(b"EHLO x\r\n")
+        t.recv(4000)
+        foreign = t.session
+        t.close()
+        second = socket.create_connection(("127.0.0.1", mx.controller.port))
+        second.recv(1000)
+        second.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        time.sleep(0.3)
+        second.recv(4000)
+        tls = _Resuming(pkix_context(cafile), foreign).wrap_socket(second, server_hostname=NAME)
+        assert tls.version() and not tls.session_reused
+        tls.close()
