@@ -390,10 +390,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         "local_domains": Setting(
             list,
             [],
-            "Domains Postfix delivers on this host (mydestination, virtual_mailbox_domains), e.g. "
-            "[\"example.org\"]. A virtual alias is expanded by Postfix after the milter saw the message, so the "
-            "agent can get an expanded recipient nobody planned; in one of these domains it is handed back to "
-            "Postfix, elsewhere it goes to its domain's MX under REQUIRETLS (or the relayhost).",
+            "Domains Postfix delivers on this host, e.g. [\"example.org\"]. A virtual alias is expanded by "
+            "Postfix after the milter saw the message, so the agent can get an expanded recipient nobody "
+            "planned; in one of these domains it is handed back to Postfix, elsewhere it goes to its domain's "
+            "MX under REQUIRETLS (or the relayhost). Empty: Postfix's mydestination, virtual_alias_domains and "
+            "virtual_mailbox_domains (tables in them queried with postmap -q) when relay.postfix_settings is on; "
+            "not relay_domains, which Postfix sends on to another host.",
             _strings,
             convert=lambda v: frozenset(str(x).strip().lower().rstrip(".") for x in v),
         ),
@@ -412,8 +414,12 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Read Postfix's own settings with postconf at start and at every SIGHUP, and use them where the "
             "keys here are empty: myhostname (EHLO), smtp_bind_address(6), relayhost, "
             "sender_dependent_relayhost_maps, smtp_sasl_auth_enable with smtp_sasl_password_maps (AUTH "
-            "PLAIN/LOGIN, only over a verified TLS session), smtp_tls_CAfile. The tables are queried with "
-            "postmap -q for each message. The agent does not start when postconf fails. false: none of it.",
+            "PLAIN/LOGIN, only over a verified TLS session), smtp_tls_CAfile and smtp_tls_CApath, "
+            "smtp_tls_mandatory_protocols and smtp_tls_mandatory_ciphers (only ever raising the agent's own "
+            "floor, TLS 1.2), smtp_connect_timeout, smtp_helo_timeout and smtp_data_done_timeout (kept within "
+            "lmtp_data_done_timeout), mydestination and the virtual domain lists (relay.local_domains). The "
+            "tables are queried with postmap -q for each message. The agent does not start when postconf "
+            "fails. false: none of it.",
         ),
         "postfix_config_dir": Setting(
             str, "",
@@ -428,10 +434,23 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x).strip() for x in v),
         ),
         "timeout": _timeout(60.0, "Seconds for each SMTP step with an MX."),
+        "spool_dir": Setting(
+            str, "/var/lib/requiretls/relay-spool",
+            "Directory (made 0700 at start, leftovers removed) where the agent spools the body of a message "
+            "over 1 MiB while it is delivered, so that a large message is not held in memory. Each file is "
+            "0600 and unlinked as soon as it is made: nothing stays after the transaction or a crash.",
+        ),
         "destination_concurrency_limit": _number(
             int, 20,
             "Most deliveries the agent runs at once to one next hop or recipient domain (Postfix's "
-            "default_destination_concurrency_limit); at most 32 run in all.", 1000, 1, inclusive_low=True,
+            "default_destination_concurrency_limit); at most relay.concurrency_limit run in all.", 1000, 1,
+            inclusive_low=True,
+        ),
+        "concurrency_limit": _number(
+            int, 32,
+            "Most deliveries the agent runs at once in all (each holds a thread and an SMTP connection); "
+            "further LMTP deliveries from Postfix wait for a free one. Read at start only.",
+            1000, 1, inclusive_low=True,
         ),
         "reinject": Setting(
             str,
@@ -583,7 +602,9 @@ class RelaySettings:
     postfix_config_dir: str
     postfix_command_prefix: tuple[str, ...]
     timeout: float
+    spool_dir: str
     destination_concurrency_limit: int
+    concurrency_limit: int
     reinject: Endpoint
     reinject_local: Endpoint
     metrics: Endpoint | None = None

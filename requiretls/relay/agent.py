@@ -56,6 +56,7 @@ from requiretls.relay.deliver import (
     verdict_outcome,
 )
 from requiretls.relay.postfix import PostfixConfigError, PostfixView
+from requiretls.relay.spool import SPOOL_THRESHOLD, Message, SpoolWriter, send_data
 
 log = logging.getLogger("requiretls")
 
@@ -79,6 +80,9 @@ class AgentSettings:
     #: Domains Postfix delivers here: an unplanned recipient there (a virtual alias expansion) is handed back.
     local_domains: frozenset[str] = frozenset()
     max_parallel: int = 32
+    #: Where the LMTP DATA of a large message goes (None: the system's temporary directory).
+    spool_dir: str | None = None
+    spool_threshold: int = SPOOL_THRESHOLD
     #: Deliveries at once to one destination (Postfix's default_destination_concurrency_limit).
     destination_concurrency: int = 20
 
@@ -133,6 +137,88 @@ class AgentLMTP(LMTP):
             self._dsn_rcpt = getattr(self, "_dsn_rcpt", {})
             self._dsn_rcpt[m.group(1)] = params
         await super().smtp_RCPT(arg2)
+
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, with the message written to a :class:`SpoolWriter` instead of a list of lines: above
+        the spool threshold the body goes to a spool file, so a 50 MB message is never held in memory.  The same
+        replies as aiosmtpd's (503 without RCPT, 501 with an argument, 500 for a line over 1000 octets)."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        handler = self.event_handler
+        settings = handler.settings if isinstance(handler, AgentHandler) else AgentSettings()
+        spool = SpoolWriter(settings.spool_dir, settings.spool_threshold)
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        too_long = failed = fragment = ended = False
+        pending = bytearray()
+        try:
+            while self.transport is not None:
+                try:
+                    line: bytes = await self._reader.readuntil(b"\r\n")
+                except asyncio.CancelledError:  # the connection was lost during DATA
+                    self._writer.close()
+                    raise
+                except asyncio.LimitOverrunError as e:
+                    too_long = fragment = True
+                    await self._reader.read(e.consumed)  # drained, never kept
+                    continue
+                if fragment:  # the end of an over-long line, not a line of its own
+                    fragment = False
+                    continue
+                if line == b".\r\n":
+                    ended = True
+                    break
+                if too_long or failed:
+                    continue
+                if len(line) > self.line_length_limit:
+                    too_long = True
+                    continue
+                pending += line[1:] if line[:1] == b"." else line
+                if len(pending) >= 1 << 16:
+                    try:
+                        spool.write(pending)
+                    except OSError as e:
+                        failed = True
+                        log.error("%s", kv(error=f"spool: {e}", spool_dir=settings.spool_dir or "-"))
+                    pending.clear()
+            if not ended:  # never the final dot: nothing is delivered from a truncated message
+                spool.discard()
+                return
+            if too_long or failed:
+                spool.discard()
+                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if too_long
+                                else "451 4.3.0 cannot spool the message: see the agent's log")
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+            try:
+                spool.write(pending)
+                message = spool.finish()
+            except OSError as e:
+                spool.discard()
+                log.error("%s", kv(error=f"spool: {e}", spool_dir=settings.spool_dir or "-"))
+                await self.push("451 4.3.0 cannot spool the message: see the agent's log")
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+                return
+        except BaseException:
+            spool.discard()
+            raise
+        del pending
+        try:
+            self.envelope.original_content = None
+            self.envelope.content = None
+            self.envelope.message = message  # type: ignore[attr-defined]
+            status = await self._call_handler_hook("DATA")
+        finally:
+            message.close()  # the spool file is gone with its descriptor
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
 
 
 def valid_argument(arg: str | None) -> bool:
@@ -224,8 +310,9 @@ class AgentHandler:
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         state = self.state  # one configuration for the whole message, whatever a reload does meanwhile
-        message: bytes = envelope.original_content
-        headers = parse_header_block(message)
+        spooled: Message | None = getattr(envelope, "message", None)
+        message = spooled if spooled is not None else Message(envelope.original_content or b"")
+        headers = parse_header_block(message.head)
         conflict = private_conflict(headers)
         if conflict is not None:
             # Deferred, never delivered by a guess; Postfix keeps the message and the admin sees why.
@@ -245,7 +332,7 @@ class AgentHandler:
         env = LmtpEnvelope(envelope.mail_from, mail_params, tuple(envelope.rcpt_tos),
                            dict(getattr(server, "_dsn_rcpt", {}) or {}))
         server._dsn_rcpt = {}
-        clean = strip_private(message)
+        clean = message.with_head(strip_private)
         outcomes: dict[str, Outcome] = {}
         targets: dict[str, Target] = {}
         # Copies the local(8) clone forwarded (alias, .forward) of a REQUIRETLS message: the address without
@@ -256,13 +343,22 @@ class AgentHandler:
             env = _unsuffixed(env, forwarded)
             log.info("%s: %s", qid, kv(forwarded_copy=",".join(f"<{a}>" for a in forwarded.values()),
                                        note="alias or .forward copy of a REQUIRETLS message: REQUIRETLS kept"))
-        if state.settings.local_domains:
-            # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
-            # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
-            back |= {r.lower() for r in env.rcpts if r.lower() not in hops
-                     and split_address(r)[1].lower().rstrip(".") in state.settings.local_domains}
         relayhost = state.settings.relayhost
         view = state.settings.postfix
+        unplanned = [r for r in env.rcpts if r.lower() not in hops and r.lower() not in back]
+        if unplanned and (state.settings.local_domains or (view is not None and view.local_domains)):
+            # A virtual alias expanded after the milter planned the message: Postfix delivers it here.
+            # (A forwarded copy to a virtual mailbox domain of this host too: virtual(8) forwards nothing.)
+            # relay.local_domains, else Postfix's mydestination and virtual domains.
+            try:
+                local = await asyncio.to_thread(_local_recipients, state.settings, unplanned)
+            except PostfixConfigError as e:
+                log.error("%s: %s", qid, kv(error=f"local domain lists: {e}"))
+                trouble = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.5",
+                                  f"cannot read the local domain lists: {e}"[:300])
+                outcomes.update(dict.fromkeys(unplanned, trouble))
+                local = set()
+            back |= local
         if view is not None and view.sender_relayhost_maps and any(r.lower() not in back for r in env.rcpts):
             try:
                 relayhost = await asyncio.to_thread(view.sender_relayhost, env.sender) or relayhost
@@ -287,11 +383,11 @@ class AgentHandler:
             outcomes.update({r: o for r, o in checks if o is not None})
             rest = [r for r in env.rcpts if r not in outcomes]
             if rest:
-                carried = add_header(clean, REQUIRE_TLS_ESMTP, "yes")
+                carried = clean.with_head(lambda h: add_header(h, REQUIRE_TLS_ESMTP, "yes"))
                 if all(isinstance(targets.get(r), str) for r in rest):
                     # Every one to its own MX: the re-injection cleanup sends it to the strict clone, whose TLS
                     # policy authenticates every MX RFC 8689 allows (a DNSSEC MX with PKIX and no TLSA too).
-                    carried = add_header(carried, ROUTE_HEADER, str(Route.STRICT))
+                    carried = carried.with_head(lambda h: add_header(h, ROUTE_HEADER, str(Route.STRICT)))
                 outcomes.update(await self._reinject(env, rest, carried))
         else:
             handed = [r for r in env.rcpts if r.lower() in back]
@@ -328,7 +424,7 @@ class AgentHandler:
             return await self.resolver.resolve(target)
         return await self.resolver.lookup(target)
 
-    async def _deliver(self, target: Target, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+    async def _deliver(self, target: Target, env: LmtpEnvelope, rcpts: list[str], message: Message,
                        optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
         if isinstance(target, tuple):
             return await self._deliver_list(target, env, rcpts, message, optout, settings)
@@ -368,7 +464,7 @@ class AgentHandler:
             if users[0] == 0:
                 self._per_dest.pop(key, None)
 
-    async def _deliver_list(self, hops: tuple[NextHop, ...], env: LmtpEnvelope, rcpts: list[str], message: bytes,
+    async def _deliver_list(self, hops: tuple[NextHop, ...], env: LmtpEnvelope, rcpts: list[str], message: Message,
                             optout: bool, settings: AgentSettings) -> dict[str, Outcome]:
         """A list of next hops, in order, as Postfix tries them: a recipient goes on to the next hop when this
         one cannot take it now (4xx) or cannot qualify for REQUIRETLS (5.7.30 / 5.7.10 from the agent's own
@@ -422,12 +518,12 @@ class AgentHandler:
             target = target[0]
         return target.port if isinstance(target, NextHop) else 25
 
-    async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+    async def _reinject(self, env: LmtpEnvelope, rcpts: Sequence[str], message: Message,
                         endpoint: Endpoint | None = None) -> dict[str, Outcome]:
         return await asyncio.to_thread(self._reinject_sync, env, list(rcpts), message,
                                        endpoint or self.settings.reinject)
 
-    def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: bytes,
+    def _reinject_sync(self, env: LmtpEnvelope, rcpts: list[str], message: Message,
                        endpoint: Endpoint) -> dict[str, Outcome]:
         host, port = endpoint.host, endpoint.port
         where = f"reinject[{host}]:{port}"
@@ -454,12 +550,27 @@ class AgentHandler:
                     else:
                         results[r] = _smtp(code, msg, base)
                 if ok:
-                    code, msg = client.data(message)
+                    code, msg = send_data(client, message)
                     for r in ok:
                         results[r] = _smtp(code, msg, base)
                 return results
         except (smtplib.SMTPException, OSError) as e:
             return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.1", f"{where}: {e}", where))
+
+
+def _local_recipients(settings: AgentSettings, rcpts: Sequence[str]) -> set[str]:
+    """The recipients (lower case) whose domain Postfix delivers here: relay.local_domains when set, else
+    Postfix's own lists (tables queried with postmap -q).  PostfixConfigError when a table cannot be read."""
+    out = set()
+    for r in rcpts:
+        domain = split_address(r)[1].lower().rstrip(".")
+        if settings.local_domains:
+            local = domain in settings.local_domains
+        else:
+            local = settings.postfix is not None and settings.postfix.is_local_domain(domain)
+        if local:
+            out.add(r.lower())
+    return out
 
 
 def _sasl_table(view: PostfixView | None, target: NextHop | str, dest: Destination) -> dict[str, SaslCredentials]:

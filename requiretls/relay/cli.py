@@ -3,9 +3,10 @@
 SIGHUP re-reads the configuration file and Postfix's settings (``postconf``, unless
 ``relay.postfix_settings = false``): the ``[relay]`` settings (relayhost, re-injection address, EHLO name,
 timeout, CA file), Postfix's (myhostname, smtp_bind_address, relayhost, the SASL and sender-dependent
-relayhost tables, smtp_tls_CAfile) and the policy tables take effect for the next message, on connections
-already open too.  A key set in requiretls.toml wins over Postfix's value.  The listen address, DNS, MTA-STS
-and cache settings are read at start only.
+relayhost tables, smtp_tls_CAfile/CApath, the mandatory TLS protocols and ciphers, the smtp timeouts, the local
+domain lists) and the policy tables take effect for the next message, on connections already open too.  A key
+set in requiretls.toml wins over Postfix's value.  The listen address, DNS, MTA-STS, cache, spool directory and
+global concurrency limit are read at start only.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import concurrent.futures
 import logging
 
 from requiretls.addresses import ListenAddress
-from requiretls.config import Settings, load
+from requiretls.config import RelaySettings, Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
 from requiretls.log import kv, setup
@@ -25,6 +26,7 @@ from requiretls.relay import tlsrpt as relay_tlsrpt
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
 from requiretls.relay.deliver import SendSettings
 from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
+from requiretls.relay.spool import prepare_spool_dir
 from requiretls.runtime import destination_resolver, trust_resolver
 
 log = logging.getLogger("requiretls")
@@ -47,21 +49,39 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
     """The agent's reloadable state from a loaded configuration and Postfix's settings (``view``): a key set in
     requiretls.toml wins, an empty one takes Postfix's value."""
     relay = settings.relay
-    v = view or PostfixView()
     return AgentState(
         AgentSettings(
             reinject=relay.reinject,
             reinject_local=relay.reinject_local,
-            relayhost=relay.relayhost or v.relayhost,
+            relayhost=relay.relayhost or (view.relayhost if view is not None else None),
             local_domains=relay.local_domains,
             destination_concurrency=relay.destination_concurrency_limit,
-            send=SendSettings(helo_name=relay.helo_name or v.helo_name, timeout=relay.timeout,
-                              cafile=relay.cafile or v.cafile or None, bind_address=v.bind_address,
-                              bind_address6=v.bind_address6),
+            spool_dir=relay.spool_dir,
+            max_parallel=relay.concurrency_limit,
+            send=send_settings(relay, view),
             postfix=view,
         ),
         settings.local_policy,
     )
+
+
+def send_settings(relay: RelaySettings, view: PostfixView | None) -> SendSettings:
+    """The outbound session settings: the TOML keys, and Postfix's where they are empty.  Postfix's
+    smtp_tls_mandatory_protocols / _ciphers only raise the agent's floor (TLS >= 1.2); its CApath joins its CAfile
+    (a CA file of relay.cafile replaces both).  Postfix's timeouts are kept within what its LMTP client waits for
+    the agent's answer (lmtp_data_done_timeout): connect as smtp_connect_timeout, greeting to STARTTLS at most a
+    quarter of it (smtp_helo_timeout), the reply after the dot at most half (smtp_data_done_timeout); every other
+    step relay.timeout."""
+    if view is None:
+        return SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile)
+    lmtp = view.lmtp_data_done_timeout
+    return SendSettings(
+        helo_name=relay.helo_name or view.helo_name, timeout=relay.timeout,
+        cafile=relay.cafile or view.cafile or None, capath=None if relay.cafile else (view.capath or None),
+        bind_address=view.bind_address, bind_address6=view.bind_address6,
+        tls_min_version=view.tls_min_version, high_ciphers=view.tls_high_ciphers,
+        connect_timeout=min(view.connect_timeout, lmtp / 4), helo_timeout=min(view.helo_timeout, lmtp / 4),
+        data_done_timeout=min(view.data_done_timeout, lmtp / 2))
 
 
 def _describe(state: AgentState) -> dict[str, object]:
@@ -84,6 +104,14 @@ def run(args: argparse.Namespace) -> int:
                            hint="set relay.postfix_config_dir / postfix_command_prefix, or postfix_settings = false"))
         return 1
     log.info("%s", kv(postfix_settings="read", **_describe(state)))
+    try:
+        left = prepare_spool_dir(settings.relay.spool_dir)
+    except OSError as e:
+        log.error("%s", kv(error=f"spool directory {settings.relay.spool_dir}: {e}",
+                           hint="set relay.spool_dir to a directory the agent can write"))
+        return 1
+    if left:
+        log.warning("%s", kv(spool_dir=settings.relay.spool_dir, removed=left, note="spool files left by a crash"))
 
     if settings.relay.metrics is not None:
         relay_metrics.start(str(settings.relay.metrics))

@@ -21,12 +21,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from requiretls.dest import Destination, SessionResult, SessionSettings, open_session
-from requiretls.dest.session import PinnedSMTP, new_client, pkix_context, quit_quietly, unverified_context
+from requiretls.dest.session import (
+    PinnedSMTP,
+    TlsResumption,
+    new_client,
+    pkix_context,
+    quit_quietly,
+    unverified_context,
+)
 from requiretls.policy import eligibility
 from requiretls.policy.eligibility import Outcome as VerdictOutcome
 from requiretls.policy.eligibility import Verdict
 from requiretls.relay import tlsrpt
-from requiretls.relay.mime import Unconvertible, downconvert, has_8bit
+from requiretls.relay.mime import Unconvertible, downconvert
+from requiretls.relay.spool import Message, as_message, send_data
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -179,9 +187,10 @@ def authenticate(client: smtplib.SMTP, creds: SaslCredentials | None, base: Outc
     return _about_us(code, dsn, f"SASL AUTH {mech} as {creds.username}: {text[len(dsn):].strip()}", base)
 
 
-def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes, base: Outcome,
+def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], data: bytes | Message, base: Outcome,
               requiretls: bool) -> dict[str, Outcome]:
-    """MAIL, RCPT for each recipient, DATA.  Returns one outcome per recipient."""
+    """MAIL, RCPT for each recipient, DATA (sent from the spool in chunks).  Returns one outcome per recipient."""
+    message = as_message(data)
     features = client.esmtp_features
     if "SMTPUTF8" in env.mail_params and "smtputf8" not in features:
         # RFC 6531 section 3.5: no downgrade here; the sender gets it back.
@@ -189,15 +198,16 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], mes
                     text=f"{base.mx} does not support SMTPUTF8, which this message needs")
         return dict.fromkeys(rcpts, o)
     limit = features.get("size", "").strip()
-    if limit.isdigit() and int(limit) > 0 and len(message) > int(limit):
+    if limit.isdigit() and int(limit) > 0 and message.size > int(limit):
         # RFC 1870: the MX said it takes at most SIZE bytes; sending would only waste both sides' time.
         o = replace(base, status=DeliveryStatus.BOUNCED, code=552, dsn="5.3.4",
-                    text=f"message of {len(message)} bytes is larger than {base.mx} accepts (SIZE {limit})")
+                    text=f"message of {message.size} bytes is larger than {base.mx} accepts (SIZE {limit})")
         return dict.fromkeys(rcpts, o)
-    if "8bitmime" not in features and has_8bit(message):
-        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.
+    if "8bitmime" not in features and message.has_8bit():
+        # RFC 6152 section 3: an MX without 8BITMIME gets 7-bit data, converted as Postfix does.  The conversion
+        # works on the whole message: a spooled one is read into memory for it (only in this case).
         try:
-            message = downconvert(message)
+            message = Message(downconvert(message.read()))
         except Unconvertible as e:
             o = replace(base, status=DeliveryStatus.BOUNCED, code=554, dsn="5.6.3",
                         text=f"{base.mx} does not support 8BITMIME and the message cannot be converted: {e}")
@@ -218,7 +228,7 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], mes
         with contextlib.suppress(smtplib.SMTPException, OSError):
             client.rset()
         return results
-    code, msg = client.data(message)
+    code, msg = send_data(client, message)
     for r in accepted:
         results[r] = _reply_outcome(code, msg, base)
     return results
@@ -246,6 +256,8 @@ class SessionCache:
         self._free: dict[tuple[object, ...], list[tuple[PinnedSMTP, SessionResult, float, float]]] = {}
         self._janitor: threading.Thread | None = None
         self.reused = 0
+        #: TLS sessions for resumption when a new connection to the same MX is made.
+        self.tls = TlsResumption()
 
     @staticmethod
     def key(host: str, address: str, settings: SendSettings, tlsa: Sequence[object], names: Sequence[str],
@@ -310,7 +322,8 @@ class SessionCache:
             self.prune()
 
 
-def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str],
+             message: bytes | Message,
              creds: SaslCredentials | None, authenticated: bool) -> tuple[dict[str, Outcome], bool]:
     """One transaction over a qualified session; also whether the session can carry another one."""
     base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS", r.verification, True)
@@ -325,7 +338,8 @@ def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Seq
                                             text=f"{base.mx}: {e}")), False
 
 
-def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str], message: bytes,
+def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str],
+                       message: bytes | Message,
                        settings: SendSettings, sasl: SaslTable | None = None,
                        cache: SessionCache | None = None) -> dict[str, Outcome]:
     """RFC 8689 section 4.2.1 delivery to one domain; SASL AUTH after the verified TLS handshake when
@@ -357,7 +371,8 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
                         quit_quietly(client)
                     return out
                 quit_quietly(client)
-            with open_session(host.name, address, settings, host.usable_tlsa, names) as session:
+            with open_session(host.name, address, settings, host.usable_tlsa, names,
+                              resumption=cache.tls if cache is not None else None) as session:
                 tried.append(session.result)
                 tlsrpt.session(dest, session.result)
                 if session.client is None or not eligibility.qualifies(session.result):
@@ -371,11 +386,15 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
 
 
 def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpEnvelope, rcpts: Sequence[str],
-                          message: bytes, settings: SendSettings, sasl: SaslTable | None = None) -> dict[str, Outcome]:
+                          message: bytes | Message, settings: SendSettings,
+                          sasl: SaslTable | None = None) -> dict[str, Outcome]:
     """RFC 8689 §4.2.2 (``TLS-Required: No``): try STARTTLS, never fail for its sake.  With SASL credentials
     for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
     certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
     errors: list[str] = []
+    # Opportunistic TLS is not mandatory TLS: Postfix's smtp_tls_mandatory_* do not apply (a 1.2-only MX would
+    # otherwise get the message in plaintext); the agent's own floor, TLS 1.2, does.
+    loose = replace(settings, tls_min_version="TLSv1.2", high_ciphers=False)
     for name, addresses in hosts:
         creds = (sasl or {}).get(name.lower())
         for address in addresses:
@@ -392,13 +411,14 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
                     if use_tls and client.has_extn("starttls"):
                         client._host = name  # type: ignore[attr-defined]
                         try:
-                            client.starttls(context=pkix_context(settings.cafile) if creds else unverified_context())
+                            client.starttls(context=pkix_context(loose) if creds else unverified_context(loose))
                         except (ssl.SSLError, OSError) as e:
                             errors.append(f"{where}: TLS failed ({e}), retrying in plaintext")
                             continue
                         if isinstance(client.sock, ssl.SSLSocket):  # a refused STARTTLS leaves it in plaintext
                             client.ehlo()
                             tls = client.sock.version() or "TLS"
+                    client.step_timeout(settings.timeout)
                     verified = bool(tls and creds)
                     base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", where, tls or "none",
                                    "pkix" if verified else "none", None)

@@ -23,7 +23,20 @@ log = logging.getLogger("requiretls")
 #: The main.cf parameters the agent reads.
 PARAMS = ("myhostname", "smtp_helo_name", "smtp_bind_address", "smtp_bind_address6", "relayhost",
           "sender_dependent_relayhost_maps", "smtp_sasl_auth_enable", "smtp_sasl_password_maps",
-          "smtp_tls_CAfile", "smtp_tls_CApath")
+          "smtp_tls_CAfile", "smtp_tls_CApath", "smtp_tls_mandatory_protocols", "smtp_tls_mandatory_ciphers",
+          "smtp_connect_timeout", "smtp_helo_timeout", "smtp_data_done_timeout", "lmtp_data_done_timeout",
+          "mydestination", "virtual_alias_domains", "virtual_mailbox_domains")
+
+#: The domain lists whose recipients Postfix delivers on this host (local(8), virtual(8) or its
+#: virtual_transport, or a virtual alias domain, where an unexpanded address bounces as unknown): an
+#: unplanned recipient there is handed back.  Not relay_domains: Postfix sends those on to another host,
+#: which a handed-back REQUIRETLS recipient would reach without REQUIRETLS.
+LOCAL_DOMAIN_LISTS = ("mydestination", "virtual_alias_domains", "virtual_mailbox_domains")
+
+_TLS_VERSIONS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+#: The agent's own floor; a Postfix setting only raises it.
+AGENT_TLS_FLOOR = "TLSv1.2"
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 class PostfixConfigError(Exception):
@@ -83,6 +96,77 @@ def parse_relayhost(value: str) -> NextHop | tuple[NextHop, ...] | None:
     return hops[0] if len(hops) == 1 else hops
 
 
+def tls_floor(value: str) -> str:
+    """The lowest protocol version ``smtp_tls_mandatory_protocols`` allows that the agent allows too
+    (TLSv1.2 or TLSv1.3): the Postfix 3.6+ form ``>=TLSv1.3`` or the exclusion list ``!SSLv2, !TLSv1.2``.
+    An upper bound (``<=TLSv1.2``) is not followed: the agent never offers less than it can.  ValueError when
+    the setting leaves neither TLSv1.2 nor TLSv1.3."""
+    allowed = list(_TLS_VERSIONS[_TLS_VERSIONS.index(AGENT_TLS_FLOOR) :])
+    for item in split_list(value):
+        if item.startswith(">="):
+            low = item[2:]
+            if low not in _TLS_VERSIONS:
+                raise ValueError(f"unknown protocol {low!r}")
+            allowed = [v for v in allowed if _TLS_VERSIONS.index(v) >= _TLS_VERSIONS.index(low)]
+        elif item.startswith("!"):
+            allowed = [v for v in allowed if v != item[1:]]
+        elif item.startswith("<=") or item in _TLS_VERSIONS:
+            continue
+        else:
+            raise ValueError(f"unknown protocol {item!r}")
+    if not allowed:
+        raise ValueError("no protocol version of TLSv1.2 or later left")
+    return allowed[0]
+
+
+def parse_time(value: str, default: float) -> float:
+    """A Postfix time value (``30s``, ``5m``, ``300``: seconds without a unit); ``default`` when empty or 0."""
+    v = value.strip().lower()
+    if not v:
+        return default
+    unit = _TIME_UNITS.get(v[-1], 0)
+    number = v[:-1] if unit else v
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError as e:
+        raise ValueError(f"not a time: {value!r}") from e
+    return seconds if seconds > 0 else default
+
+
+@dataclass(frozen=True, slots=True)
+class DomainList:
+    """A Postfix domain list (mydestination ...): names (``.example.org`` also matches subdomains) and lookup
+    tables, which are queried with the domain as key, as Postfix's match lists do."""
+
+    names: frozenset[str] = frozenset()
+    tables: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Sequence[str]) -> DomainList:
+        names: set[str] = set()
+        tables: list[str] = []
+        for value in values:
+            for item in split_list(value):
+                if item.startswith("!"):
+                    continue  # an exclusion: never makes a domain local
+                if ":" in item or item.startswith("/"):
+                    tables.append(item if ":" in item else f"texthash:{item}")
+                else:
+                    names.add(item.lower().rstrip("."))
+        return cls(frozenset(names), tuple(tables))
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.tables)
+
+    def matches(self, domain: str, commands: PostfixCommands) -> bool:
+        d = domain.lower().rstrip(".")
+        if not d:
+            return False
+        if d in self.names or any(d.endswith(n) for n in self.names if n.startswith(".")):
+            return True
+        return bool(self.tables) and commands.query(d, self.tables) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class PostfixView:
     """The Postfix settings the agent uses, as read at start or at the last SIGHUP."""
@@ -96,6 +180,18 @@ class PostfixView:
     sasl_maps: tuple[str, ...] = ()  # empty unless smtp_sasl_auth_enable = yes
     cafile: str = ""
     capath: str = ""
+    #: smtp_tls_mandatory_protocols as a floor: TLSv1.2 (the agent's own) or TLSv1.3.
+    tls_min_version: str = AGENT_TLS_FLOOR
+    #: smtp_tls_mandatory_ciphers = high: only HIGH cipher suites (TLS 1.2); lower grades leave the agent's own.
+    tls_high_ciphers: bool = False
+    connect_timeout: float = 30.0
+    helo_timeout: float = 300.0
+    data_done_timeout: float = 600.0
+    #: How long Postfix's LMTP client waits for the agent's replies after the message: the agent's own waits
+    #: must fit in it, or Postfix gives up and sends the message again.
+    lmtp_data_done_timeout: float = 600.0
+    #: mydestination, virtual_alias_domains, virtual_mailbox_domains.
+    local_domains: DomainList = field(default_factory=DomainList)
 
     @classmethod
     def read(cls, commands: PostfixCommands) -> PostfixView:
@@ -108,6 +204,17 @@ class PostfixView:
         except ValueError as e:
             raise PostfixConfigError(f"relayhost = {v.get('relayhost')}: {e}") from e
         helo = v.get("smtp_helo_name") or v["myhostname"]
+        try:
+            floor = tls_floor(v.get("smtp_tls_mandatory_protocols", ""))
+        except ValueError as e:
+            raise PostfixConfigError(f"smtp_tls_mandatory_protocols = {v.get('smtp_tls_mandatory_protocols')}: "
+                                     f"{e}") from e
+        try:
+            times = {n: parse_time(v.get(n, ""), d) for n, d in (
+                ("smtp_connect_timeout", 30.0), ("smtp_helo_timeout", 300.0), ("smtp_data_done_timeout", 600.0),
+                ("lmtp_data_done_timeout", 600.0))}
+        except ValueError as e:
+            raise PostfixConfigError(str(e)) from e
         sasl_on = v.get("smtp_sasl_auth_enable", "no").lower() in ("yes", "true", "on", "1")
         return cls(
             commands=commands,
@@ -119,7 +226,19 @@ class PostfixView:
             sasl_maps=split_list(v.get("smtp_sasl_password_maps", "")) if sasl_on else (),
             cafile=v.get("smtp_tls_CAfile", ""),
             capath=v.get("smtp_tls_CApath", ""),
+            tls_min_version=floor,
+            tls_high_ciphers=v.get("smtp_tls_mandatory_ciphers", "").strip().lower() == "high",
+            connect_timeout=times["smtp_connect_timeout"],
+            helo_timeout=times["smtp_helo_timeout"],
+            data_done_timeout=times["smtp_data_done_timeout"],
+            lmtp_data_done_timeout=times["lmtp_data_done_timeout"],
+            local_domains=DomainList.parse([v.get(n, "") for n in LOCAL_DOMAIN_LISTS]),
         )
+
+    def is_local_domain(self, domain: str) -> bool:
+        """Whether Postfix delivers ``domain`` on this host (:data:`LOCAL_DOMAIN_LISTS`).  Raises
+        PostfixConfigError when a table of those lists cannot be read."""
+        return self.local_domains.matches(domain, self.commands)
 
     def sender_relayhost(self, sender: str) -> NextHop | tuple[NextHop, ...] | None:
         """sender_dependent_relayhost_maps for ``sender``: the full address, then ``@domain`` (Postfix's order

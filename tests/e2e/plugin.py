@@ -74,6 +74,7 @@ cafile = "{ca}"
 {f'helo_name = "{self.relay_helo}"' if self.relay_helo is not None else ""}
 postfix_config_dir = "{self.pf.config_dir}"
 timeout = 10
+spool_dir = "{self.dir / 'spool'}"
 {self.relay_extra}
 [policyd]
 listen = ["unix:{self.policyd_sock}"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -182,3 +183,84 @@ def test_sighup_rereads_postfix_settings(agent_plugin: Plugin) -> None:
         _wait(relay)
         sent = [d for d in relay.deliveries if "carol@insecure.test" in d.rcpt_tos]
         assert sent and sent[0].requiretls and sent[0].helo == "reloaded.local.test", relay.deliveries
+
+
+def _memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+BIG = 50 * 1024 * 1024
+MiB = 1024 * 1024
+
+
+def test_50mb_message_streams_through_the_agent_with_bounded_memory(agent_plugin: Plugin) -> None:
+    """A 50 MB REQUIRETLS message goes through the agent without being held in memory: the LMTP DATA is spooled
+    to a file and sent on in chunks.  The agent's peak RSS (VmHWM) stays within 30 MB of its RSS before the
+    message (whole-message reads take the message at least twice: aiosmtpd's lines and the joined bytes), and
+    its RSS after is back near the start."""
+    plugin = agent_plugin
+    with _relay(plugin, RelayOptions()) as relay:
+        _start(plugin, relayhost=f"[{RELAY_NAME}]:{relay.controller.port}", message_size_limit=str(60 * MiB))
+        pid = plugin.procs["relay"].pid
+        # A small message first: the agent has done one delivery (imports, TLS, DNS) before the baseline.
+        plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
+        _wait(relay)
+        assert relay.deliveries, plugin.log("relay")[-3000:]
+        time.sleep(0.5)
+        base = _memory(pid)
+        line = b"0123456789abcdefghijklmnopqrstuvwxyz.ABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789\r\n"
+        head = (f"From: {SENDER}\r\nTo: carol@insecure.test\r\nSubject: 50 MB\r\n"
+                f"Message-ID: <{time.time_ns()}@sender.test>\r\n\r\n").encode()
+        body = line * (BIG // len(line))
+        started = time.monotonic()
+        q = plugin.pf.submit(SENDER, ["carol@insecure.test"], head + body, timeout=120)
+        _wait(relay, 2, timeout=120)
+        took = time.monotonic() - started
+        assert len(relay.deliveries) == 2, plugin.log("relay")[-3000:]
+        d = relay.deliveries[1]
+        assert d.requiretls and d.tls and d.rcpt_tos == ("carol@insecure.test",)
+        assert len(d.raw) > BIG - MiB and d.raw.endswith(body), len(d.raw)  # every byte arrived
+        plugin.pf.wait_log(rf"{q.queue_id}: to=<carol@insecure\.test>.*status=sent", timeout=30)
+        time.sleep(1)
+        end = _memory(pid)
+        figures = (f"baseline RSS {base['VmRSS'] / MiB:.1f} MiB (peak {base['VmHWM'] / MiB:.1f}), after the 50 MB "
+                   f"message peak {end['VmHWM'] / MiB:.1f} MiB, RSS {end['VmRSS'] / MiB:.1f} MiB, {took:.1f} s")
+        print(figures)
+        assert end["VmHWM"] < base["VmRSS"] + 30 * MiB, figures
+        assert end["VmRSS"] < base["VmRSS"] + 10 * MiB, figures
+        assert list((plugin.dir / "spool").iterdir()) == []
+
+
+def test_virtual_alias_to_a_local_domain_is_handed_back_without_relay_local_domains(plugin: Plugin) -> None:
+    """relay.local_domains is not set: the agent takes the local domains from Postfix (mydestination =
+    $myhostname, localhost; a virtual mailbox domain from a table).  A virtual alias expanded after the milter
+    planned the message to nobody@postfix.local.test is delivered here; the remote one goes to its MX with
+    REQUIRETLS."""
+    from tests.e2e.test_relay import SECRET
+
+    vdomains = plugin.pf.config_dir / "vdomains"
+    vdomains.write_text("vmail.test ok\n")
+    plugin.table = "virt.test requiretls=yes\n"
+    plugin.apply()
+    plugin.pf.set(virtual_alias_domains="virt.test", virtual_mailbox_domains=f"texthash:{vdomains}",
+                  virtual_alias_maps="inline:{ {va@virt.test = vb@dane.test}, "
+                                     "{vl@virt.test = nobody@postfix.local.test} }")
+    for daemon in ("milter", "relay", "policyd"):
+        plugin.start_daemon(daemon)
+    plugin.pf.start()
+    assert "local_domains" not in plugin.config.read_text()
+    rcpts = ["va@virt.test", "vl@virt.test"]
+    plugin.pf.submit(SENDER, rcpts, _message(rcpts))
+    (d,) = plugin.wait_mx("dane", timeout=60)
+    assert d.rcpt_tos == ("vb@dane.test",) and d.tls and d.requiretls, d.mail_options
+    plugin.pf.wait_log(r"to=<nobody@postfix\.local\.test>.*status=sent", timeout=60)
+    plugin.pf.wait_queue_empty(60)
+    assert plugin.pf.find_log(r"status=bounced") is None, plugin.pf.log()[-2000:]
+    mbox = (plugin.pf.dir / "mail" / "nobody").read_text(errors="replace")
+    assert mbox.count(SECRET) == 1

@@ -4,15 +4,18 @@ replies about our own standing (530/535, a refused EHLO) defer instead of bounci
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from requiretls.dest import Destination, DnssecState, MxHost, MxSource, TlsRequirement
 from requiretls.dest.destination import DaneState
+from requiretls.dest.session import pkix_context
 from requiretls.relay.deliver import (
     DeliveryStatus,
     LmtpEnvelope,
@@ -260,3 +263,126 @@ def test_a_session_the_mx_closed_is_replaced(ca: TestCA, tmp_path: Path, cafile:
         out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
         assert out["b@r.example"].status is DeliveryStatus.SENT, out
         assert len(mx.deliveries) == 2 and cache.reused == 0
+
+
+def test_ca_directory_alone_verifies_the_relay(relay: RelayServer, ca: TestCA, tmp_path: Path) -> None:
+    """smtp_tls_CApath: the root only in a hashed CA directory (openssl rehash) is enough for PKIX; without it
+    the same relay does not verify and nothing is sent."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl rehash")
+    capath = tmp_path / "certs"
+    capath.mkdir()
+    ca.write_root(capath / "root.pem")
+    subprocess.run(["openssl", "rehash", str(capath)], check=True, capture_output=True)
+    creds = {NAME: SaslCredentials("agent", "s3cret")}
+    base = SendSettings(port=relay.controller.port, timeout=5, helo_name="out.example")
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, base, creds)
+    assert out["b@r.example"].status is not DeliveryStatus.SENT and relay.deliveries == [], out
+    out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(base, capath=str(capath)), creds)
+    assert out["b@r.example"].status is DeliveryStatus.SENT, out
+    assert "verify=pkix" in out["b@r.example"].text
+
+
+def _tls12_mx(ca: TestCA, tmp_path: Path) -> RelayServer:
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME)
+
+
+def test_postfix_protocol_floor_raises_the_agents(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """smtp_tls_mandatory_protocols = >=TLSv1.3: an MX that stops at TLS 1.2 does not get the message; the
+    agent's own floor (1.2) delivers it."""
+    with _tls12_mx(ca, tmp_path) as mx:
+        s = _settings(mx, cafile)
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(s, tls_min_version="TLSv1.3"))
+        assert out["b@r.example"].status is not DeliveryStatus.SENT and mx.deliveries == [], out
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and out["b@r.example"].tls == "TLSv1.2", out
+        # A weaker request never lowers the agent's floor below TLS 1.2.
+        assert pkix_context(replace(s, tls_min_version="TLSv1")).minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_high_ciphers_only_remove_suites(cafile: str) -> None:
+    default = {c["name"] for c in pkix_context(SendSettings(cafile=cafile)).get_ciphers()}
+    high = {c["name"] for c in pkix_context(SendSettings(cafile=cafile, high_ciphers=True)).get_ciphers()}
+    assert high and high <= default
+
+
+@pytest.mark.parametrize("tls_max", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_session_resumed_on_a_new_connection_only_under_the_same_trust(ca: TestCA, tmp_path: Path,
+                                                                          cafile: str, tls_max: ssl.TLSVersion) -> None:
+    """A new connection to the same MX resumes the TLS session of the last one (TLS 1.2 session id or 1.3
+    ticket), checked with the server's real ``session_reused``; a handshake under other verification
+    parameters (another CA file) never gets it."""
+    from requiretls.relay.deliver import SessionCache
+
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    ctx.maximum_version = tls_max
+    cache = SessionCache(idle=30)
+    other_ca = ca.write_root(tmp_path / "same-root-other-file.pem")
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME) as mx:
+        s = _settings(mx, cafile)
+        for i in range(3):
+            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+            cache.prune(everything=True)  # no connection kept: the next message makes a new one
+            assert cache.tls.resumed == i
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, replace(s, cafile=other_ca), None, cache)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and cache.tls.resumed == 2, out
+        assert len({d.peer_port for d in mx.deliveries}) == 4  # four connections, two of them resumed
+
+
+def test_mandatory_floor_does_not_push_opt_out_mail_to_plaintext(ca: TestCA, tmp_path: Path, cafile: str) -> None:
+    """TLS-Required: No is opportunistic TLS: smtp_tls_mandatory_protocols does not apply, so a TLS 1.2-only MX
+    still gets TLS 1.2 rather than plaintext."""
+    with _tls12_mx(ca, tmp_path) as mx:
+        s = replace(_settings(mx, cafile), tls_min_version="TLSv1.3", high_ciphers=True)
+        out = deliver_opportunistic([(NAME, ["127.0.0.1"])], ENV, ENV.rcpts, MESSAGE, s)
+        assert out["b@r.example"].status is DeliveryStatus.SENT and out["b@r.example"].tls == "TLSv1.2", out
+        assert mx.deliveries[0].tls
+
+
+def test_contexts_made_at_once_by_many_threads_are_one(cafile: str) -> None:
+    """The bench found it: 20 first deliveries at once built two contexts for the same parameters; a TLS session
+    of one offered on the other was refused after the socket was detached (EBADF), and the message bounced."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from requiretls.dest import session as sess
+
+    s = SendSettings(cafile=cafile, tls_min_version="TLSv1.3", capath=None, port=2)
+    with ThreadPoolExecutor(20) as pool:
+        made = list(pool.map(lambda _: id(pkix_context(s)), range(40)))
+    assert len(set(made)) == 1
+    assert sess.unverified_context(s) is sess.unverified_context(replace(s, cafile=None))
+
+
+def test_a_session_of_another_context_is_not_offered_and_the_handshake_goes_on(ca: TestCA, tmp_path: Path,
+                                                                               cafile: str) -> None:
+    from requiretls.dest.session import _Resuming
+
+    ctx = server_context(tmp_path, ca.leaf(NAME))
+    with RelayServer(ctx, "127.0.0.1", _free_port(), RelayOptions(), NAME) as mx:
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(mx, cafile))
+        assert out["b@r.example"].status is DeliveryStatus.SENT
+        other = ssl.create_default_context(cafile=cafile)
+        first = socket.create_connection(("127.0.0.1", mx.controller.port))
+        first.recv(1000)
+        first.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        time.sleep(0.3)
+        first.recv(4000)
+        t = other.wrap_socket(first, server_hostname=NAME)
+        t.sendall(b"EHLO x\r\n")
+        t.recv(4000)
+        foreign = t.session
+        t.close()
+        second = socket.create_connection(("127.0.0.1", mx.controller.port))
+        second.recv(1000)
+        second.sendall(b"EHLO x\r\nSTARTTLS\r\n")
+        time.sleep(0.3)
+        second.recv(4000)
+        tls = _Resuming(pkix_context(cafile), foreign).wrap_socket(second, server_hostname=NAME)
+        assert tls.version() and not tls.session_reused
+        tls.close()

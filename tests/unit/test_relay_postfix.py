@@ -87,3 +87,69 @@ def test_destination_concurrency_limit_reaches_the_agent(tmp_path: Path) -> None
     assert agent_state(load(str(cfg))).settings.destination_concurrency == 5
     cfg.write_text("")
     assert agent_state(load(str(cfg))).settings.destination_concurrency == 20
+
+
+def test_tls_floor_ciphers_capath_and_timeouts_from_main_cf(tmp_path: Path) -> None:
+    from requiretls.relay.cli import send_settings
+
+    cmds = _conf(tmp_path, "smtp_tls_mandatory_protocols = >=TLSv1.3\nsmtp_tls_mandatory_ciphers = high\n"
+                           "smtp_tls_CAfile = /pf/ca.pem\nsmtp_tls_CApath = $config_directory/certs\n"
+                           "smtp_connect_timeout = 7s\nsmtp_helo_timeout = 2m\nsmtp_data_done_timeout = 600\n"
+                           "lmtp_data_done_timeout = 100s\n")
+    view = PostfixView.read(cmds)
+    assert view.tls_min_version == "TLSv1.3" and view.tls_high_ciphers
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("")
+    send = send_settings(load(str(cfg)).relay, view)
+    assert send.tls_min_version == "TLSv1.3" and send.high_ciphers
+    assert send.cafile == "/pf/ca.pem" and send.capath == f"{tmp_path}/certs"
+    # Within what Postfix's LMTP client waits for the agent: a quarter, a quarter, a half of 100 s.
+    assert (send.connect_timeout, send.helo_timeout, send.data_done_timeout) == (7.0, 25.0, 50.0)
+    cfg.write_text('[relay]\ncafile = "/toml/ca.pem"\n')
+    send = send_settings(load(str(cfg)).relay, view)
+    assert send.cafile == "/toml/ca.pem" and send.capath is None  # the TOML CA file replaces Postfix's trust
+
+
+@pytest.mark.parametrize(("value", "floor"), [("", "TLSv1.2"), (">=TLSv1", "TLSv1.2"), ("!SSLv2, !SSLv3", "TLSv1.2"),
+                                              ("!SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.2", "TLSv1.3"),
+                                              (">=TLSv1.2 <=TLSv1.2", "TLSv1.2")])
+def test_postfix_protocols_only_raise_the_floor(tmp_path: Path, value: str, floor: str) -> None:
+    cmds = _conf(tmp_path, f"smtp_tls_mandatory_protocols = {value}\n")
+    assert PostfixView.read(cmds).tls_min_version == floor
+
+
+def test_protocols_leaving_nothing_is_a_config_error(tmp_path: Path) -> None:
+    cmds = _conf(tmp_path, "smtp_tls_mandatory_protocols = !TLSv1.2, !TLSv1.3\n")
+    with pytest.raises(PostfixConfigError, match="smtp_tls_mandatory_protocols"):
+        PostfixView.read(cmds)
+
+
+def test_local_domains_default_from_mydestination_and_virtual_lists(tmp_path: Path) -> None:
+    """Postfix's local and virtual domains (literal names, .parent for subdomains, a table queried by
+    postmap -q) are handed back; relay_domains are not (Postfix would send them on without REQUIRETLS)."""
+    from requiretls.relay import agent
+
+    cmds = _conf(tmp_path, "myhostname = mx.example\nmydomain = example\n"
+                           "mydestination = $myhostname, localhost.$mydomain, .sub.example\n"
+                           f"virtual_mailbox_domains = texthash:{tmp_path}/vdomains\n"
+                           "virtual_alias_domains = alias.example\nrelay_domains = relayed.example\n",
+                 vdomains="mailbox.example ok\n")
+    view = PostfixView.read(cmds)
+    for d in ("mx.example", "localhost.example", "a.sub.example", "mailbox.example", "alias.example", "MX.EXAMPLE."):
+        assert view.is_local_domain(d), d
+    for d in ("relayed.example", "sub.example", "other.example", "example"):
+        assert not view.is_local_domain(d), d
+    state = agent.AgentSettings(postfix=view)
+    rcpts = ["a@mx.example", "b@relayed.example", "c@Mailbox.Example"]
+    assert agent._local_recipients(state, rcpts) == {"a@mx.example", "c@mailbox.example"}
+    # relay.local_domains, when set, wins over Postfix's lists.
+    toml = agent.AgentSettings(postfix=view, local_domains=frozenset({"relayed.example"}))
+    assert agent._local_recipients(toml, rcpts) == {"b@relayed.example"}
+
+
+def test_global_concurrency_limit_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("[relay]\nconcurrency_limit = 64\npostfix_settings = false\n")
+    assert agent_state(load(str(cfg))).settings.max_parallel == 64
+    cfg.write_text("")
+    assert agent_state(load(str(cfg))).settings.max_parallel == 32
