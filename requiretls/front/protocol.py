@@ -118,7 +118,7 @@ def mail_from(cmd: Command, *, tls_active: bool) -> MailFrom:
     """Find ``REQUIRETLS`` among the ``MAIL FROM`` parameters (RFC 8689 §2: no value; only on TLS).  The address
     is left exactly as sent: smtpd judges it."""
     arg = cmd.arg
-    if not arg[:5].upper() == "FROM:":
+    if arg[:5].upper() != "FROM:":
         return MailFrom(cmd.raw, False)
     rest = arg[5:].lstrip(" ")
     if rest.startswith("<"):
@@ -166,7 +166,7 @@ class DataStream:
     says that REQUIRETLS was given.  Wherever the front cannot tell (a line so long that its start shows no
     colon), it stays in the header section: it must never read "body" where Postfix still reads headers."""
 
-    __slots__ = ("done", "in_header", "dropping", "dropped", "size")
+    __slots__ = ("done", "dropped", "dropping", "in_header", "size")
 
     def __init__(self) -> None:
         self.done = False

@@ -82,7 +82,7 @@ class _Lines:
             raise Closed("timeout")
         try:
             chunk = await asyncio.wait_for(self.reader.read(65536), min(left, self.timeout))
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise Closed("timeout") from None
         except (ConnectionError, OSError, ssl.SSLError) as e:
             raise Closed(type(e).__name__) from None
@@ -136,7 +136,7 @@ class Session:
         self.cw.write(data)
         try:
             await asyncio.wait_for(self.cw.drain(), self.cfg.timeout)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as e:
+        except (TimeoutError, ConnectionError, OSError) as e:
             raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
@@ -144,7 +144,7 @@ class Session:
         self.bw.write(data)
         try:
             await asyncio.wait_for(self.bw.drain(), self.cfg.timeout)
-        except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as e:
+        except (TimeoutError, ConnectionError, OSError) as e:
             raise Closed(f"smtpd write: {type(e).__name__}") from None
 
     async def reply(self) -> bytes:
@@ -165,7 +165,7 @@ class Session:
     async def run(self) -> None:
         try:
             br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
-        except (OSError, asyncio.TimeoutError, TimeoutError) as e:
+        except (OSError, TimeoutError) as e:
             self.front.counters.backend_down += 1
             log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=self.cfg.backend,
                                 error=f"{type(e).__name__}: {e}"))
@@ -264,7 +264,8 @@ class Session:
             await self.refuse(b"501 5.5.4 Syntax: STARTTLS\r\n")
             return
         transport = self.cw.transport
-        transport.pause_reading()
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
         if self.client.pending():
             # Commands sent behind STARTTLS in clear would be read as if they came over TLS (the STARTTLS
             # command-injection attack): drop the session, as Postfix does.
@@ -275,7 +276,7 @@ class Session:
         await self.send(b"220 2.0.0 Ready to start TLS\r\n")
         try:
             await asyncio.wait_for(self.cw.start_tls(ctx), self.cfg.timeout)
-        except (ssl.SSLError, OSError, ConnectionError, asyncio.TimeoutError, TimeoutError) as e:
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
             log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error=f"{type(e).__name__}: {e}"))
             raise Closed("tls") from None
         self.tls_active = True

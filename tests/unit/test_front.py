@@ -16,7 +16,6 @@ from requiretls.front import protocol as p
 from requiretls.front.server import Front, FrontSettings
 from tests.unit.tlsutil import client_context, server_context
 
-
 # --- pure parts ----------------------------------------------------------------------------------------------
 
 
@@ -279,7 +278,7 @@ def test_backend_down_is_421_and_long_lines_are_refused() -> None:
     async def go() -> None:
         front = Front(FrontSettings(("127.0.0.1", 1), "f", None))
         fs = await front.start("127.0.0.1", 0)
-        r, w = await asyncio.open_connection("127.0.0.1", fs.sockets[0].getsockname()[1])
+        r, _w = await asyncio.open_connection("127.0.0.1", fs.sockets[0].getsockname()[1])
         assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"421 4.3.2")
         fs.close()
         fake, bs, fs, port = await _bed()
@@ -297,7 +296,7 @@ def test_backend_down_is_421_and_long_lines_are_refused() -> None:
 
 def test_slow_client_is_cut_off_and_others_are_served() -> None:
     async def go() -> None:
-        fake, bs, fs, port = await _bed(line_deadline=1.0)
+        _fake, bs, fs, port = await _bed(line_deadline=1.0)
         slow = await _connect(port)
         for _ in range(4):
             slow.w.write(b"N")
@@ -314,10 +313,10 @@ def test_slow_client_is_cut_off_and_others_are_served() -> None:
 
 def test_connection_limit() -> None:
     async def go() -> None:
-        fake, bs, fs, port = await _bed(max_connections=2)
+        _fake, bs, fs, port = await _bed(max_connections=2)
         a = await _connect(port)
         b = await _connect(port)
-        r, w = await asyncio.open_connection("127.0.0.1", port)
+        r, _w = await asyncio.open_connection("127.0.0.1", port)
         assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"421 4.3.2")
         await a.cmd(b"QUIT")
         await asyncio.sleep(0.2)
