@@ -472,10 +472,10 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x) for x in v),
         ),
         "backend": Setting(
-            str, "127.0.0.1:10025",
-            "Loopback IP:PORT of the smtpd behind the front (smtpd_upstream_proxy_protocol = haproxy). Port: "
-            "10025 unless given.",
-            convert=_endpoint(10025),
+            str, "127.0.0.1:10028",
+            "Loopback IP:PORT of the smtpd (or postscreen) behind the front, reading the PROXY protocol "
+            "(postfix-config --front moves it there). Port: 10028 unless given.",
+            convert=_endpoint(10028),
         ),
         "hostname": Setting(str, "", "Name in the front's Received: trace field. Empty: Postfix's myhostname."),
         "tls_files": Setting(

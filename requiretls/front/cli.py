@@ -79,7 +79,7 @@ def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str]]:
         raise PostfixError("no certificate: set smtpd_tls_chain_files (or smtpd_tls_cert_file and "
                            "smtpd_tls_key_file) in main.cf, or front.tls_files")
     auth_only = (pf.get("smtpd_tls_auth_only", "no") == "yes") if fc.auth_only == "auto" else fc.auth_only == "yes"
-    backend = Endpoint.parse(args.backend, 10025) if args.backend else fc.backend
+    backend = Endpoint.parse(args.backend, 10028) if args.backend else fc.backend
     assert backend is not None
     listen = list(args.listen or fc.listen)
     return FrontSettings(
