@@ -338,7 +338,8 @@ def delay_template(cookie: str) -> str:
 def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
              relay_socket: str | ListenAddress, reinject: str,
              policyd_socket: str | ListenAddress | None = None, filter_return: str | None = None,
-             reinject_local: str = "127.0.0.1:10027", front: str | None = None) -> Plan:
+             reinject_local: str = "127.0.0.1:10027", front: str | None = None,
+             front_service: str = "smtp/inet") -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
     opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only.
     ``reinject_local``: (Postfix < 3.11) the re-injection smtpd for REQUIRETLS recipients local(8) delivers.
@@ -483,7 +484,7 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
             _adopt_return(returned, env.master[returned], env.version),
         )
     if front is not None:
-        front_master, front_notes = _front(env, front)
+        front_master, front_notes = _front(env, front, front_service)
         master += front_master
         notes += front_notes
     return Plan(tuple(main), master, files, tuple(items), tuple(notes))
@@ -508,38 +509,38 @@ def _with_options(line: str, service: str, extra: tuple[tuple[str, str], ...]) -
     return " ".join([service, *head[1:]] + [f"-o {n}={v}" for n, v in (*kept, *extra)])
 
 
-def _front(env: PostfixEnv, backend: str) -> tuple[tuple[MasterEntry, ...], list[str]]:
-    """Move the public ``smtp/inet`` service (smtpd, or postscreen with its ``smtpd/pass``) to ``backend``,
+def _front(env: PostfixEnv, backend: str, service: str = "smtp/inet") -> tuple[tuple[MasterEntry, ...], list[str]]:
+    """Move the public ``service`` (``smtp/inet``: smtpd, or postscreen with its ``smtpd/pass``) to ``backend``,
     reading the PROXY protocol; the front takes its place.  The admin's entry is kept in the journal and
     comes back with ``--undo``."""
     if env.version.native_requiretls:
         raise PlanError("--front: Postfix 3.11 and later receive REQUIRETLS themselves; the front is for 3.7-3.10")
-    public = env.master.get("smtp/inet")
+    public = env.master.get(service)
     if public is None:
         # Applied before: the entry is already at the backend address (ours, options and all).
         moved = env.master.get(f"{backend}/inet", "")
         if "_upstream_proxy_protocol=haproxy" in moved:
             public = moved
     if public is None:
-        raise PlanError("--front: master.cf has no smtp/inet service to put the front in front of")
+        raise PlanError(f"--front: master.cf has no {service} service to put the front in front of")
     head, _ = _options(public)
     command = head[7] if len(head) >= 8 else ""
     entries: list[MasterEntry] = []
     if command == "smtpd":
         line = _with_options(public, backend, (("smtpd_upstream_proxy_protocol", "haproxy"), *FRONT_SMTPD_OPTIONS))
-        entries.append(MasterEntry(backend, "inet", line, rename_from="smtp/inet"))
+        entries.append(MasterEntry(backend, "inet", line, rename_from=service))
         where = "smtpd"
     elif command == "postscreen":
         passed = env.master.get("smtpd/pass")
         if passed is None:
-            raise PlanError("--front: smtp/inet runs postscreen but master.cf has no smtpd/pass service")
+            raise PlanError(f"--front: {service} runs postscreen but master.cf has no smtpd/pass service")
         entries.append(MasterEntry(backend, "inet", _with_options(
-            public, backend, (("postscreen_upstream_proxy_protocol", "haproxy"),)), rename_from="smtp/inet"))
+            public, backend, (("postscreen_upstream_proxy_protocol", "haproxy"),)), rename_from=service))
         entries.append(MasterEntry("smtpd", "pass", _with_options(passed, "smtpd", FRONT_SMTPD_OPTIONS), adopt=True))
         where = "postscreen (and smtpd/pass behind it)"
     else:
-        raise PlanError(f"--front: smtp/inet runs {command or 'nothing'}, not smtpd or postscreen; not touching it")
-    return tuple(entries), [f"SMTP front: {where} moved from smtp/inet to {backend} with the PROXY protocol; "
+        raise PlanError(f"--front: {service} runs {command or 'nothing'}, not smtpd or postscreen; not touching it")
+    return tuple(entries), [f"SMTP front: {where} moved from {service} to {backend} with the PROXY protocol; "
                             "start requiretls-front.service, which listens where smtpd did (front.listen)"]
 
 
