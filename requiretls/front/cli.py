@@ -16,7 +16,7 @@ import ssl
 
 from requiretls.addresses import Endpoint
 from requiretls.config import load
-from requiretls.daemon import install_signals
+from requiretls.daemon import install_signals, notify
 from requiretls.front.server import Front, FrontSettings
 from requiretls.log import kv, setup
 from requiretls.postfix.apply import PostfixError, postconf
@@ -111,9 +111,11 @@ def run(args: argparse.Namespace) -> int:
             servers.append(await front.start(a.host, a.port))
         log.info("%s", kv(front="listening", on=",".join(listen), backend=f"{fs.backend[0]}:{fs.backend[1]}",
                           auth_only="yes" if fs.auth_only else "no"))
+        notify("READY=1")
         stop = asyncio.Event()
         install_signals(stop, None)
         await stop.wait()
+        notify("STOPPING=1")
         for s in servers:
             s.close()
 
