@@ -21,13 +21,13 @@ with atheris.instrument_imports():
     from requiretls import config
     from requiretls.dest.mtasts import MtaStsPolicyError, MtaStsRecordError, parse_policy, select_sts_record
     from requiretls.errors import ConfigError
+    from requiretls.front import protocol as front
     from requiretls.policy import Envelope, LocalPolicy, MessageFacts, PolicyTable, Session, decide
     from requiretls.policy.headers import decode_subject, find_cookie, parse_header_block, parse_tls_required
     from requiretls.policy.tlsmap import parse_key
     from requiretls.policyd.metrics import Metrics
     from requiretls.policyd.netstring import Decoder, NetstringError
     from requiretls.policyd.server import PolicyService, ServiceSettings
-    from requiretls.front import protocol as front
     from requiretls.relay.agent import _take_params, strip_private
 
 LOOP = asyncio.new_event_loop()

@@ -118,7 +118,9 @@ def test_sendmail_gets_no_route_headers_and_requiretls_is_refused(ctx: TestCtx) 
     assert rc == Milter.REJECT and ctx2._reply[:2] == ("550", "5.7.30")
 
 
-def test_carrier_from_the_front_smtpd_is_the_parameter_and_is_removed(ctx: TestCtx, caplog: pytest.LogCaptureFixture) -> None:
+def test_carrier_from_the_front_smtpd_is_the_parameter_and_is_removed(
+    ctx: TestCtx, caplog: pytest.LogCaptureFixture
+) -> None:
     """Through the SMTP front ({daemon_name} = requiretls-front) Require-TLS-ESMTP: yes means the client gave
     MAIL FROM ... REQUIRETLS: class requiretls, reason the parameter, and the field leaves the message."""
     ctx._setsymval("{daemon_name}", "requiretls-front")

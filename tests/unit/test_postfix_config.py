@@ -482,8 +482,8 @@ def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path
     milter by its daemon name; the admin's own options on it stay; --undo restores master.cf byte for byte."""
     pf = Instance(tmp_path, "")
     pf.pc("-e", "smtpd_tls_auth_only=yes")
-    subprocess.run(["postconf", "-c", str(pf.dir), "-P", "smtp/inet/smtpd_client_restrictions=permit_mynetworks,reject"],
-                   check=True)
+    subprocess.run(["postconf", "-c", str(pf.dir), "-P",
+                    "smtp/inet/smtpd_client_restrictions=permit_mynetworks,reject"], check=True)
     before = pf.files()
     out = pf.ok("--apply", "--front")
     assert "SMTP front" in out
