@@ -121,13 +121,12 @@ def mail_from(cmd: Command, *, tls_active: bool) -> MailFrom:
     if arg[:5].upper() != "FROM:":
         return MailFrom(cmd.raw, False)
     rest = arg[5:].lstrip(" ")
-    if rest.startswith("<"):
-        end = rest.find(">")
-        if end < 0:
-            return MailFrom(cmd.raw, False)
-        addr, params = rest[: end + 1], rest[end + 1:]
-    else:
-        addr, _, params = rest.partition(" ")
+    end = rest.find(">")
+    if not rest.startswith("<") or end < 0:
+        # Parameters need the address in angle brackets (RFC 5321 §4.1.2): without them the line goes to
+        # smtpd as it is, which refuses an unknown REQUIRETLS (555) like any Postfix before 3.11.
+        return MailFrom(cmd.raw, False)
+    addr, params = rest[: end + 1], rest[end + 1:]
     words = params.split()
     hits = [w for w in words if w.split("=", 1)[0].upper() == "REQUIRETLS"]
     if not hits:
