@@ -330,3 +330,35 @@ def test_connection_limit() -> None:
 
 
 _ = ssl
+
+
+def test_two_thousand_idle_connections_are_held_and_others_still_served() -> None:
+    """2,000 clients that connect and say nothing: each has its session (and its smtpd connection); the next
+    one beyond the limit gets 421 at once; a working client is served meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 10000
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+
+    async def go() -> None:
+        _fake, bs, fs, port = await _bed(max_connections=2001)
+        idle = []
+        for _ in range(2000):
+            idle.append(await asyncio.open_connection("127.0.0.1", port))
+        ok = await _connect(port)
+        assert (await ok.cmd(b"NOOP")).startswith(b"250")
+        r, _w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await asyncio.wait_for(r.readline(), 10)).startswith(b"421 4.3.2")
+        for _r, w in idle:
+            w.close()
+        await ok.cmd(b"QUIT")
+        bs.close()
+        fs.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
