@@ -9,11 +9,13 @@ smtpd, and nothing else.
   only.
 * :func:`mail_from` finds and removes the ``REQUIRETLS`` parameter of ``MAIL FROM`` (the front is the only one
   who understands it; smtpd < 3.11 would answer 555).
-* :class:`DataStream` passes the message through, line by line: every line leaves with CRLF (a bare LF ends a
-  line for Postfix in ``normalize`` mode and for the front alike, and Postfix only ever sees CRLF, so the two
-  can never disagree about where the message ends: no smuggling); inside the header section every
-  ``Require-TLS-ESMTP`` field the client sent is removed, dot-stuffed or folded; the front's own fields go
-  first.
+* :class:`DataStream` passes the message through, line by line: every line leaves with CRLF, and only the
+  standard end of data (a lone dot on a CRLF line after a CRLF line) ends the message; a dot line that a bare
+  LF touches is content, passed on dot-stuffed (Postfix's ``smtpd_forbid_bare_newline = normalize`` reads it
+  so too).  smtpd only ever sees CRLF, so the front and smtpd can never disagree about where the message ends,
+  and a sender that took ``<LF>.<LF>`` for content cannot have a second message read out of it (no
+  smuggling).  Inside the header section every ``Require-TLS-ESMTP`` field the client sent is removed,
+  dot-stuffed or folded; the front's own fields go first.
 * :func:`proxy_v2` builds the PROXY protocol v2 header that tells smtpd the real client address.
 """
 
@@ -165,7 +167,7 @@ class DataStream:
     says that REQUIRETLS was given.  Wherever the front cannot tell (a line so long that its start shows no
     colon), it stays in the header section: it must never read "body" where Postfix still reads headers."""
 
-    __slots__ = ("done", "dropped", "dropping", "in_header", "size")
+    __slots__ = ("done", "dropped", "dropping", "in_header", "prev_crlf", "size")
 
     def __init__(self) -> None:
         self.done = False
@@ -173,15 +175,22 @@ class DataStream:
         self.dropping = False
         self.dropped = 0
         self.size = 0
+        self.prev_crlf = True
 
-    def line(self, content: bytes) -> bytes:
-        return self.part(content, first=True, last=True)
+    def line(self, content: bytes, crlf: bool = True) -> bytes:
+        return self.part(content, first=True, last=True, crlf=crlf)
 
-    def part(self, content: bytes, *, first: bool, last: bool) -> bytes:
+    def part(self, content: bytes, *, first: bool, last: bool, crlf: bool = True) -> bytes:
+        """``crlf``: the line ended with CRLF (not a bare LF); only with ``last``."""
         end = b"\r\n" if last else b""
         if first and last and content == b".":
-            self.done = True
-            return b".\r\n"
+            if crlf and self.prev_crlf:
+                self.done = True
+                return b".\r\n"
+            # <LF>.<LF>, <LF>.<CR><LF>, <CR><LF>.<LF>: not the end of data; content, kept a dot for smtpd.
+            content = b".."
+        if last:
+            self.prev_crlf = crlf
         self.size += len(content) + len(end)
         if self.in_header:
             if not first:

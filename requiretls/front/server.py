@@ -344,8 +344,8 @@ class Session:
         while not stream.done:
             raw, complete = await self.client.line(DATA_CHUNK, deadline)
             deadline = time.monotonic() + self.cfg.timeout
-            content_, _ = p.split_line(raw) if complete else (raw, b"")
-            pending += stream.part(content_, first=first, last=complete)
+            content_, ending = p.split_line(raw) if complete else (raw, b"")
+            pending += stream.part(content_, first=first, last=complete, crlf=ending == b"\r\n")
             first = complete
             if len(pending) >= DATA_CHUNK or stream.done:
                 await self.to_backend(pending)

@@ -79,3 +79,23 @@ def test_data_stream_drops_every_carrier_in_the_header_section(lines: list[bytes
         head.append(text.split(b":", 1)[0].strip(b" \t").lower())
     assert b"require-tls-esmtp" not in head
     assert b"\r\n.\r\n" not in b"\r\n" + out[:-3]
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from([b".", b"..", b"x", b"", b".x", b"\r", b".\r"]), st.booleans()),
+                max_size=30))
+def test_only_the_standard_end_of_data_ends_the_message(lines: list[tuple[bytes, bool]]) -> None:
+    """A lone dot ends the message only on a CRLF line after a CRLF line; whatever the front forwards before it
+    holds no CRLF . CRLF of its own, so smtpd ends where the front ends."""
+    s = p.DataStream()
+    out = b""
+    prev = True
+    for content, crlf in lines:
+        out += s.line(content, crlf)
+        if s.done:
+            assert content == b"." and crlf and prev
+            break
+        prev = crlf
+    body = out[:-3] if s.done else out
+    assert b"\r\n.\r\n" not in b"\r\n" + body
+    assert all(seg.endswith(b"\r") for seg in body.split(b"\n")[:-1])

@@ -234,6 +234,9 @@ def test_requiretls_after_tls_becomes_the_carrier_and_forgeries_go() -> None:
 
 
 def test_smuggled_message_behind_a_bare_lf_dot_stays_inside() -> None:
+    """Only CRLF . CRLF after a CRLF line ends the message: what a bare-LF dot hides is content of the one
+    message (a sender that took it for content cannot have a second message read out of it)."""
+
     async def go() -> None:
         fake, bs, fs, port = await _bed(auth_only=False)
         c = await _connect(port)
@@ -241,19 +244,15 @@ def test_smuggled_message_behind_a_bare_lf_dot_stays_inside() -> None:
         await c.cmd(b"MAIL FROM:<a@b>")
         await c.cmd(b"RCPT TO:<c@d>")
         assert (await c.cmd(b"DATA")).startswith(b"354")
-        c.w.write(b"Subject: one\r\n\r\nx\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nhi\r\n"
-                  b".\r\n")
-        replies = [await c.reply() for _ in range(5)]
+        c.w.write(b"Subject: one\r\n\r\nx\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nhi\n.\r\n"
+                  b"more\r\n.\n\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250")
         assert (await c.cmd(b"QUIT")).startswith(b"221")
         bs.close()
         fs.close()
-        rep = replies[0]
-        assert [r[:3] for r in replies] == [b"250", b"250", b"250", b"354", b"250"]
-        # A bare-LF dot ends the message for the front and for smtpd alike, normalised to CRLF: the rest are
-        # commands, seen by both as commands (not a hidden message inside the first one).
-        assert rep.startswith(b"250")
-        assert fake.messages[0] == b"Subject: one\r\n\r\nx\r\n"
-        assert b"MAIL FROM:<evil@x>\r\n" in fake.commands
+        assert fake.messages == [b"Subject: one\r\n\r\nx\r\n..\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n"
+                                 b"hi\r\n..\r\nmore\r\n..\r\n\r\n"]
+        assert not any(x.startswith(b"MAIL FROM:<evil") for x in fake.commands)
 
     asyncio.run(go())
 
