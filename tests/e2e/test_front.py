@@ -38,10 +38,9 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) ->
     raise RuntimeError("requiretls front did not listen")
 
 
-@pytest.fixture
-def front(plugin: Plugin) -> Iterator[Plugin]:
-    """The plugin with the front: Postfix's smtpd moved to extra[5] with the PROXY protocol, the front on the
-    smtp port where smtpd was."""
+def _with_front(plugin: Plugin) -> Plugin:
+    """The plugin with the front: Postfix's smtpd moved to extra[5] with the PROXY protocol (by
+    ``postfix-config --front``), the front on the smtp port where smtpd was."""
     pf = plugin.pf
     if pf.version not in ("3.7", "3.10"):
         pytest.skip("the front is for Postfix 3.7-3.10; 3.11 receives REQUIRETLS itself")
@@ -57,7 +56,12 @@ def front(plugin: Plugin) -> Iterator[Plugin]:
                             stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     plugin.procs["front"] = proc
     _wait_port(pf.ports.smtp, proc)
-    yield plugin
+    return plugin
+
+
+@pytest.fixture
+def front(plugin: Plugin) -> Plugin:
+    return _with_front(plugin)
 
 
 @pytest.fixture
@@ -164,3 +168,27 @@ def test_bare_lf_dot_does_not_start_a_second_message(front: Plugin) -> None:
     assert d.header("Subject") == ["one"]
     time.sleep(2)
     assert len(front.bed.mx("dane").deliveries()) == 1
+
+
+def test_sasl_submission_through_the_front_only_over_tls(plugin: Plugin) -> None:
+    """smtpd_tls_auth_only = yes in main.cf: the front offers AUTH only after STARTTLS and refuses it in clear;
+    over TLS smtpd authenticates (SASL passes through) and the milter sees the login."""
+    from tests.e2e.sasl import PASSWORD, SaslServer
+
+    with SaslServer() as sasl:
+        plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
+                      smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}", smtpd_tls_auth_only="yes")
+        front = _with_front(plugin)
+        with _client(front.pf.ports.smtp) as s:
+            assert "auth" not in s.esmtp_features
+            code, _ = s.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA==")
+            assert code == 538
+            ctx = ssl.create_default_context(cafile=str(front.bed.pki.ca_cert))
+            ctx.check_hostname = False
+            s.starttls(context=ctx)
+            s.ehlo()
+            assert "PLAIN" in s.esmtp_features.get("auth", "")
+            s.login("alice", PASSWORD)
+            s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: auth\r\n\r\nx\r\n".encode())
+        front.wait_mx("dane", timeout=60)
+    assert "sasl_username=alice" in front.log("milter")
