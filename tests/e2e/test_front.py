@@ -48,14 +48,18 @@ def _with_front(plugin: Plugin) -> Plugin:
     plugin.extra += f'\n[front]\nlisten = ["127.0.0.1:{pf.ports.smtp}"]\nbackend = "127.0.0.1:{backend}"\n' \
                     f'postfix_config_dir = "{pf.config_dir}"\n'
     plugin.apply_args = ("--front", "--front-service", f"127.0.0.1:{pf.ports.smtp}/inet")
-    plugin.start()
+    plugin.apply()
+    for d in ("milter", "relay", "policyd"):
+        plugin.start_daemon(d)
     line = pf.postconf("-M", f"127.0.0.1:{backend}/inet")
     assert "smtpd_upstream_proxy_protocol=haproxy" in line and "requiretls-front" in line, line
+    # The front first: it takes the port the testbed waits on (Postfix's smtpd is now at the backend).
     logf = open(plugin.dir / "front.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
     proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(plugin.config)],
                             stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     plugin.procs["front"] = proc
     _wait_port(pf.ports.smtp, proc)
+    pf.start()
     return plugin
 
 
