@@ -60,6 +60,7 @@ def _with_front(plugin: Plugin) -> Plugin:
     plugin.procs["front"] = proc
     _wait_port(pf.ports.smtp, proc)
     pf.start()
+    _wait_port(backend, proc)
     return plugin
 
 
