@@ -285,6 +285,7 @@ class Session:
         if obj is not None:
             cipher = obj.cipher() or ("?", "?", 0)
             self.tls_info = f"using {obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+            log.info("%s", kv(front="TLS established", client=self.peer[0], protocol=obj.version(), cipher=cipher[0]))
         # RFC 3207 §4.2: the session starts over.  smtpd learns it from the client's next EHLO, which the
         # client must send; until then smtpd refuses MAIL as it would without any EHLO.
         self.requiretls = False
