@@ -492,6 +492,8 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         ),
         "timeout": _timeout(300.0, "Seconds the front waits for a client or smtpd (Postfix's smtpd_timeout)."),
         "max_connections": _entries(2000, "Most client connections at once; more get 421 and retry later."),
+        "workers": _number(int, 0, "Processes that share the listening sockets (TLS uses every CPU, as smtpd's "
+                           "processes do). 0: one per CPU, at most 16.", 64, inclusive_low=True),
         "postfix_config_dir": Setting(
             str, "", "Postfix configuration directory the front reads myhostname, TLS files and smtpd_tls_auth_only "
             "from (postconf -c). Empty: Postfix's default.",
@@ -619,6 +621,7 @@ class FrontConfig:
     auth_only: str = "auto"
     timeout: float = 300.0
     max_connections: int = 2000
+    workers: int = 0
     postfix_config_dir: str = ""
 
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
+import signal
+import socket
 import ssl
+import time
 
 from requiretls.addresses import Endpoint
 from requiretls.config import load
@@ -64,7 +69,7 @@ def tls_context(files: list[str]) -> ssl.SSLContext:
     return ctx
 
 
-def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str]]:
+def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str], int]:
     settings = load(args.config)
     fc = settings.front
     pf = postfix_params(fc.postfix_config_dir)
@@ -89,36 +94,110 @@ def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str]]:
         auth_only=auth_only,
         timeout=fc.timeout if fc.timeout != 300.0 else _seconds(pf.get("smtpd_timeout", "300s"), 300.0),
         max_connections=fc.max_connections,
-    ), listen
+    ), listen, fc.workers or min(os.cpu_count() or 1, 16)
+
+
+def _listen_socket(spec: str) -> socket.socket:
+    a = Endpoint.parse(spec, 25)
+    family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((a.host, a.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _serve(fs: FrontSettings, socks: list[socket.socket]) -> None:
+    """One worker: an event loop serving every listening socket until SIGTERM."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    front = Front(fs)
+
+    async def main() -> None:
+        servers = [await front.start_on(sock) for sock in socks]
+        stop = asyncio.Event()
+        install_signals(stop, None)
+        await stop.wait()
+        for srv in servers:
+            srv.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
 
 
 def run(args: argparse.Namespace) -> int:
     setup("front", "stderr", "info")
     try:
-        fs, listen = build_settings(args)
+        fs, listen, workers = build_settings(args)
     except (PostfixError, OSError, ssl.SSLError, ValueError) as e:
         log.error("%s", kv(front="not starting", error=str(e)))
         return 2
     if not listen:
         log.error("%s", kv(front="not starting", error="front.listen is empty"))
         return 2
-    front = Front(fs)
+    try:
+        socks = [_listen_socket(spec) for spec in listen]
+    except OSError as e:
+        log.error("%s", kv(front="not starting", error=f"cannot listen: {e}"))
+        return 2
+    # Several workers share the listening sockets (the kernel hands each connection to one of them): TLS and
+    # the dialogue use every CPU, as smtpd's processes do.
+    per = dataclasses.replace(fs, max_connections=max(1, fs.max_connections // workers))
+    children: dict[int, int] = {}  # pid -> worker slot
 
-    async def main() -> None:
-        servers = []
-        for spec in listen:
-            a = Endpoint.parse(spec, 25)
-            servers.append(await front.start(a.host, a.port))
-        log.info("%s", kv(front="listening", on=",".join(listen), backend=f"{fs.backend[0]}:{fs.backend[1]}",
-                          auth_only="yes" if fs.auth_only else "no"))
-        notify("READY=1")
-        stop = asyncio.Event()
-        install_signals(stop, None)
-        await stop.wait()
-        notify("STOPPING=1")
-        for s in servers:
-            s.close()
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _serve(per, socks)
+            finally:
+                os._exit(0)
+        children[pid] = slot
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(workers):
+        spawn(slot)
+    log.info("%s", kv(front="listening", on=",".join(listen), backend=f"{fs.backend[0]}:{fs.backend[1]}",
+                      workers=workers, auth_only="yes" if fs.auth_only else "no"))
+    notify("READY=1")
+    restarts = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children:
+            continue
+        slot = children.pop(pid)
+        if stopping:
+            continue
+        # A worker that died took its own sessions with it (their clients retry); the others keep serving.
+        log.error("%s", kv(front="worker exited", pid=pid, status=status, action="restarting"))
+        restarts += 1
+        if restarts > 10 * workers:
+            log.error("%s", kv(front="workers keep exiting", action="stopping"))
+            stop(signal.SIGTERM, None)
+            continue
+        time.sleep(1)
+        spawn(slot)
+    notify("STOPPING=1")
     return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -167,7 +168,8 @@ class Session:
             br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
         except (OSError, TimeoutError) as e:
             self.front.counters.backend_down += 1
-            log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=self.cfg.backend,
+            host, port = self.cfg.backend
+            log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
                                 error=f"{type(e).__name__}: {e}"))
             with contextlib.suppress(Closed):
                 await self.send(b"421 4.3.2 Service currently unavailable\r\n")
@@ -398,3 +400,6 @@ class Front:
 
     async def start(self, host: str | None, port: int) -> asyncio.Server:
         return await asyncio.start_server(self.handle, host, port, limit=2 * DATA_CHUNK, backlog=1024)
+
+    async def start_on(self, sock: socket.socket) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, sock=sock, limit=2 * DATA_CHUNK)
