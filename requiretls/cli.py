@@ -38,6 +38,7 @@ _PLUGINS = {
     "requiretls.postfix.cli": ("postfix-config", "print or apply the Postfix configuration for this version"),
     "requiretls.policyd.cli": ("policyd", "run the socketmap TLS policy service for smtp_tls_policy_maps"),
     "requiretls.relay.cli": ("relay", "run the REQUIRETLS delivery agent (LMTP in from Postfix, SMTP out)"),
+    "requiretls.front.cli": ("front", "run the SMTP front that receives REQUIRETLS for Postfix 3.7-3.10 (optional)"),
 }
 #: Modules with several subcommands: ``COMMANDS = {name: (help, add_arguments, run)}``.
 _MULTI_PLUGINS = ("requiretls.notify.cli",)

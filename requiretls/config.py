@@ -527,6 +527,43 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x) for x in v),
         ),
     },
+    "front": {
+        "listen": Setting(
+            list, [],
+            "Where the SMTP front (requiretls front, Postfix 3.7-3.10 only) listens, e.g. [\"0.0.0.0:25\", "
+            "\"[::]:25\"]: the addresses Postfix's smtpd listened on before postfix-config --front moved it to "
+            "the backend address.  Empty: the front does not run.",
+            _strings,
+            convert=lambda v: tuple(str(x) for x in v),
+        ),
+        "backend": Setting(
+            str, "127.0.0.1:10028",
+            "Loopback IP:PORT of the smtpd (or postscreen) behind the front, reading the PROXY protocol "
+            "(postfix-config --front moves it there). Port: 10028 unless given.",
+            convert=_endpoint(10028),
+        ),
+        "hostname": Setting(str, "", "Name in the front's Received: trace field. Empty: Postfix's myhostname."),
+        "tls_files": Setting(
+            list, [],
+            "Certificate chain and key files the front offers STARTTLS with (PEM, as smtpd_tls_chain_files). "
+            "Empty: Postfix's own (smtpd_tls_chain_files, else smtpd_tls_cert_file + smtpd_tls_key_file).",
+            _strings,
+            convert=lambda v: tuple(str(x) for x in v),
+        ),
+        "auth_only": Setting(
+            str, "auto",
+            "Offer and accept AUTH only after STARTTLS: yes, no, or auto (Postfix's smtpd_tls_auth_only).",
+            _choice("auto", "yes", "no"),
+        ),
+        "timeout": _timeout(300.0, "Seconds the front waits for a client or smtpd (Postfix's smtpd_timeout)."),
+        "max_connections": _entries(2000, "Most client connections at once; more get 421 and retry later."),
+        "workers": _number(int, 0, "Processes that share the listening sockets (TLS uses every CPU, as smtpd's "
+                           "processes do). 0: one per CPU, at most 16.", 64, inclusive_low=True),
+        "postfix_config_dir": Setting(
+            str, "", "Postfix configuration directory the front reads myhostname, TLS files and smtpd_tls_auth_only "
+            "from (postconf -c). Empty: Postfix's default.",
+        ),
+    },
     "log": {
         "target": Setting(str, "stderr", "Where daemons log: stderr (journal) or syslog (mail facility).",
                           _choice("stderr", "syslog")),
@@ -647,6 +684,21 @@ class NotifySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FrontConfig:
+    """``[front]``: the optional SMTP front (``requiretls front``)."""
+
+    listen: tuple[str, ...] = ()
+    backend: Endpoint | None = None
+    hostname: str = ""
+    tls_files: tuple[str, ...] = ()
+    auth_only: str = "auto"
+    timeout: float = 300.0
+    max_connections: int = 2000
+    workers: int = 0
+    postfix_config_dir: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class LogSettings:
     target: str
     level: str
@@ -669,6 +721,7 @@ class Settings:
     local_policy: LocalPolicy
     warnings: tuple[str, ...] = field(default=())
     notify: NotifySettings = field(default_factory=NotifySettings)
+    front: FrontConfig = field(default_factory=FrontConfig)
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
@@ -820,6 +873,7 @@ def _settings(parsed: _Parsed, filename: str, local_policy: LocalPolicy) -> Sett
         CacheSettings(**t["cache"]), PolicydSettings(**t["policyd"]), milter, relay, LogSettings(**t["log"]),
         local_policy, parsed.warnings,
         NotifySettings(**{("from_" if k == "from" else k): v for k, v in t["notify"].items()}),
+        FrontConfig(**t["front"]),
     )
 
 

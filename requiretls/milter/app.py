@@ -49,7 +49,10 @@ from requiretls.policy import (
     Session,
     classify,
 )
-from requiretls.policy.headers import writable
+from requiretls.policy.headers import REQUIRE_TLS_ESMTP, writable
+
+#: ``milter_macro_daemon_name`` of the smtpd behind the SMTP front (``postfix-config --front`` sets it).
+FRONT_DAEMON_NAME = "requiretls-front"
 
 log = logging.getLogger("requiretls")
 CONTINUE: int = Milter.CONTINUE
@@ -81,6 +84,9 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.client_ip: str | None = None
+        #: The session came through the SMTP front's smtpd (``{daemon_name}``, set by master.cf, which no client
+        #: can change): its ``Require-TLS-ESMTP: yes`` stands for ``MAIL FROM ... REQUIRETLS``.
+        self.from_front = False
         self.postfix = PostfixFeatures()
         #: A connect callback that failed: every message of the connection is in doubt.
         self.connect_doubt: str | None = None
@@ -119,6 +125,7 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
                 # libmilter gives (address, port[, ...]); some harnesses give the bare address.
                 self.client_ip = str(hostaddr[0] if isinstance(hostaddr, tuple) else hostaddr)
             self.postfix = self.postfix_override or PostfixFeatures.from_macro(self._symval("v"))
+            self.from_front = self._symval("{daemon_name}") == FRONT_DAEMON_NAME
         except Exception as e:
             self.connect_doubt = f"connect callback failed: {type(e).__name__}: {e}"
             log.exception("requiretls: connect callback failed")
@@ -197,10 +204,18 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
 
     def _eom(self, queue_id: str) -> int:
         routes = tuple(self.rcpts)
+        params, headers, carriers = self.params, tuple(self.headers), 0
+        if self.from_front:
+            # The front removed every carrier the client wrote and put its own first only for a client that
+            # gave the parameter over TLS: read it as the parameter, and take it out of the message.
+            carriers = sum(1 for n, _ in headers if n.lower() == REQUIRE_TLS_ESMTP.lower())
+            if carriers:
+                params = (*params, "REQUIRETLS")
+                headers = tuple(h for h in headers if h[0].lower() != REQUIRE_TLS_ESMTP.lower())
         facts = MessageFacts(
-            Envelope(self.sender, tuple(r.address for r in routes), self.params),
+            Envelope(self.sender, tuple(r.address for r in routes), params),
             Session(self.sasl_user, self.client_ip, self.tls_version),
-            tuple(self.headers),
+            headers,
         )
         # The pipeline asks for pre-flight readiness itself, only when it matters (REQUIRETLS, not refused).
         result = classify(facts, self.policy_source(), self.postfix, routes, self.relayhost,
@@ -223,6 +238,8 @@ class RequireTLSMilter(Milter.Base):  # type: ignore[misc]
             log.warning("%s: requiretls: %s", queue_id, kv(action="reject", fields=",".join(unwritable), reason=text))
             self.setreply("550", "5.6.7", text)
             return REJECT
+        for _ in range(carriers):
+            self.chgheader(REQUIRE_TLS_ESMTP, 1, "")
         self._apply(decision)
         return ACCEPT
 

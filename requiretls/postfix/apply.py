@@ -258,6 +258,7 @@ def reconcile(plan: Plan, env: PostfixEnv, *, force: bool = False, dry_run: bool
     drop_main: list[str] = []
     set_master: dict[str, str] = {}
     drop_master: list[str] = []
+    renames: list[tuple[str, str, str]] = []
 
     if not tables_only:
         for name, value in plan.main:
@@ -287,15 +288,25 @@ def reconcile(plan: Plan, env: PostfixEnv, *, force: bool = False, dry_run: bool
             key = f"{m.service}/{m.type}"
             rec = journal.master.get(key)
             cur = live_m.get(key)
+            if m.rename_from and rec is None and cur is None:
+                # In place, as text: the admin's lines are kept verbatim for --undo (postconf -M would put
+                # a new entry last and reformat the old one's spacing).
+                if m.rename_from not in live_m:
+                    out.conflicts.append(f"master.cf: no {m.rename_from} to move to {key}; nothing moved")
+                    continue
+                journal.master[key] = {"before": None, "ours": m.line, "from": m.rename_from, "block": ""}
+                renames.append((key, m.rename_from, m.line))
+                continue
+            want = m.line or None  # an adopted entry we take out (the public smtpd behind the front)
             if rec is None:
-                journal.master[key] = {"before": cur if m.adopt else None, "ours": m.line}
-                if _norm(cur) != _norm(m.line):
-                    set_master[key] = m.line
-            elif _norm(cur) == _norm(m.line):
-                rec["ours"] = m.line
+                journal.master[key] = {"before": cur if m.adopt else None, "ours": want}
+                if _norm(cur) != _norm(want):
+                    _set_master(key, want, set_master, drop_master)
+            elif _norm(cur) == _norm(want):
+                rec["ours"] = want
             elif _norm(cur) == _norm(rec["ours"]) or force:
-                set_master[key] = m.line
-                rec["ours"] = m.line
+                _set_master(key, want, set_master, drop_master)
+                rec["ours"] = want
             else:
                 out.conflicts.append(f"master.cf: {key} was changed since requiretls set it; kept: {cur!r}"
                                      " (--force to write ours again)")
@@ -324,10 +335,16 @@ def reconcile(plan: Plan, env: PostfixEnv, *, force: bool = False, dry_run: bool
     out.done += [f"main.cf: removed {k}" for k in drop_main]
     out.done += [f"master.cf: {k}" for k in set_master]
     out.done += [f"master.cf: removed {k}" for k in drop_master]
+    out.done += [f"master.cf: {old} moved to {k}" for k, old, _ in renames]
     if dry_run:
         return out
+    master_cf = os.path.join(cdir, "master.cf")
+    for key, old, _line in renames:
+        journal.master[key]["block"] = _entry_block(master_cf, old)
     # The journal first: whatever happens next, --undo knows what may be ours.
     journal.save(cdir)
+    for key, _old, line in renames:
+        _replace_block(master_cf, journal.master[key]["block"], _format_entry(line))
     for path, text in write_files:
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
             fh.write(text)
@@ -339,6 +356,13 @@ def reconcile(plan: Plan, env: PostfixEnv, *, force: bool = False, dry_run: bool
         shutil.rmtree(backup)
         out.done.append(f"removed {backup} (replaced by {os.path.join(cdir, JOURNAL)})")
     return out
+
+
+def _set_master(key: str, line: str | None, set_master: dict[str, str], drop_master: list[str]) -> None:
+    if line is None:
+        drop_master.append(key)
+    else:
+        set_master[key] = line
 
 
 def _write(cdir: str, set_main: Mapping[str, str], drop_main: Sequence[str], set_master: Mapping[str, str],
@@ -379,9 +403,51 @@ def _revert_main(name: str, rec: Mapping[str, Any], live: Mapping[str, str], set
         set_main[name] = target
 
 
+def _entry_block(master_cf: str, key: str) -> str:
+    """The lines of master.cf's ``service/type`` entry, verbatim (its first line and the continuation lines)."""
+    service, kind = key.split("/", 1)
+    with open(master_cf, encoding="utf-8") as fh:
+        lines = fh.read().splitlines(keepends=True)
+    for i, ln in enumerate(lines):
+        f = ln.split()
+        if ln[:1].isspace() or ln.startswith("#") or len(f) < 2 or (f[0], f[1]) != (service, kind):
+            continue
+        j = i + 1
+        while j < len(lines) and lines[j][:1] in (" ", "\t") and lines[j].strip():
+            j += 1
+        return "".join(lines[i:j])
+    raise PostfixError(f"{master_cf}: no {key} entry")
+
+
+def _format_entry(line: str) -> str:
+    """One entry as master.cf writes it: the eight fields and command on the first line, an indented line for
+    each ``-o``."""
+    head, _, rest = line.partition(" -o ")
+    opts = ["-o " + o.strip() for o in (" -o " + rest).split(" -o ") if o.strip()] if rest else []
+    return head + "\n" + "".join(f"  {o}\n" for o in opts)
+
+
+def _replace_block(master_cf: str, old: str, new: str) -> None:
+    with open(master_cf, encoding="utf-8") as fh:
+        text = fh.read()
+    if text.count(old) != 1:
+        raise PostfixError(f"{master_cf}: the entry to replace is not there exactly once; nothing changed")
+    with open(master_cf + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(text.replace(old, new))
+    os.chmod(master_cf + ".tmp", os.stat(master_cf).st_mode & 0o7777)
+    os.replace(master_cf + ".tmp", master_cf)
+
+
 def _revert_master(key: str, rec: Mapping[str, Any], live_m: Mapping[str, str], set_master: dict[str, str],
-                   drop_master: list[str], out: Outcome) -> None:
+                   drop_master: list[str], out: Outcome, blocks: list[tuple[str, str]] | None = None) -> None:
     cur = live_m.get(key)
+    if rec.get("from"):
+        if _norm(cur) != _norm(rec.get("ours")):
+            out.conflicts.append(f"master.cf: {key} was changed since requiretls moved {rec['from']} there; kept: "
+                                 f"{cur!r}")
+        elif blocks is not None:
+            blocks.append((key, rec["block"]))
+        return
     if cur is None and rec.get("before") is None:
         return
     if _norm(cur) != _norm(rec.get("ours")):
@@ -407,8 +473,9 @@ def undo(plan: Plan, env: PostfixEnv, *, dry_run: bool = False) -> Outcome:
     drop_master: list[str] = []
     for name, rec in journal.main.items():
         _revert_main(name, rec, live, set_main, drop_main, out)
+    blocks: list[tuple[str, str]] = []
     for key, rec in journal.master.items():
-        _revert_master(key, rec, live_m, set_master, drop_master, out)
+        _revert_master(key, rec, live_m, set_master, drop_master, out, blocks)
     remove = []
     for name, sha in journal.files.items():
         path = os.path.join(cdir, name)
@@ -426,8 +493,12 @@ def undo(plan: Plan, env: PostfixEnv, *, dry_run: bool = False) -> Outcome:
     out.done += [f"master.cf: {k} restored" for k in set_master]
     out.done += [f"master.cf: removed {k}" for k in drop_master]
     out.done += [f"removed {p}" for p in remove]
+    out.done += [f"master.cf: {k} moved back" for k, _ in blocks]
     if dry_run:
         return out
+    master_cf = os.path.join(cdir, "master.cf")
+    for key, block in blocks:
+        _replace_block(master_cf, _entry_block(master_cf, key), block)
     _write(cdir, set_main, drop_main, set_master, drop_master)
     for path in remove:
         os.unlink(path)

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--filter-return", metavar="SERVICE/TYPE",
                    help="with a content filter: the master.cf service at which it hands mail back (default: the one "
                    "smtpd service with -o content_filter=)")
+    p.add_argument("--front", action="store_true",
+                   help="(Postfix 3.7-3.10) move the public smtpd (or postscreen) behind the SMTP front, to "
+                   "front.backend; then start requiretls-front.service")
+    p.add_argument("--front-service", metavar="SERVICE/TYPE", default="smtp/inet",
+                   help="with --front: the master.cf service the front takes the place of (default: smtp/inet)")
     p.add_argument(
         "--offline",
         action="store_true",
@@ -95,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
                 settings.policyd.listen[0] if use_policyd else None,
                 args.filter_return,
                 str(settings.relay.reinject_local),
+                str(settings.front.backend) if args.front else None,
+                args.front_service,
             )
         except PlanError:
             if not args.undo:

@@ -96,6 +96,9 @@ class MasterEntry:
     line: str
     #: An existing entry of the admin's that we change (the content filter's return service), not a new one.
     adopt: bool = False
+    #: ``service/type`` of the admin's entry this one replaces in place (the public smtpd moved behind the
+    #: front): the admin's lines are kept verbatim in the journal and put back by ``--undo``.
+    rename_from: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,10 +370,13 @@ def delay_template(cookie: str) -> str:
 def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAddress,
              relay_socket: str | ListenAddress, reinject: str,
              policyd_socket: str | ListenAddress | None = None, filter_return: str | None = None,
-             reinject_local: str = "127.0.0.1:10027") -> Plan:
+             reinject_local: str = "127.0.0.1:10027", front: str | None = None,
+             front_service: str = "smtp/inet") -> Plan:
     """``policyd_socket``: wire the policy service in (DANE/MTA-STS for every delivery, the relaxed zone for
     opt-outs, the requiretls zone for 3.11's smtp_requiretls_policy); None: static tables only.
     ``reinject_local``: (Postfix < 3.11) the re-injection smtpd for REQUIRETLS recipients local(8) delivers.
+    ``front``: (Postfix < 3.11) the loopback IP:PORT the public smtpd (or postscreen) moves to, behind the SMTP
+    front (``requiretls front``), which then listens where smtpd did.
 
     With a content filter (``content_filter``, in main.cf or on an smtpd service), the route header does not
     FILTER on the way in (FILTER would override the content filter, so special mail would skip it): it
@@ -520,7 +526,65 @@ def generate(env: PostfixEnv, policy: LocalPolicy, milter_socket: str | ListenAd
                     notes.append(f"content filter transport {key}: -o smtp_requiretls_policy=opportunistic (the "
                                  "hop to the filter on this host; REQUIRETLS is kept through it by Require-TLS-ESMTP "
                                  "and enforced after it)")
+    if front is not None:
+        front_master, front_notes = _front(env, front, front_service)
+        master += front_master
+        notes += front_notes
     return Plan(tuple(main), master, files, tuple(items), tuple(notes))
+
+
+#: The smtpd options behind the SMTP front: the real client address from the PROXY header; the daemon name
+#: by which the milter knows the session came through the front; no TLS of its own (the front terminated
+#: it) and therefore no "AUTH only over TLS" (the front enforces that itself); no BDAT (the front reads the
+#: message as lines).
+FRONT_SMTPD_OPTIONS = (
+    ("milter_macro_daemon_name", "requiretls-front"),
+    ("smtpd_tls_security_level", "none"),
+    ("smtpd_tls_auth_only", "no"),
+    ("smtpd_discard_ehlo_keywords", "chunking,silent-discard"),
+)
+
+
+def _with_options(line: str, service: str, extra: tuple[tuple[str, str], ...]) -> str:
+    head, opts = _options(line)
+    names = {n for n, _ in extra}
+    kept = [(n, v) for n, v in opts if n not in names]
+    return " ".join([service, *head[1:]] + [f"-o {n}={v}" for n, v in (*kept, *extra)])
+
+
+def _front(env: PostfixEnv, backend: str, service: str = "smtp/inet") -> tuple[tuple[MasterEntry, ...], list[str]]:
+    """Move the public ``service`` (``smtp/inet``: smtpd, or postscreen with its ``smtpd/pass``) to ``backend``,
+    reading the PROXY protocol; the front takes its place.  The admin's entry is kept in the journal and
+    comes back with ``--undo``."""
+    if env.version.native_requiretls:
+        raise PlanError("--front: Postfix 3.11 and later receive REQUIRETLS themselves; the front is for 3.7-3.10")
+    public = env.master.get(service)
+    if public is None:
+        # Applied before: the entry is already at the backend address (ours, options and all).
+        moved = env.master.get(f"{backend}/inet", "")
+        if "_upstream_proxy_protocol=haproxy" in moved:
+            public = moved
+    if public is None:
+        raise PlanError(f"--front: master.cf has no {service} service to put the front in front of")
+    head, _ = _options(public)
+    command = head[7] if len(head) >= 8 else ""
+    entries: list[MasterEntry] = []
+    if command == "smtpd":
+        line = _with_options(public, backend, (("smtpd_upstream_proxy_protocol", "haproxy"), *FRONT_SMTPD_OPTIONS))
+        entries.append(MasterEntry(backend, "inet", line, rename_from=service))
+        where = "smtpd"
+    elif command == "postscreen":
+        passed = env.master.get("smtpd/pass")
+        if passed is None:
+            raise PlanError(f"--front: {service} runs postscreen but master.cf has no smtpd/pass service")
+        entries.append(MasterEntry(backend, "inet", _with_options(
+            public, backend, (("postscreen_upstream_proxy_protocol", "haproxy"),)), rename_from=service))
+        entries.append(MasterEntry("smtpd", "pass", _with_options(passed, "smtpd", FRONT_SMTPD_OPTIONS), adopt=True))
+        where = "postscreen (and smtpd/pass behind it)"
+    else:
+        raise PlanError(f"--front: {service} runs {command or 'nothing'}, not smtpd or postscreen; not touching it")
+    return tuple(entries), [f"SMTP front: {where} moved from {service} to {backend} with the PROXY protocol; "
+                            "start requiretls-front.service, which listens where smtpd did (front.listen)"]
 
 
 def _strict_route(cdir: str, sockmap: str, master: tuple[MasterEntry, ...], files: tuple[tuple[str, str], ...],

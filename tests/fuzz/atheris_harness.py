@@ -21,6 +21,7 @@ with atheris.instrument_imports():
     from requiretls import config
     from requiretls.dest.mtasts import MtaStsPolicyError, MtaStsRecordError, parse_policy, select_sts_record
     from requiretls.errors import ConfigError
+    from requiretls.front import protocol as front
     from requiretls.policy import Envelope, LocalPolicy, MessageFacts, PolicyTable, Session, decide
     from requiretls.policy.headers import decode_subject, find_cookie, parse_header_block, parse_tls_required
     from requiretls.policy.tlsmap import parse_key
@@ -91,9 +92,24 @@ def lmtp(data: bytes) -> None:
     _take_params(_text(data), ("RET", "ENVID", "NOTIFY", "ORCPT"))
 
 
+def front_commands(data: bytes) -> None:
+    """The SMTP front: a command line, MAIL FROM parameters, and the same bytes as a message's lines."""
+    for tls in (False, True):
+        if front.command_error(data) is None:
+            cmd = front.parse_command(data)
+            m = front.mail_from(cmd, tls_active=tls)
+            if m.requiretls and not tls:
+                raise AssertionError("REQUIRETLS granted without TLS")
+    s = front.DataStream()
+    for ln in data.split(b"\n"):
+        if ln != b".":
+            s.line(ln)
+    front.rewrite_ehlo(data, tls_active=True, tls_offered=True, auth_only=True)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "netstring": netstring, "socketmap": socketmap, "headers": headers, "mtasts": mtasts, "table": table,
-    "config": toml_config, "lmtp": lmtp,
+    "config": toml_config, "lmtp": lmtp, "front": front_commands,
 }
 
 

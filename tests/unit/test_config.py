@@ -98,7 +98,7 @@ def test_rendered_default_config_is_valid_toml_and_documents_every_key() -> None
     uncommented = "\n".join(line[1:] if setting.match(line) else line for line in text.splitlines())
     data = tomllib.loads(uncommented)
     assert parse(uncommented, "rendered") == {s: dict(v) for s, v in parse("", "x").items()}
-    assert set(data) == {"policy", "dns", "mta_sts", "cache", "policyd", "milter", "relay", "notify", "log"}
+    assert set(data) == {"policy", "dns", "mta_sts", "cache", "policyd", "milter", "relay", "notify", "front", "log"}
 
 
 @pytest.mark.parametrize(

@@ -116,3 +116,28 @@ def test_sendmail_gets_no_route_headers_and_requiretls_is_refused(ctx: TestCtx) 
     ctx2 = ctx
     rc = _feed(ctx2, b"From: a@corp.example\nSubject: [requiretls] secret\n\nbody\n")
     assert rc == Milter.REJECT and ctx2._reply[:2] == ("550", "5.7.30")
+
+
+def test_carrier_from_the_front_smtpd_is_the_parameter_and_is_removed(
+    ctx: TestCtx, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the SMTP front ({daemon_name} = requiretls-front) Require-TLS-ESMTP: yes means the client gave
+    MAIL FROM ... REQUIRETLS: class requiretls, reason the parameter, and the field leaves the message."""
+    ctx._setsymval("{daemon_name}", "requiretls-front")
+    with caplog.at_level("INFO", logger="requiretls"):
+        rc = _feed(ctx, b"Require-TLS-ESMTP: yes\nFrom: a@corp.example\nSubject: hi\n\nbody\n", ip="192.0.2.9")
+    assert rc == Milter.ACCEPT
+    assert ("chg", "Require-TLS-ESMTP", 1, "") in ctx.edits
+    assert ctx._msg["X-RequireTLS-Route"] == "relay"
+    line = next(r.getMessage() for r in caplog.records if "class=" in r.getMessage())
+    assert "class=requiretls" in line and "MAIL FROM REQUIRETLS" in line
+
+
+def test_carrier_elsewhere_is_not_the_parameter(ctx: TestCtx, caplog: pytest.LogCaptureFixture) -> None:
+    """From any other smtpd the field stays what it was (Postfix 3.11's carrier), never read as the parameter."""
+    ctx._setsymval("{daemon_name}", "smtpd")
+    with caplog.at_level("INFO", logger="requiretls"):
+        _feed(ctx, b"Require-TLS-ESMTP: yes\nFrom: a@corp.example\nSubject: hi\n\nbody\n", ip="192.0.2.9")
+    assert not any(e[:2] == ("chg", "Require-TLS-ESMTP") for e in ctx.edits)
+    line = next(r.getMessage() for r in caplog.records if "class=" in r.getMessage())
+    assert "MAIL FROM REQUIRETLS" not in line

@@ -475,3 +475,51 @@ def test_bare_newline_smuggling_is_closed_before_3_9_unless_the_admin_chose() ->
     env = PostfixEnv(env.version, env.config_directory, env.queue_directory,
                      {**env.current, "smtpd_forbid_bare_newline": "no"}, frozenset({"smtpd_forbid_bare_newline"}))
     assert "smtpd_forbid_bare_newline" not in dict(generate(env, LocalPolicy(), MILTER, RELAY, REINJECT).main)
+
+
+@needs_postconf
+def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path: Path) -> None:
+    """--front: smtp/inet (Debian's smtpd) becomes a loopback smtpd reading the PROXY protocol, known to the
+    milter by its daemon name; the admin's own options on it stay; --undo restores master.cf byte for byte."""
+    pf = Instance(tmp_path, "")
+    pf.pc("-e", "smtpd_tls_auth_only=yes")
+    subprocess.run(["postconf", "-c", str(pf.dir), "-P",
+                    "smtp/inet/smtpd_client_restrictions=permit_mynetworks,reject"], check=True)
+    before = pf.files()
+    out = pf.ok("--apply", "--front")
+    assert "SMTP front" in out
+    master = pf.pc("-M")
+    assert not re.search(r"^smtp\s+inet", master, re.M)
+    line = pf.pc("-M", "127.0.0.1:10028/inet")
+    assert " smtpd " in line
+    for opt in ("smtpd_upstream_proxy_protocol=haproxy", "milter_macro_daemon_name=requiretls-front",
+                "smtpd_tls_security_level=none", "smtpd_tls_auth_only=no",
+                "smtpd_client_restrictions=permit_mynetworks,reject"):
+        assert opt in line, line
+    assert "nothing to change" in pf.ok("--apply", "--front")
+    assert pf.tool("--check", "--front").returncode == 0
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
+
+
+@needs_postconf
+def test_front_with_postscreen_moves_postscreen_and_marks_smtpd_pass(tmp_path: Path) -> None:
+    pf = Instance(tmp_path, "")
+    smtpd = pf.pc("-M", "smtp/inet").strip()
+    subprocess.run(["postconf", "-c", str(pf.dir), "-M",
+                    "smtp/inet=smtp inet n - y - 1 postscreen",
+                    "smtpd/pass=smtpd pass - - y - - smtpd",
+                    "dnsblog/unix=dnsblog unix - - y - 0 dnsblog"], check=True)
+    before = pf.files()
+    pf.ok("--apply", "--front")
+    assert "postscreen_upstream_proxy_protocol=haproxy" in pf.pc("-M", "127.0.0.1:10028/inet")
+    assert "milter_macro_daemon_name=requiretls-front" in pf.pc("-M", "smtpd/pass")
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
+    assert smtpd
+
+
+def test_front_is_refused_on_postfix_3_11() -> None:
+    r = subprocess.run([sys.executable, "-m", "requiretls", "postfix-config", "--offline", "--postfix-version",
+                        "3.11", "--front", "--config", ""], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "3.11" in r.stderr

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""SMTP front vs Postfix's smtpd alone (issue 20): the same client load over TLS, once straight to smtpd (which
+does STARTTLS itself) and once through ``requiretls front`` (which does STARTTLS and passes the dialogue to a
+loopback smtpd with the PROXY protocol).  Postfix 3.7 of the testbed, mail discarded after the queue so that
+only reception is measured.
+
+* messages/s: ``--sessions`` sessions at once, each STARTTLS once and then ``--messages / sessions`` messages;
+* TLS handshakes/s: ``--sessions`` clients, each connecting ``--handshakes / sessions`` times (EHLO, STARTTLS,
+  EHLO, QUIT);
+* RSS per idle connection: the front's VmRSS growth with ``--idle`` connections open after the greeting.
+
+Goal: both rates at least 0.8x smtpd's.  Run as root from the repository:
+``.venv/bin/python bench/front_vs_postfix.py [--messages 1000] [--handshakes 400] [--runs 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import smtplib
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.plugin import running_bed  # noqa: E402
+from tests.testbed.bed import Bed  # noqa: E402
+from tests.testbed.postfix import Postfix  # noqa: E402
+
+MSG = (b"From: a@sender.test\r\nTo: b@dane.test\r\nSubject: bench\r\n\r\n" + b"x" * 2000 + b"\r\n")
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _ctx(bed: Bed) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(bed.pki.ca_cert))
+    ctx.check_hostname = False
+    return ctx
+
+
+def _parallel(n: int, work: Callable[[], None]) -> float:
+    errors: list[str] = []
+
+    def run() -> None:
+        try:
+            work()
+        except Exception as e:
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.monotonic() - t0
+    if errors:
+        raise RuntimeError(f"{len(errors)} clients failed: {errors[:3]}")
+    return took
+
+
+def messages(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float:
+    per = total // sessions
+
+    def work() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60, local_hostname="bench.local.test") as s:
+            s.starttls(context=ctx)
+            for _ in range(per):
+                s.sendmail("a@sender.test", ["b@dane.test"], MSG)
+
+    return (per * sessions) / _parallel(sessions, work)
+
+
+def handshakes(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float:
+    per = total // sessions
+
+    def work() -> None:
+        for _ in range(per):
+            with smtplib.SMTP("127.0.0.1", port, timeout=60, local_hostname="bench.local.test") as s:
+                s.starttls(context=ctx)
+                s.ehlo()
+
+    return (per * sessions) / _parallel(sessions, work)
+
+
+def idle_rss(port: int, pid: int, n: int) -> float:
+    time.sleep(0.5)
+    before = _rss_kb(pid)
+    socks = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", port), 10))
+        time.sleep(2)
+        after = _rss_kb(pid)
+    finally:
+        for s in socks:
+            s.close()
+    return (after - before) / n
+
+
+def setup(bed: Bed) -> tuple[Postfix, int, int, subprocess.Popen[bytes]]:
+    pf = bed.postfix("3.7")
+    if pf.running:
+        pf.stop()
+    pf.reset()
+    backend, front_port = pf.ports.extra[5], pf.ports.extra[6]
+    pf.set(default_transport="discard", relay_transport="discard", local_transport="discard",
+           default_process_limit="200")
+    pf.add_service(f"127.0.0.1:{backend}", "inet",
+                   "inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o smtpd_tls_security_level=none "
+                   "-o smtpd_discard_ehlo_keywords=chunking,silent-discard")
+    pf.start()
+    conf = pf.dir / "front-bench.toml"
+    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{front_port}"]\nbackend = "127.0.0.1:{backend}"\n'
+                    f'postfix_config_dir = "{pf.config_dir}"\nmax_connections = 5000\n')
+    proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=open(pf.dir / "front-bench.log", "ab"))  # noqa: SIM115
+    end = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", front_port), 1).close()
+            break
+        except OSError:
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError("front did not start") from None
+            time.sleep(0.1)
+    return pf, pf.ports.smtp, front_port, proc
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--messages", type=int, default=1000)
+    ap.add_argument("--handshakes", type=int, default=400)
+    ap.add_argument("--sessions", type=int, default=20)
+    ap.add_argument("--idle", type=int, default=500)
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (the testbed needs it)", file=sys.stderr)
+        return 2
+    with running_bed() as bed:
+        pf, direct, front, proc = setup(bed)
+        ctx = _ctx(bed)
+        try:
+            res: dict[str, list[float]] = {"msg direct": [], "msg front": [], "hs direct": [], "hs front": []}
+            for run in range(args.runs):
+                res["msg direct"].append(messages(direct, ctx, args.messages, args.sessions))
+                res["msg front"].append(messages(front, ctx, args.messages, args.sessions))
+                res["hs direct"].append(handshakes(direct, ctx, args.handshakes, args.sessions))
+                res["hs front"].append(handshakes(front, ctx, args.handshakes, args.sessions))
+                print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in res.items()), file=sys.stderr)
+            rss = idle_rss(front, proc.pid, args.idle)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            pf.stop()
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"\nSMTP front vs smtpd alone, Postfix {pf.version} testbed, {args.sessions} sessions at once, TLS, "
+          f"median of {args.runs} runs\n")
+    print("| measure | smtpd alone | through the front | ratio |")
+    print("|---|---:|---:|---:|")
+    r_msg = med["msg front"] / med["msg direct"]
+    r_hs = med["hs front"] / med["hs direct"]
+    print(f"| messages/s ({args.messages} messages) | {med['msg direct']:,.0f} | {med['msg front']:,.0f} | "
+          f"{r_msg:.2f}x |")
+    print(f"| TLS handshakes/s ({args.handshakes}) | {med['hs direct']:,.0f} | {med['hs front']:,.0f} | "
+          f"{r_hs:.2f}x |")
+    print(f"\nfront RSS per idle connection ({args.idle} open): {rss:.1f} KiB")
+    ok = r_msg >= 0.8 and r_hs >= 0.8
+    print(f"goal at least 0.8x on both: {'met' if ok else 'not met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

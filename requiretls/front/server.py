@@ -1,0 +1,405 @@
+"""The SMTP front: one asyncio task per client, each with its own connection to Postfix's smtpd on loopback.
+
+The front speaks to smtpd in the same order the client speaks to it, one command at a time, and passes
+smtpd's replies back unchanged except for the EHLO reply and the commands it answers itself (STARTTLS, BDAT,
+a ``MAIL FROM ... REQUIRETLS`` that is not allowed).  smtpd accepts or refuses every message: the reply the
+client gets after DATA is smtpd's.  If smtpd cannot be reached the client gets ``421`` and retries later; if
+the front is down, nothing listens and the client retries later.  Nothing is ever accepted by the front alone.
+
+TLS is the front's: it offers STARTTLS with Postfix's own certificate, and after the handshake passes the
+dialogue on in clear over loopback.  smtpd therefore sees a session without TLS; the loopback service the
+front uses is configured accordingly (``smtpd_tls_security_level = none``, ``smtpd_tls_auth_only = no``) and
+the front enforces what those settings did: AUTH only after STARTTLS when the site asks for it (``auth_only``),
+and the TLS parameters of the session go into the message in a ``Received:`` trace field, as smtpd would have
+written them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from email.utils import formatdate
+
+from requiretls.front import protocol as p
+from requiretls.log import kv
+
+log = logging.getLogger("requiretls")
+
+#: A DATA line longer than this goes to smtpd in pieces, so that a line without end cannot fill memory.
+DATA_CHUNK = 65536
+#: smtpd's default ``smtpd_hard_error_limit``: the front closes after this many refused commands of its own.
+ERROR_LIMIT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class FrontSettings:
+    backend: tuple[str, int]
+    hostname: str
+    tls: ssl.SSLContext | None
+    auth_only: bool = False
+    timeout: float = 300.0
+    connect_timeout: float = 30.0
+    max_connections: int = 2000
+    #: The most a command line may take to arrive whole (a client that sends a byte a minute is cut off).
+    line_deadline: float = 300.0
+
+
+@dataclass
+class Counters:
+    connections: int = 0
+    active: int = 0
+    refused_busy: int = 0
+    backend_down: int = 0
+    tls: int = 0
+    requiretls: int = 0
+    requiretls_refused: int = 0
+    carrier_removed: int = 0
+    messages: int = 0
+    injection: int = 0
+    by_reply: dict[str, int] = field(default_factory=dict)
+
+
+class Closed(Exception):
+    """The client or smtpd went away, or took too long."""
+
+
+class _Lines:
+    """Buffered line reading from a stream with a limit and a deadline per line."""
+
+    def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
+        self.reader = reader
+        self.buf = bytearray()
+        self.timeout = timeout
+        self.eof = False
+
+    async def _fill(self, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise Closed("timeout")
+        try:
+            chunk = await asyncio.wait_for(self.reader.read(65536), min(left, self.timeout))
+        except TimeoutError:
+            raise Closed("timeout") from None
+        except (ConnectionError, OSError, ssl.SSLError) as e:
+            raise Closed(type(e).__name__) from None
+        if not chunk:
+            self.eof = True
+            raise Closed("eof")
+        self.buf += chunk
+
+    async def line(self, limit: int, deadline: float) -> tuple[bytes, bool]:
+        """(line with its ending, complete).  A line longer than ``limit`` comes back as a piece of ``limit``
+        bytes with complete=False (never split between CR and LF)."""
+        start = 0
+        while True:
+            i = self.buf.find(b"\n", start)
+            if i >= 0:
+                out = bytes(self.buf[: i + 1])
+                del self.buf[: i + 1]
+                return out, True
+            if len(self.buf) >= limit:
+                cut = limit - 1 if self.buf[limit - 1:limit] == b"\r" else limit
+                out = bytes(self.buf[:cut])
+                del self.buf[:cut]
+                return out, False
+            start = len(self.buf)
+            await self._fill(deadline)
+
+    def pending(self) -> int:
+        return len(self.buf) + len(getattr(self.reader, "_buffer", b""))
+
+
+class Session:
+    def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.front = front
+        self.cfg = front.settings
+        self.client = _Lines(reader, self.cfg.timeout)
+        self.cw = writer
+        self.peer = writer.get_extra_info("peername") or ("?", 0)
+        self.local = writer.get_extra_info("sockname") or ("?", 0)
+        self.tls_active = False
+        self.tls_info = ""
+        self.helo = ""
+        self.requiretls = False
+        self.rcpts = 0
+        self.errors = 0
+        self.bw: asyncio.StreamWriter | None = None
+        self.backend: _Lines | None = None
+
+    # --- the two ends ------------------------------------------------------------------------------------
+
+    async def send(self, data: bytes) -> None:
+        self.cw.write(data)
+        try:
+            await asyncio.wait_for(self.cw.drain(), self.cfg.timeout)
+        except (TimeoutError, ConnectionError, OSError) as e:
+            raise Closed(f"client write: {type(e).__name__}") from None
+
+    async def to_backend(self, data: bytes) -> None:
+        assert self.bw is not None
+        self.bw.write(data)
+        try:
+            await asyncio.wait_for(self.bw.drain(), self.cfg.timeout)
+        except (TimeoutError, ConnectionError, OSError) as e:
+            raise Closed(f"smtpd write: {type(e).__name__}") from None
+
+    async def reply(self) -> bytes:
+        """One whole reply from smtpd (all its lines)."""
+        assert self.backend is not None
+        out = b""
+        deadline = time.monotonic() + self.cfg.timeout
+        for _ in range(p.EHLO_LINES_LIMIT * 4):
+            raw, complete = await self.backend.line(p.LINE_LIMIT * 4, deadline)
+            content, _ = p.split_line(raw)
+            out += content + b"\r\n"
+            if complete and (len(content) < 4 or content[3:4] != b"-"):
+                return out
+        raise Closed("smtpd reply too long")
+
+    # --- the dialogue ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
+        except (OSError, TimeoutError) as e:
+            self.front.counters.backend_down += 1
+            host, port = self.cfg.backend
+            log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
+                                error=f"{type(e).__name__}: {e}"))
+            with contextlib.suppress(Closed):
+                await self.send(b"421 4.3.2 Service currently unavailable\r\n")
+            return
+        self.bw = bw
+        self.backend = _Lines(br, self.cfg.timeout)
+        try:
+            await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
+            await self.send(await self.reply())
+            await self.commands()
+        except Closed as e:
+            log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
+        finally:
+            bw.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(bw.wait_closed(), 5)
+
+    async def refuse(self, text: bytes) -> None:
+        self.errors += 1
+        await self.send(text)
+        if self.errors >= ERROR_LIMIT:
+            await self.send(b"421 4.7.0 Error: too many errors\r\n")
+            raise Closed("too many errors")
+
+    async def commands(self) -> None:
+        while True:
+            deadline = time.monotonic() + self.cfg.line_deadline
+            raw, complete = await self.client.line(p.LINE_LIMIT + 2, deadline)
+            if not complete:
+                while not complete:  # skip the rest of the over-long line
+                    raw, complete = await self.client.line(p.LINE_LIMIT + 2, deadline)
+                await self.refuse(b"500 5.5.2 Error: command line too long\r\n")
+                continue
+            content, _ = p.split_line(raw)
+            err = p.command_error(content)
+            if err is not None:
+                await self.refuse(err)
+                continue
+            cmd = p.parse_command(content)
+            verb = cmd.verb
+            if verb == "STARTTLS":
+                await self.starttls(cmd)
+            elif verb in ("EHLO", "HELO"):
+                await self.to_backend(content + b"\r\n")
+                rep = await self.reply()
+                self.requiretls = False
+                if verb == "EHLO":
+                    rep = p.rewrite_ehlo(rep, tls_active=self.tls_active, tls_offered=self.cfg.tls is not None,
+                                         auth_only=self.cfg.auth_only)
+                if p.reply_code(rep) // 100 == 2:
+                    self.helo = cmd.arg.split(" ", 1)[0][:255]
+                await self.send(rep)
+            elif verb in ("BDAT",):
+                await self.refuse(b"502 5.5.1 Error: command not implemented\r\n")
+            elif verb == "AUTH":
+                await self.auth(content)
+            elif verb == "MAIL":
+                await self.mail(cmd)
+            elif verb == "RCPT":
+                await self.to_backend(content + b"\r\n")
+                rep = await self.reply()
+                if p.reply_code(rep) // 100 == 2:
+                    self.rcpts += 1
+                await self.send(rep)
+            elif verb == "DATA":
+                await self.data(content)
+            elif verb == "RSET":
+                self.requiretls = False
+                self.rcpts = 0
+                await self.pass_through(content)
+            elif verb == "QUIT":
+                await self.pass_through(content)
+                raise Closed("quit")
+            else:
+                await self.pass_through(content)
+
+    async def pass_through(self, content: bytes) -> bytes:
+        await self.to_backend(content + b"\r\n")
+        rep = await self.reply()
+        await self.send(rep)
+        if rep.startswith(b"421"):
+            raise Closed("smtpd closed the session")
+        return rep
+
+    async def starttls(self, cmd: p.Command) -> None:
+        ctx = self.cfg.tls
+        if ctx is None:
+            await self.refuse(b"502 5.5.1 Error: command not implemented\r\n")
+            return
+        if self.tls_active:
+            await self.refuse(b"554 5.5.1 Error: TLS already active\r\n")
+            return
+        if cmd.arg:
+            await self.refuse(b"501 5.5.4 Syntax: STARTTLS\r\n")
+            return
+        transport = self.cw.transport
+        if isinstance(transport, asyncio.ReadTransport):
+            transport.pause_reading()
+        if self.client.pending():
+            # Commands sent behind STARTTLS in clear would be read as if they came over TLS (the STARTTLS
+            # command-injection attack): drop the session, as Postfix does.
+            self.front.counters.injection += 1
+            log.warning("%s", kv(front="plaintext after STARTTLS", client=self.peer[0], action="disconnect"))
+            await self.send(b"554 5.5.1 Error: command pipelining after STARTTLS\r\n")
+            raise Closed("injection")
+        await self.send(b"220 2.0.0 Ready to start TLS\r\n")
+        try:
+            await asyncio.wait_for(self.cw.start_tls(ctx), self.cfg.timeout)
+        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+            log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error=f"{type(e).__name__}: {e}"))
+            raise Closed("tls") from None
+        self.tls_active = True
+        self.front.counters.tls += 1
+        obj = self.cw.get_extra_info("ssl_object")
+        if obj is not None:
+            cipher = obj.cipher() or ("?", "?", 0)
+            self.tls_info = f"using {obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+            log.info("%s", kv(front="TLS established", client=self.peer[0], protocol=obj.version(), cipher=cipher[0]))
+        # RFC 3207 §4.2: the session starts over.  smtpd learns it from the client's next EHLO, which the
+        # client must send; until then smtpd refuses MAIL as it would without any EHLO.
+        self.requiretls = False
+        self.helo = ""
+
+    async def auth(self, content: bytes) -> None:
+        if self.cfg.auth_only and not self.tls_active:
+            await self.refuse(b"538 5.7.11 Encryption required for requested authentication mechanism\r\n")
+            return
+        await self.to_backend(content + b"\r\n")
+        for _ in range(16):
+            rep = await self.reply()
+            await self.send(rep)
+            if not rep.startswith(b"334"):
+                return
+            raw, complete = await self.client.line(12288 + 2, time.monotonic() + self.cfg.line_deadline)
+            if not complete:
+                await self.to_backend(b"*\r\n")
+                await self.send(await self.reply())
+                return
+            line, _ = p.split_line(raw)
+            await self.to_backend(line + b"\r\n")
+        raise Closed("AUTH dialogue too long")
+
+    async def mail(self, cmd: p.Command) -> None:
+        m = p.mail_from(cmd, tls_active=self.tls_active)
+        if m.error is not None:
+            if m.error.startswith(b"555"):
+                self.front.counters.requiretls_refused += 1
+                log.info("%s", kv(front="REQUIRETLS refused", client=self.peer[0], reason="no TLS session"))
+            await self.refuse(m.error)
+            return
+        await self.to_backend(m.line + b"\r\n")
+        rep = await self.reply()
+        if p.reply_code(rep) // 100 == 2:
+            self.requiretls = m.requiretls
+            self.rcpts = 0
+        await self.send(rep)
+
+    async def data(self, content: bytes) -> None:
+        await self.to_backend(content + b"\r\n")
+        rep = await self.reply()
+        await self.send(rep)
+        if not rep.startswith(b"354"):
+            return
+        top = b""
+        if self.tls_info:
+            top += p.header_block([(b"Received", self._trace().encode("utf-8", "surrogateescape"))])
+        if self.requiretls:
+            top += p.header_block([(p.CARRIER, b"yes")])
+        if top:
+            await self.to_backend(top)
+        stream = p.DataStream()
+        first = True
+        deadline = time.monotonic() + self.cfg.timeout
+        pending = b""
+        while not stream.done:
+            raw, complete = await self.client.line(DATA_CHUNK, deadline)
+            deadline = time.monotonic() + self.cfg.timeout
+            content_, ending = p.split_line(raw) if complete else (raw, b"")
+            pending += stream.part(content_, first=first, last=complete, crlf=ending == b"\r\n")
+            first = complete
+            if len(pending) >= DATA_CHUNK or stream.done:
+                await self.to_backend(pending)
+                pending = b""
+        self.front.counters.carrier_removed += stream.dropped
+        if stream.dropped:
+            log.info("%s", kv(front="forged Require-TLS-ESMTP removed", client=self.peer[0], fields=stream.dropped))
+        rep = await self.reply()
+        await self.send(rep)
+        if p.reply_code(rep) // 100 == 2:
+            self.front.counters.messages += 1
+            if self.requiretls:
+                self.front.counters.requiretls += 1
+            log.info("%s", kv(front="message", client=self.peer[0], requiretls="yes" if self.requiretls else "no",
+                              tls=self.tls_info or "none", reply=rep.split(b"\r\n", 1)[0].decode("ascii", "replace")))
+        self.requiretls = False
+        self.rcpts = 0
+
+    def _trace(self) -> str:
+        who = f"{self.helo} " if self.helo else ""
+        return (f"from {who}([{self.peer[0]}]) by {self.cfg.hostname} (requiretls front) with ESMTPS "
+                f"({self.tls_info}); {formatdate(localtime=True)}")
+
+
+class Front:
+    def __init__(self, settings: FrontSettings) -> None:
+        self.settings = settings
+        self.counters = Counters()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        c = self.counters
+        c.connections += 1
+        if c.active >= self.settings.max_connections:
+            c.refused_busy += 1
+            writer.write(b"421 4.3.2 Too many connections, try again later\r\n")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.drain(), 5)
+            writer.close()
+            return
+        c.active += 1
+        try:
+            await Session(self, reader, writer).run()
+        finally:
+            c.active -= 1
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 5)
+
+    async def start(self, host: str | None, port: int) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, host, port, limit=2 * DATA_CHUNK, backlog=1024)
+
+    async def start_on(self, sock: socket.socket) -> asyncio.Server:
+        return await asyncio.start_server(self.handle, sock=sock, limit=2 * DATA_CHUNK)

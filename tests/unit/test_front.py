@@ -1,0 +1,363 @@
+"""The SMTP front against a recording stand-in for smtpd (the real smtpd is in tests/e2e/test_front.py): what
+the front changes in the dialogue, what it refuses itself, and that the message smtpd receives is exactly the
+one the client sent, minus forged carrier fields."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from requiretls.front import protocol as p
+from requiretls.front.server import Front, FrontSettings
+from tests.unit.tlsutil import client_context, server_context
+
+# --- pure parts ----------------------------------------------------------------------------------------------
+
+
+def test_ehlo_rewrite_before_and_after_tls() -> None:
+    rep = (b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n"
+           b"250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250-SMTPUTF8\r\n250 CHUNKING\r\n")
+    before = p.rewrite_ehlo(rep, tls_active=False, tls_offered=True, auth_only=True)
+    assert before.split(b"\r\n")[:-1] == [b"250-mx.example", b"250-PIPELINING", b"250-SIZE 1000",
+                                          b"250-ENHANCEDSTATUSCODES", b"250-8BITMIME", b"250-DSN",
+                                          b"250-SMTPUTF8", b"250 STARTTLS"]
+    after = p.rewrite_ehlo(rep, tls_active=True, tls_offered=True, auth_only=True)
+    lines = after.split(b"\r\n")[:-1]
+    assert b"250-AUTH PLAIN LOGIN" in lines and lines[-1] == b"250 REQUIRETLS"
+    assert not any(b"STARTTLS" in ln or b"CHUNKING" in ln for ln in lines)
+    assert p.rewrite_ehlo(b"550 5.7.1 go away\r\n", tls_active=True, tls_offered=True,
+                          auth_only=False) == b"550 5.7.1 go away\r\n"
+
+
+@pytest.mark.parametrize(("line", "tls", "out", "rt", "code"), [
+    (b"MAIL FROM:<a@b> REQUIRETLS", True, b"MAIL FROM:<a@b>", True, None),
+    (b"mail from:<a@b> BODY=8BITMIME requiretls RET=HDRS", True, b"MAIL FROM:<a@b> BODY=8BITMIME RET=HDRS", True,
+     None),
+    (b"MAIL FROM:<a@b> REQUIRETLS", False, None, False, b"555"),
+    (b"MAIL FROM:<a@b> REQUIRETLS=yes", True, None, False, b"501"),
+    (b"MAIL FROM:<a@b> REQUIRETLS REQUIRETLS", True, None, False, b"501"),
+    (b"MAIL FROM:<a b@c> SIZE=10", True, b"MAIL FROM:<a b@c> SIZE=10", False, None),
+    (b"MAIL FROM:<> REQUIRETLS", True, b"MAIL FROM:<>", True, None),
+])
+def test_mail_from(line: bytes, tls: bool, out: bytes | None, rt: bool, code: bytes | None) -> None:
+    m = p.mail_from(p.parse_command(line), tls_active=tls)
+    assert m.requiretls is rt
+    if code is None:
+        assert m.error is None and m.line == out
+    else:
+        assert m.error is not None and m.error.startswith(code)
+
+
+def _data(lines: list[bytes]) -> tuple[bytes, int]:
+    s = p.DataStream()
+    out = b"".join(s.line(ln) for ln in lines)
+    assert s.done
+    return out, s.dropped
+
+
+def test_carrier_fields_removed_in_every_disguise() -> None:
+    out, dropped = _data([b"Require-TLS-ESMTP: yes", b"Subject: x", b"require-tls-esmtp : yes", b"\tfolded",
+                          b".Require-TLS-ESMTP: yes", b"X: y", b" ", b"REQUIRE-TLS-ESMTP:yes", b"", b"body",
+                          b"Require-TLS-ESMTP: yes", b"."])
+    assert dropped == 4
+    assert out == b"Subject: x\r\nX: y\r\n \r\n\r\nbody\r\nRequire-TLS-ESMTP: yes\r\n.\r\n"
+
+
+def test_header_section_ends_where_postfix_ends_it() -> None:
+    out, dropped = _data([b"Subject: x", b"not a header line", b"Require-TLS-ESMTP: yes", b"."])
+    assert dropped == 0 and out.endswith(b"Require-TLS-ESMTP: yes\r\n.\r\n")
+
+
+def test_long_line_without_colon_keeps_header_mode() -> None:
+    s = p.DataStream()
+    out = s.part(b"A" * 70000, first=True, last=False) + s.part(b"B:c", first=False, last=True)
+    out += s.line(b"Require-TLS-ESMTP: yes") + s.line(b".")
+    assert s.dropped == 1 and out == b"A" * 70000 + b"B:c\r\n.\r\n"
+
+
+def test_proxy_v2_header() -> None:
+    h = p.proxy_v2(("192.0.2.7", 40000), ("127.0.0.1", 25))
+    assert h[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and h[12:14] == b"\x21\x11"
+    assert struct.unpack("!H", h[14:16])[0] == 12 and h[16:20] == bytes([192, 0, 2, 7])
+    assert struct.unpack("!HH", h[24:28]) == (40000, 25)
+    h6 = p.proxy_v2(("::ffff:192.0.2.7", 1), ("::ffff:127.0.0.1", 25))
+    assert h6[13] == 0x11
+    h6 = p.proxy_v2(("2001:db8::1", 1), ("::1", 25))
+    assert h6[13] == 0x21 and struct.unpack("!H", h6[14:16])[0] == 36
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=30))
+def test_data_stream_never_forwards_an_early_end_or_bare_lf(lines: list[bytes]) -> None:
+    s = p.DataStream()
+    out = b""
+    for ln in lines:
+        if ln == b".":
+            continue
+        out += s.line(ln)
+        assert not s.done
+    # Every forwarded line ends with CRLF and no lone "." line was forwarded before the end.
+    out += s.line(b".")
+    body = out[: -3]
+    assert b"\r\n.\r\n" not in b"\r\n" + body
+    assert all(seg.endswith(b"\r") or seg == b"" for seg in body.split(b"\n")[:-1]) or not body
+
+
+# --- the server, against a stand-in for smtpd ------------------------------------------------------------
+
+
+class FakeSmtpd:
+    """Reads the PROXY header, answers like smtpd (EHLO keywords including STARTTLS and CHUNKING, which the
+    front must hide) and records every command and message."""
+
+    def __init__(self) -> None:
+        self.proxy: list[bytes] = []
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.proxy.append(await r.readexactly(28))
+        w.write(b"220 backend ESMTP\r\n")
+        while True:
+            line = await r.readline()
+            if not line:
+                break
+            self.commands.append(line)
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                w.write(b"250-backend\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-AUTH PLAIN\r\n250 CHUNKING\r\n")
+            elif verb == b"DATA":
+                w.write(b"354 go\r\n")
+                await w.drain()
+                msg = b""
+                while (ln := await r.readline()) != b".\r\n":
+                    if not ln:
+                        return
+                    msg += ln
+                self.messages.append(msg)
+                w.write(b"250 2.0.0 Ok: queued as X\r\n")
+            elif verb == b"QUIT":
+                w.write(b"221 bye\r\n")
+                await w.drain()
+                break
+            elif verb == b"AUTH":
+                w.write(b"334 \r\n")
+                await w.drain()
+                self.commands.append(await r.readline())
+                w.write(b"235 2.7.0 ok\r\n")
+            else:
+                w.write(b"250 2.1.0 Ok\r\n")
+            await w.drain()
+        w.close()
+
+
+async def _bed(auth_only: bool = True, **kw: object) -> tuple[FakeSmtpd, asyncio.Server, asyncio.Server, int]:
+    fake = FakeSmtpd()
+    bs = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+    bport = bs.sockets[0].getsockname()[1]
+    front = Front(FrontSettings(("127.0.0.1", bport), "front.test", server_context(), auth_only=auth_only,
+                                **kw))  # type: ignore[arg-type]
+    fs = await front.start("127.0.0.1", 0)
+    return fake, bs, fs, fs.sockets[0].getsockname()[1]
+
+
+class Client:
+    def __init__(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.r, self.w = r, w
+
+    async def reply(self) -> bytes:
+        out = b""
+        while True:
+            ln = await asyncio.wait_for(self.r.readline(), 10)
+            out += ln
+            if not ln or ln[3:4] != b"-":
+                return out
+
+    async def cmd(self, line: bytes) -> bytes:
+        self.w.write(line + b"\r\n")
+        return await self.reply()
+
+    async def starttls(self) -> None:
+        assert (await self.cmd(b"STARTTLS")).startswith(b"220")
+        await self.w.start_tls(client_context())
+
+
+async def _connect(port: int) -> Client:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    c = Client(r, w)
+    assert (await c.reply()).startswith(b"220 backend")
+    return c
+
+
+def test_requiretls_after_tls_becomes_the_carrier_and_forgeries_go() -> None:
+    async def go() -> None:
+        fake, bs, fs, port = await _bed()
+        c = await _connect(port)
+        pre = await c.cmd(b"EHLO client.test")
+        assert b"STARTTLS" in pre and b"REQUIRETLS" not in pre and b"AUTH" not in pre and b"CHUNKING" not in pre
+        assert (await c.cmd(b"MAIL FROM:<a@b.test> REQUIRETLS")).startswith(b"555 5.5.4")
+        assert (await c.cmd(b"AUTH PLAIN AGFAYg==")).startswith(b"538")
+        await c.starttls()
+        post = await c.cmd(b"EHLO client.test")
+        assert b"REQUIRETLS" in post and b"AUTH PLAIN" in post and b"STARTTLS" not in post
+        assert (await c.cmd(b"MAIL FROM:<a@b.test> REQUIRETLS")).startswith(b"250")
+        assert (await c.cmd(b"RCPT TO:<c@d.test>")).startswith(b"250")
+        assert (await c.cmd(b"DATA")).startswith(b"354")
+        c.w.write(b"Require-TLS-ESMTP: yes\r\nSubject: hi\r\n\r\nbody\n..dot\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250 2.0.0")
+        # The second message on the session, without REQUIRETLS, gets no carrier: the forged one is removed.
+        assert (await c.cmd(b"MAIL FROM:<a@b.test>")).startswith(b"250")
+        assert (await c.cmd(b"RCPT TO:<c@d.test>")).startswith(b"250")
+        assert (await c.cmd(b"DATA")).startswith(b"354")
+        c.w.write(b"Require-TLS-ESMTP: yes\r\nSubject: two\r\n\r\nx\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250 2.0.0")
+        await c.cmd(b"QUIT")
+        bs.close()
+        fs.close()
+        first, second = fake.messages
+        assert first.startswith(b"Received: from client.test ([127.0.0.1]) by front.test (requiretls front) with "
+                                b"ESMTPS (using TLSv1.3")
+        assert first.count(b"Require-TLS-ESMTP") == 1
+        assert first.split(b"\r\n", 2)[1] == b"Require-TLS-ESMTP: yes"
+        assert first.endswith(b"Subject: hi\r\n\r\nbody\r\n..dot\r\n")
+        assert b"Require-TLS-ESMTP" not in second
+        mails = [c for c in fake.commands if c.startswith(b"MAIL")]
+        assert mails == [b"MAIL FROM:<a@b.test>\r\n", b"MAIL FROM:<a@b.test>\r\n"]
+        assert fake.proxy[0][16:20] == bytes([127, 0, 0, 1])
+
+    asyncio.run(go())
+
+
+def test_smuggled_message_behind_a_bare_lf_dot_stays_inside() -> None:
+    """Only CRLF . CRLF after a CRLF line ends the message: what a bare-LF dot hides is content of the one
+    message (a sender that took it for content cannot have a second message read out of it)."""
+
+    async def go() -> None:
+        fake, bs, fs, port = await _bed(auth_only=False)
+        c = await _connect(port)
+        await c.cmd(b"EHLO c")
+        await c.cmd(b"MAIL FROM:<a@b>")
+        await c.cmd(b"RCPT TO:<c@d>")
+        assert (await c.cmd(b"DATA")).startswith(b"354")
+        c.w.write(b"Subject: one\r\n\r\nx\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nhi\n.\r\n"
+                  b"more\r\n.\n\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250")
+        assert (await c.cmd(b"QUIT")).startswith(b"221")
+        bs.close()
+        fs.close()
+        assert fake.messages == [b"Subject: one\r\n\r\nx\r\n..\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\n"
+                                 b"hi\r\n..\r\nmore\r\n..\r\n\r\n"]
+        assert not any(x.startswith(b"MAIL FROM:<evil") for x in fake.commands)
+
+    asyncio.run(go())
+
+
+def test_plaintext_behind_starttls_drops_the_session() -> None:
+    async def go() -> None:
+        fake, bs, fs, port = await _bed()
+        c = await _connect(port)
+        await c.cmd(b"EHLO c")
+        c.w.write(b"STARTTLS\r\nMAIL FROM:<x@y>\r\n")
+        rep = await c.reply()
+        assert rep.startswith(b"554 5.5.1")
+        assert await asyncio.wait_for(c.r.read(), 5) == b""
+        bs.close()
+        fs.close()
+        assert not any(x.startswith(b"MAIL") for x in fake.commands)
+
+    asyncio.run(go())
+
+
+def test_backend_down_is_421_and_long_lines_are_refused() -> None:
+    async def go() -> None:
+        front = Front(FrontSettings(("127.0.0.1", 1), "f", None))
+        fs = await front.start("127.0.0.1", 0)
+        r, _w = await asyncio.open_connection("127.0.0.1", fs.sockets[0].getsockname()[1])
+        assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"421 4.3.2")
+        fs.close()
+        fake, bs, fs, port = await _bed()
+        c = await _connect(port)
+        c.w.write(b"NOOP " + b"x" * 100000 + b"\r\n")
+        assert (await c.reply()).startswith(b"500 5.5.2")
+        assert (await c.cmd(b"NOOP")).startswith(b"250")
+        assert (await c.cmd(b"BDAT 10 LAST")).startswith(b"502")
+        bs.close()
+        fs.close()
+        assert not any(len(x) > 3000 for x in fake.commands)
+
+    asyncio.run(go())
+
+
+def test_slow_client_is_cut_off_and_others_are_served() -> None:
+    async def go() -> None:
+        _fake, bs, fs, port = await _bed(line_deadline=1.0)
+        slow = await _connect(port)
+        for _ in range(4):
+            slow.w.write(b"N")
+            await asyncio.sleep(0.4)
+        # Cut off after line_deadline although it never stopped sending.
+        assert await asyncio.wait_for(slow.r.read(), 5) == b""
+        ok = await _connect(port)
+        assert (await ok.cmd(b"NOOP")).startswith(b"250")
+        bs.close()
+        fs.close()
+
+    asyncio.run(go())
+
+
+def test_connection_limit() -> None:
+    async def go() -> None:
+        _fake, bs, fs, port = await _bed(max_connections=2)
+        a = await _connect(port)
+        b = await _connect(port)
+        r, _w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await asyncio.wait_for(r.readline(), 5)).startswith(b"421 4.3.2")
+        await a.cmd(b"QUIT")
+        await asyncio.sleep(0.2)
+        c = await _connect(port)
+        assert (await c.cmd(b"NOOP")).startswith(b"250")
+        del b
+        bs.close()
+        fs.close()
+
+    asyncio.run(go())
+
+
+_ = ssl
+
+
+def test_two_thousand_idle_connections_are_held_and_others_still_served() -> None:
+    """2,000 clients that connect and say nothing: each has its session (and its smtpd connection); the next
+    one beyond the limit gets 421 at once; a working client is served meanwhile."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 10000
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} file descriptors, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+
+    async def go() -> None:
+        _fake, bs, fs, port = await _bed(max_connections=2001)
+        idle = []
+        for _ in range(2000):
+            idle.append(await asyncio.open_connection("127.0.0.1", port))
+        ok = await _connect(port)
+        assert (await ok.cmd(b"NOOP")).startswith(b"250")
+        r, _w = await asyncio.open_connection("127.0.0.1", port)
+        assert (await asyncio.wait_for(r.readline(), 10)).startswith(b"421 4.3.2")
+        for _r, w in idle:
+            w.close()
+        await ok.cmd(b"QUIT")
+        bs.close()
+        fs.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
