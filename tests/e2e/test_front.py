@@ -38,7 +38,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) ->
     raise RuntimeError("requiretls front did not listen")
 
 
-def _with_front(plugin: Plugin) -> Plugin:
+def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=haproxy") -> Plugin:
     """The plugin with the front: Postfix's smtpd moved to extra[5] with the PROXY protocol (by
     ``postfix-config --front``), the front on the smtp port where smtpd was."""
     pf = plugin.pf
@@ -52,7 +52,7 @@ def _with_front(plugin: Plugin) -> Plugin:
     for d in ("milter", "relay", "policyd"):
         plugin.start_daemon(d)
     line = pf.postconf("-M", f"127.0.0.1:{backend}/inet")
-    assert "smtpd_upstream_proxy_protocol=haproxy" in line and "requiretls-front" in line, line
+    assert option in line and (option.startswith("postscreen") or "requiretls-front" in line), line
     # The front first: it takes the port the testbed waits on (Postfix's smtpd is now at the backend).
     logf = open(plugin.dir / "front.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
     proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(plugin.config)],
@@ -184,3 +184,30 @@ def test_sasl_submission_through_the_front_only_over_tls(plugin: Plugin) -> None
             s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: auth\r\n\r\nx\r\n".encode())
         front.wait_mx("dane", timeout=60)
     assert "sasl_username=alice" in front.log("milter")
+
+
+def test_postscreen_behind_the_front(plugin: Plugin) -> None:
+    """postscreen on the public port before --front: it moves to the backend address reading the PROXY
+    protocol, smtpd/pass becomes the front's smtpd; postscreen sees the real client (its log), and a REQUIRETLS
+    message from a client that gave the parameter over TLS is class requiretls and goes out with REQUIRETLS."""
+    pf = plugin.pf
+    smtp = f"127.0.0.1:{pf.ports.smtp}"
+    pf.add_service(smtp, "inet", "inet n - n - 1 postscreen")
+    pf.add_service("smtpd", "pass", "pass - - n - - smtpd")
+    pf.add_service("dnsblog", "unix", "unix - - n - 0 dnsblog")
+    pf.add_service("tlsproxy", "unix", "unix - - n - 0 tlsproxy")
+    front = _with_front(plugin, "postscreen_upstream_proxy_protocol=haproxy")
+    assert "milter_macro_daemon_name=requiretls-front" in pf.postconf("-M", "smtpd/pass")
+    seen = len(front.log("milter"))
+    with _client(front.pf.ports.smtp) as s:
+        ctx = ssl.create_default_context(cafile=str(front.bed.pki.ca_cert))
+        ctx.check_hostname = False
+        s.starttls(context=ctx)
+        s.ehlo()
+        assert "requiretls" in s.esmtp_features
+        s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: ps\r\n\r\nx\r\n".encode(),
+                   mail_options=["REQUIRETLS"])
+    (d,) = front.wait_mx("dane", timeout=60)
+    assert d.requiretls and d.tls
+    assert "class=requiretls" in front.log("milter")[seen:]
+    assert "postfix/postscreen" in pf.log() and "[127.0.0.1]" in pf.log()
