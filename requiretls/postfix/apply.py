@@ -180,6 +180,10 @@ class Journal:
         os.replace(path + ".tmp", path)
 
 
+#: main.cf parameters that earlier versions of requiretls set and this one does not.
+FORMERLY_OURS = ("milter_default_action",)
+
+
 def _from_backup(cdir: str, plan: Plan) -> Journal | None:
     """A journal for a configuration applied by a version that kept ``requiretls.backup/`` instead."""
     backup = os.path.join(cdir, BACKUP_DIR)
@@ -189,7 +193,9 @@ def _from_backup(cdir: str, plan: Plan) -> Journal | None:
     before_m, live_m = _master(backup), _master(cdir)
     items = dict(plan.items)
     j = Journal()
-    for name, _ in plan.main:
+    # Parameters an earlier version set and this one no longer does: recorded too, so that --apply takes
+    # them back and --undo restores them (the backup version set milter_default_action = tempfail).
+    for name in [*(n for n, _ in plan.main), *(n for n in FORMERLY_OURS if n not in dict(plan.main))]:
         if name in live and live.get(name) != before.get(name):
             j.main[name] = {"before": before.get(name), "ours": live[name]}
             if name in items:

@@ -301,6 +301,26 @@ def test_a_configuration_applied_by_the_backup_version_is_taken_over(tmp_path: P
     assert sorted(pf.pc("-n").splitlines()) == sorted([*before_n.splitlines(), "relayhost = [relay.example]"])
 
 
+@needs_postconf
+def test_a_parameter_the_backup_version_set_and_this_one_does_not_is_taken_back(tmp_path: Path) -> None:
+    """The backup version also set milter_default_action = tempfail, which this one leaves to the admin:
+    taking over its configuration records it, the next --apply takes it back, --undo is exact."""
+    pf = Instance(tmp_path)
+    before = pf.files()
+    pf.ok("--apply")
+    pf.pc("-e", "milter_default_action=tempfail")  # what the previous version wrote
+    (tmp_path / "requiretls.journal").unlink()
+    backup = tmp_path / "requiretls.backup"
+    backup.mkdir()
+    for f, data in before.items():
+        (backup / f).write_bytes(data)
+    out = pf.ok("--apply")
+    assert "main.cf: removed milter_default_action" in out, out
+    assert "milter_default_action" not in pf.pc("-n")
+    pf.ok("--apply", "--undo")
+    assert pf.files() == before
+
+
 def _run_cli(*argv: str) -> tuple[int, str]:
     import argparse
     import contextlib
