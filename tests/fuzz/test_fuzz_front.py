@@ -83,7 +83,9 @@ def test_data_stream_drops_every_carrier_in_the_header_section(lines: list[bytes
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.sampled_from([b".", b"..", b"x", b"", b".x", b"\r", b".\r"]), st.booleans()),
+@given(st.lists(st.tuples(st.one_of(st.sampled_from([b".", b"..", b"x", b"", b".x", b"\r", b".\r"]),
+                                    st.binary(max_size=40).map(lambda b: b.replace(b"\n", b""))),
+                          st.booleans()),
                 max_size=30))
 def test_only_the_standard_end_of_data_ends_the_message(lines: list[tuple[bytes, bool]]) -> None:
     """A lone dot ends the message only on a CRLF line after a CRLF line; whatever the front forwards before it
