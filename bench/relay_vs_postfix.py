@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import smtplib
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -39,6 +41,21 @@ from tests.testbed.hosts import MX_HOSTS  # noqa: E402
 from tests.testbed.postfix import Postfix  # noqa: E402
 
 RSS_KB: list[int] = []
+PROFILE: str | None = None
+#: CPU seconds (user + system) per run and mode: the agent, the milter, and the whole machine.
+CPU: dict[str, list[dict[str, float]]] = {"postfix": [], "agent": []}
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _machine_cpu() -> float:
+    """Busy CPU seconds of the machine (all CPUs, everything but idle and iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / TICK
 
 
 def _rss_kb(pid: int) -> int:
@@ -119,6 +136,13 @@ def one(bed: Bed, mode: str, n: int, sessions: int, ndest: int = 0) -> float:
             pf.set(smtp_tls_security_level="dane-only", **(extra if dests else {}))
             pf.start()
         keys = sorted({k for _, _, k, _ in dests}) if dests else ["dane"]
+        pids = {d: p.pid for d, p in plugin.procs.items()}
+        cpu0 = {d: _proc_cpu(pid) for d, pid in pids.items()} | {"machine": _machine_cpu()}
+        spy = None
+        if PROFILE and mode == "agent":
+            spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+                                    str(pids["relay"]), "--format", "raw", "--nonblocking", "--threads",
+                                    "--output", PROFILE], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         t0 = time.monotonic()
         if dests:
             blast_many(pf, n, sessions, [f"bob@{d}" for d, _, _, _ in dests])
@@ -128,6 +152,11 @@ def one(bed: Bed, mode: str, n: int, sessions: int, ndest: int = 0) -> float:
         while sum(len(bed.mx(k).deliveries()) for k in keys) < n and time.monotonic() < end:
             time.sleep(0.05)
         took = time.monotonic() - t0
+        CPU[mode].append({d: _proc_cpu(pid) - cpu0[d] for d, pid in pids.items()}
+                         | {"machine": _machine_cpu() - cpu0["machine"]})
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         got = [d for k in keys for d in bed.mx(k).deliveries()]
         if len(got) != n or not all(d.tls for d in got) or (mode == "agent") != all(d.requiretls for d in got):
             raise RuntimeError(f"{mode}: {len(got)} deliveries, not all as expected\n{pf.log()[-3000:]}")
@@ -147,7 +176,10 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=10)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--destinations", type=int, default=0, help="spread over N destinations (e.g. 20)")
+    ap.add_argument("--profile", metavar="FILE", help="py-spy profile of the agent (folded stacks) into FILE")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if os.geteuid() != 0:
         print("run as root (the testbed needs it)", file=sys.stderr)
         return 2
@@ -172,6 +204,9 @@ def main() -> int:
     print(f"| Postfix smtp client, {pf_kind} (no REQUIRETLS) | {med['postfix']:.2f} | {rate['postfix']:,.0f} | 1.00x |")
     print(f"| requiretls agent ({ag_kind}, MAIL FROM REQUIRETLS) | {med['agent']:.2f} | {rate['agent']:,.0f} | "
           f"{rate['agent'] / rate['postfix']:.2f}x |")
+    print("\nCPU seconds over the run (median; user + system): "
+          + "; ".join(f"{m}: " + ", ".join(f"{k} {statistics.median(c[k] for c in CPU[m]):.2f}" for k in CPU[m][0])
+                      for m in CPU if CPU[m]))
     ok = rate["agent"] >= rate["postfix"] * 0.9
     print(f"\ngoal at least 0.9x Postfix's msgs/s: {'met' if ok else 'not met'} "
           f"({rate['agent'] / rate['postfix']:.2f}x); agent RSS at the end of each run: "

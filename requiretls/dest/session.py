@@ -13,6 +13,7 @@ while SNI and the PKIX host-name check use the MX name.
 from __future__ import annotations
 
 import contextlib
+import re
 import smtplib
 import socket
 import ssl
@@ -41,6 +42,15 @@ class SessionSettings:
     capath: str | None = None  # a hashed CA directory (Postfix's smtp_tls_CApath), with or without cafile
     tls_min_version: str = "TLSv1.2"  # "TLSv1.2" or "TLSv1.3" (smtp_tls_mandatory_protocols can only raise it)
     high_ciphers: bool = False  # TLS 1.2 cipher suites of grade HIGH only (smtp_tls_mandatory_ciphers = high)
+    #: OpenSSL cipher names or types never used (smtp_tls_exclude_ciphers): each is appended as "!NAME", so
+    #: only ever fewer suites.  mandatory_exclude_ciphers (smtp_tls_mandatory_exclude_ciphers) too, except
+    #: where the caller drops it for opportunistic TLS, as Postfix does.
+    exclude_ciphers: tuple[str, ...] = ()
+    mandatory_exclude_ciphers: tuple[str, ...] = ()
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        return self.exclude_ciphers + self.mandatory_exclude_ciphers
     connect_timeout: float = 0.0  # TCP connect (smtp_connect_timeout); 0: timeout
     helo_timeout: float = 0.0  # greeting, EHLO, STARTTLS and the handshake (smtp_helo_timeout); 0: timeout
     data_done_timeout: float = 0.0  # the reply after the final dot (smtp_data_done_timeout); 0: timeout
@@ -108,13 +118,21 @@ def peer_chain(sock: ssl.SSLSocket) -> list[bytes]:
 _MIN_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def _harden(ctx: ssl.SSLContext, min_version: str, high_ciphers: bool) -> ssl.SSLContext:
+_CIPHER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+.-]*")
+
+
+def _harden(ctx: ssl.SSLContext, min_version: str, high_ciphers: bool,
+            exclude: tuple[str, ...] = ()) -> ssl.SSLContext:
     # Never below TLS 1.2, whatever is asked; an unknown name is the floor too.
     ctx.minimum_version = max(_MIN_VERSIONS.get(min_version, ssl.TLSVersion.TLSv1_2), ssl.TLSVersion.TLSv1_2)
+    removed = [f"!{name}" for name in exclude if _CIPHER_NAME.fullmatch(name)]
     if high_ciphers:
-        # Python's own list minus anything below HIGH: only ever fewer suites than the default.
+        removed[:0] = ["!MEDIUM", "!LOW", "!EXP", "!aNULL", "!eNULL"]
+    if removed:
+        # Python's own list minus what is excluded: only ever fewer suites than the default (TLS 1.2 and below;
+        # TLS 1.3 suites are all of grade HIGH and not touched by a cipher list, as in Postfix).
         default = ":".join(c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3")
-        ctx.set_ciphers(f"{default}:!MEDIUM:!LOW:!EXP:!aNULL:!eNULL")
+        ctx.set_ciphers(":".join([default, *removed]))
     return ctx
 
 
@@ -134,22 +152,23 @@ def _shared(key: tuple[object, ...], make: Callable[[], ssl.SSLContext]) -> ssl.
         return ctx
 
 
-def _pkix(cafile: str | None, capath: str | None, min_version: str, high_ciphers: bool) -> ssl.SSLContext:
+def _pkix(cafile: str | None, capath: str | None, min_version: str, high_ciphers: bool,
+          exclude: tuple[str, ...] = ()) -> ssl.SSLContext:
     def make() -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath)
-        return _harden(ctx, min_version, high_ciphers)
+        return _harden(ctx, min_version, high_ciphers, exclude)
 
-    return _shared(("pkix", cafile, capath, min_version, high_ciphers), make)
+    return _shared(("pkix", cafile, capath, min_version, high_ciphers, exclude), make)
 
 
-def _unverified(min_version: str, high_ciphers: bool) -> ssl.SSLContext:
+def _unverified(min_version: str, high_ciphers: bool, exclude: tuple[str, ...] = ()) -> ssl.SSLContext:
     def make() -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        return _harden(ctx, min_version, high_ciphers)
+        return _harden(ctx, min_version, high_ciphers, exclude)
 
-    return _shared(("none", min_version, high_ciphers), make)
+    return _shared(("none", min_version, high_ciphers, exclude), make)
 
 
 def pkix_context(settings: SessionSettings | str | None) -> ssl.SSLContext:
@@ -158,7 +177,8 @@ def pkix_context(settings: SessionSettings | str | None) -> ssl.SSLContext:
     CA bundle once, and TLS session resumption needs the same context)."""
     if not isinstance(settings, SessionSettings):
         return _pkix(settings, None, "TLSv1.2", False)
-    return _pkix(settings.cafile, settings.capath, settings.tls_min_version, settings.high_ciphers)
+    return _pkix(settings.cafile, settings.capath, settings.tls_min_version, settings.high_ciphers,
+                 settings.excluded)
 
 
 def unverified_context(settings: SessionSettings | None = None) -> ssl.SSLContext:
@@ -166,7 +186,7 @@ def unverified_context(settings: SessionSettings | None = None) -> ssl.SSLContex
     opportunistic TLS (RFC 8689 section 4.2.2) does not authenticate at all."""
     if settings is None:
         return _unverified("TLSv1.2", False)
-    return _unverified(settings.tls_min_version, settings.high_ciphers)
+    return _unverified(settings.tls_min_version, settings.high_ciphers, settings.excluded)
 
 
 class TlsResumption:
@@ -187,7 +207,8 @@ class TlsResumption:
             dane_names: Sequence[str], sni: str) -> tuple[object, ...]:
         trust = () if mode == "dane" else (settings.cafile, settings.capath)
         return (mode, base.host.lower(), base.address, settings.port, sni.lower(), tuple(tlsa),
-                tuple(n.lower() for n in dane_names), trust, settings.tls_min_version, settings.high_ciphers)
+                tuple(n.lower() for n in dane_names), trust, settings.tls_min_version, settings.high_ciphers,
+                settings.excluded)
 
     def get(self, key: tuple[object, ...]) -> ssl.SSLSession | None:
         with self._lock:

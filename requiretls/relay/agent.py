@@ -437,7 +437,9 @@ class AgentHandler:
             except Exception as e:  # DNS or MTA-STS trouble of any kind defers, never weakens
                 return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.4.3", f"lookup failed: {e}"))
             try:
-                sasl = await asyncio.to_thread(_sasl_table, settings.postfix, target, dest)
+                # Without SASL (the usual case) no thread is needed to learn that there are no credentials.
+                sasl = (await asyncio.to_thread(_sasl_table, settings.postfix, target, dest)
+                        if settings.postfix is not None and settings.postfix.sasl_maps else {})
             except (PostfixConfigError, ValueError) as e:
                 log.error("%s", kv(error=f"smtp_sasl_password_maps: {e}"))
                 return dict.fromkeys(rcpts, Outcome(DeliveryStatus.DEFERRED, 451, "4.7.0",

@@ -15,11 +15,14 @@ import argparse
 import asyncio
 import concurrent.futures
 import logging
+import ssl
+from dataclasses import replace
 
 from requiretls.addresses import ListenAddress
 from requiretls.config import RelaySettings, Settings, load
 from requiretls.daemon import Reloader, install_signals, table_sizes
 from requiretls.dest import Prober, ProbeSettings
+from requiretls.dest.session import unverified_context
 from requiretls.log import kv, setup
 from requiretls.relay import metrics as relay_metrics
 from requiretls.relay import tlsrpt as relay_tlsrpt
@@ -67,21 +70,31 @@ def agent_state(settings: Settings, view: PostfixView | None = None) -> AgentSta
 
 def send_settings(relay: RelaySettings, view: PostfixView | None) -> SendSettings:
     """The outbound session settings: the TOML keys, and Postfix's where they are empty.  Postfix's
-    smtp_tls_mandatory_protocols / _ciphers only raise the agent's floor (TLS >= 1.2); its CApath joins its CAfile
-    (a CA file of relay.cafile replaces both).  Postfix's timeouts are kept within what its LMTP client waits for
-    the agent's answer (lmtp_data_done_timeout): connect as smtp_connect_timeout, greeting to STARTTLS at most a
-    quarter of it (smtp_helo_timeout), the reply after the dot at most half (smtp_data_done_timeout); every other
-    step relay.timeout."""
+    smtp_tls_mandatory_protocols / _ciphers only raise the agent's floor (TLS >= 1.2), its smtp_tls_exclude_ciphers
+    and smtp_tls_mandatory_exclude_ciphers only remove suites (PostfixConfigError when nothing is left); its
+    CApath joins its CAfile (a CA file of relay.cafile replaces both).  Postfix's timeouts are kept within what
+    its LMTP client waits for the agent's answer (lmtp_data_done_timeout): connect as smtp_connect_timeout,
+    greeting to STARTTLS at most a quarter of it (smtp_helo_timeout), the reply after the dot at most half
+    (smtp_data_done_timeout); every other step relay.timeout."""
     if view is None:
         return SendSettings(helo_name=relay.helo_name, timeout=relay.timeout, cafile=relay.cafile)
     lmtp = view.lmtp_data_done_timeout
-    return SendSettings(
+    send = SendSettings(
         helo_name=relay.helo_name or view.helo_name, timeout=relay.timeout,
         cafile=relay.cafile or view.cafile or None, capath=None if relay.cafile else (view.capath or None),
         bind_address=view.bind_address, bind_address6=view.bind_address6,
         tls_min_version=view.tls_min_version, high_ciphers=view.tls_high_ciphers,
+        exclude_ciphers=view.tls_exclude_ciphers, mandatory_exclude_ciphers=view.tls_mandatory_exclude_ciphers,
         connect_timeout=min(view.connect_timeout, lmtp / 4), helo_timeout=min(view.helo_timeout, lmtp / 4),
         data_done_timeout=min(view.data_done_timeout, lmtp / 2))
+    try:  # the cipher lists leave something to negotiate (else every delivery would fail at the handshake)
+        unverified_context(send)
+        unverified_context(replace(send, mandatory_exclude_ciphers=()))
+    except ssl.SSLError as e:
+        raise PostfixConfigError(
+            f"smtp_tls_exclude_ciphers = {' '.join(view.tls_exclude_ciphers)}, smtp_tls_mandatory_exclude_ciphers = "
+            f"{' '.join(view.tls_mandatory_exclude_ciphers)}: no TLS 1.2 cipher suite left ({e})") from e
+    return send
 
 
 def _describe(state: AgentState) -> dict[str, object]:

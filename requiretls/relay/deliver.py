@@ -394,7 +394,7 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
     errors: list[str] = []
     # Opportunistic TLS is not mandatory TLS: Postfix's smtp_tls_mandatory_* do not apply (a 1.2-only MX would
     # otherwise get the message in plaintext); the agent's own floor, TLS 1.2, does.
-    loose = replace(settings, tls_min_version="TLSv1.2", high_ciphers=False)
+    loose = replace(settings, tls_min_version="TLSv1.2", high_ciphers=False, mandatory_exclude_ciphers=())
     for name, addresses in hosts:
         creds = (sasl or {}).get(name.lower())
         for address in addresses:

@@ -24,6 +24,7 @@ log = logging.getLogger("requiretls")
 PARAMS = ("myhostname", "smtp_helo_name", "smtp_bind_address", "smtp_bind_address6", "relayhost",
           "sender_dependent_relayhost_maps", "smtp_sasl_auth_enable", "smtp_sasl_password_maps",
           "smtp_tls_CAfile", "smtp_tls_CApath", "smtp_tls_mandatory_protocols", "smtp_tls_mandatory_ciphers",
+          "smtp_tls_exclude_ciphers", "smtp_tls_mandatory_exclude_ciphers",
           "smtp_connect_timeout", "smtp_helo_timeout", "smtp_data_done_timeout", "lmtp_data_done_timeout",
           "mydestination", "virtual_alias_domains", "virtual_mailbox_domains")
 
@@ -184,6 +185,10 @@ class PostfixView:
     tls_min_version: str = AGENT_TLS_FLOOR
     #: smtp_tls_mandatory_ciphers = high: only HIGH cipher suites (TLS 1.2); lower grades leave the agent's own.
     tls_high_ciphers: bool = False
+    #: smtp_tls_exclude_ciphers (every TLS session of the agent) and smtp_tls_mandatory_exclude_ciphers (its
+    #: authenticated ones: REQUIRETLS), as Postfix applies them.
+    tls_exclude_ciphers: tuple[str, ...] = ()
+    tls_mandatory_exclude_ciphers: tuple[str, ...] = ()
     connect_timeout: float = 30.0
     helo_timeout: float = 300.0
     data_done_timeout: float = 600.0
@@ -228,6 +233,8 @@ class PostfixView:
             capath=v.get("smtp_tls_CApath", ""),
             tls_min_version=floor,
             tls_high_ciphers=v.get("smtp_tls_mandatory_ciphers", "").strip().lower() == "high",
+            tls_exclude_ciphers=split_list(v.get("smtp_tls_exclude_ciphers", "")),
+            tls_mandatory_exclude_ciphers=split_list(v.get("smtp_tls_mandatory_exclude_ciphers", "")),
             connect_timeout=times["smtp_connect_timeout"],
             helo_timeout=times["smtp_helo_timeout"],
             data_done_timeout=times["smtp_data_done_timeout"],

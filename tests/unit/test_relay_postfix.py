@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,40 @@ def test_global_concurrency_limit_key(tmp_path: Path) -> None:
     assert agent_state(load(str(cfg))).settings.max_parallel == 64
     cfg.write_text("")
     assert agent_state(load(str(cfg))).settings.max_parallel == 32
+
+
+def test_exclude_ciphers_remove_suites_mandatory_only_where_tls_is_mandatory(tmp_path: Path) -> None:
+    from requiretls.dest.session import pkix_context, unverified_context
+    from requiretls.relay.cli import send_settings
+
+    cmds = _conf(tmp_path, "smtp_tls_exclude_ciphers = CHACHA20\n"
+                           "smtp_tls_mandatory_exclude_ciphers = AES128, aNULL\n")
+    view = PostfixView.read(cmds)
+    assert view.tls_exclude_ciphers == ("CHACHA20",)
+    assert view.tls_mandatory_exclude_ciphers == ("AES128", "aNULL")
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("")
+    send = send_settings(load(str(cfg)).relay, view)
+
+    def suites(ctx: object) -> set[str]:
+        return {c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"}  # type: ignore[attr-defined]
+
+    default = suites(unverified_context())
+    assert any("CHACHA20" in c for c in default) and any("AES128" in c for c in default)
+    for ctx in (pkix_context(send), unverified_context(send)):  # REQUIRETLS: both lists
+        got = suites(ctx)
+        assert got and got < default
+        assert not any("CHACHA20" in c or "AES128" in c for c in got), got
+    # Opportunistic TLS (TLS-Required: No) keeps only the list for every level, as Postfix does.
+    loose = suites(unverified_context(replace(send, mandatory_exclude_ciphers=())))
+    assert not any("CHACHA20" in c for c in loose) and any("AES128" in c for c in loose)
+
+
+def test_exclude_ciphers_leaving_nothing_is_a_configuration_error(tmp_path: Path) -> None:
+    from requiretls.relay.cli import send_settings
+
+    view = PostfixView.read(_conf(tmp_path, "smtp_tls_mandatory_exclude_ciphers = ALL\n"))
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("")
+    with pytest.raises(PostfixConfigError, match="smtp_tls_mandatory_exclude_ciphers = ALL"):
+        send_settings(load(str(cfg)).relay, view)
