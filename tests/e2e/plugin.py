@@ -4,6 +4,7 @@ then the milter, the delivery agent and (optionally) policyd started as separate
 from __future__ import annotations
 
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -92,19 +93,25 @@ listen = ["unix:{self.policyd_sock}"]
         assert r.returncode == 0, r.stderr + r.stdout
 
     def start_daemon(self, name: str) -> None:
-        sock = {"milter": self.milter_sock, "relay": self.relay_sock, "policyd": self.policyd_sock}[name]
-        if sock.exists():
-            sock.unlink()
-        logf = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "requiretls", name, "--config", str(self.config)],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-        )
+        self.start_daemons((name,))
+
+    def start_daemons(self, names: tuple[str, ...]) -> None:
+        """Start the daemons at once and wait until each listens (their start-up overlaps)."""
+        socks = {"milter": self.milter_sock, "relay": self.relay_sock, "policyd": self.policyd_sock}
+        for name in names:
+            if socks[name].exists():
+                socks[name].unlink()
+            logf = open(self.dir / f"{name}.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "requiretls", name, "--config", str(self.config)],
+                stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            )
         end = time.monotonic() + 15
-        while not sock.exists():
-            if self.procs[name].poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"{name} did not start:\n{self.log(name)[-3000:]}")
-            time.sleep(0.05)
+        for name in names:
+            while not socks[name].exists():
+                if self.procs[name].poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"{name} did not start:\n{self.log(name)[-3000:]}")
+                time.sleep(0.02)
 
     def stop_daemon(self, name: str, sig: int = signal.SIGTERM) -> None:
         p = self.procs.pop(name, None)
@@ -124,9 +131,24 @@ listen = ["unix:{self.policyd_sock}"]
 
     def start(self, daemons: tuple[str, ...] = ("milter", "relay", "policyd")) -> None:
         self.apply()
-        for d in daemons:
-            self.start_daemon(d)
+        self.start_daemons(daemons)
         self.pf.start()
+
+    def start_with_sasl(self, sasl_port: int, daemons: tuple[str, ...] = ("milter", "relay", "policyd")) -> None:
+        """:meth:`start`, with Postfix's smtpd authenticating through a Dovecot-protocol SASL server (tests/e2e/
+        sasl.py) on ``sasl_port``."""
+        self.apply()
+        self.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
+                    smtpd_sasl_path=f"inet:127.0.0.1:{sasl_port}")
+        self.start_daemons(daemons)
+        self.pf.start()
+
+    def submit_authenticated(self, user: str, password: str, sender: str, rcpts: list[str], msg: bytes) -> None:
+        """One message over the submission port after SASL AUTH."""
+        with smtplib.SMTP("127.0.0.1", self.pf.ports.submission, timeout=30) as s:
+            s.ehlo("client.local.test")
+            s.login(user, password)
+            s.sendmail(sender, rcpts, msg)
 
     def stop(self) -> None:
         for name in list(self.procs):

@@ -7,7 +7,6 @@ Each test wires the plugin as an admin would and submits through the public port
 from __future__ import annotations
 
 import re
-import smtplib
 import socket
 import subprocess
 import sys
@@ -115,16 +114,8 @@ def test_8bit_subject_with_optout_cookie_from_sasl_user_goes_in_clear_without_th
     plugin.policy = 'optout_from = "trusted"\ntrusted_networks = ["10.0.0.0/8"]'
     msg = _message("bob@dane-nostarttls.test", b"Subject: [tls-optout] caf\xe9")
     with SaslServer() as sasl:
-        plugin.apply()
-        plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
-                      smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}")
-        for daemon in ("milter", "relay", "policyd"):
-            plugin.start_daemon(daemon)
-        plugin.pf.start()
-        with smtplib.SMTP("127.0.0.1", plugin.pf.ports.submission, timeout=30) as s:
-            s.ehlo("client.local.test")
-            s.login("alice", PASSWORD)
-            s.sendmail(SENDER, ["bob@dane-nostarttls.test"], msg)
+        plugin.start_with_sasl(sasl.port)
+        plugin.submit_authenticated("alice", PASSWORD, SENDER, ["bob@dane-nostarttls.test"], msg)
         (d,) = plugin.wait_mx("dane-nostarttls")
     assert d.tls is False
     assert _field(d.raw, b"Subject") == b" =?unknown-8bit?q?caf=E9?="  # cookie gone, the byte kept

@@ -78,16 +78,8 @@ def test_optout_cookie_from_sasl_authenticated_sender_opts_out_and_is_removed(pl
     subject = "=?utf-8?q?=5Btls-optout=5D_Gr=C3=BC=C3=9Fe?="
     msg = f"From: {SENDER}\r\nTo: bob@dane-nostarttls.test\r\nSubject: {subject}\r\n\r\nbody\r\n"
     with SaslServer() as sasl:
-        plugin.apply()
-        plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
-                      smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}")
-        for daemon in ("milter", "relay", "policyd"):
-            plugin.start_daemon(daemon)
-        plugin.pf.start()
-        with smtplib.SMTP("127.0.0.1", plugin.pf.ports.submission, timeout=30) as s:
-            s.ehlo("client.local.test")
-            s.login("alice", PASSWORD)
-            s.sendmail(SENDER, ["bob@dane-nostarttls.test"], msg.encode())
+        plugin.start_with_sasl(sasl.port)
+        plugin.submit_authenticated("alice", PASSWORD, SENDER, ["bob@dane-nostarttls.test"], msg.encode())
         (d,) = plugin.wait_mx("dane-nostarttls")
     assert "sasl_username=alice" in plugin.log("milter")
     assert d.tls is False

@@ -107,12 +107,7 @@ def sasl() -> Iterator[SaslServer]:
 
 
 def _start_with_sasl(plugin: Plugin, sasl: SaslServer) -> None:
-    plugin.apply()
-    plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
-                  smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}")
-    for daemon in ("milter", "relay", "policyd"):
-        plugin.start_daemon(daemon)
-    plugin.pf.start()
+    plugin.start_with_sasl(sasl.port)
     _configure(plugin)
 
 
