@@ -20,8 +20,6 @@ Run as root from the repository: ``.venv/bin/python bench/milter_overhead.py [--
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import os
 import smtplib
 import statistics
@@ -29,12 +27,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
-SESSION_LOCK = Path("/run/requiretls-testbed.session.lock")  # the test sessions' lock (tests/conftest.py)
 sys.path.insert(0, str(ROOT))
 
 from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
@@ -205,29 +200,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (the testbed needs it)", file=sys.stderr)
         return 2
-    with testbed_turn(), running_bed() as bed:
+    with running_bed() as bed:
         return run(bed, args)
-
-
-@contextlib.contextmanager
-def testbed_turn() -> Iterator[None]:
-    """Take the test sessions' lock (tests/conftest.py): no test session uses the bed while we measure."""
-    with open(SESSION_LOCK, "w") as f:
-        if not _try_lock(f):
-            print(f"waiting for the test session holding {SESSION_LOCK}", file=sys.stderr)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _try_lock(f: IO[str]) -> bool:
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def run(bed: Bed, args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@ then the milter, the delivery agent and (optionally) policyd started as separate
 
 from __future__ import annotations
 
+import fcntl
 import signal
 import smtplib
 import subprocess
@@ -158,16 +159,38 @@ listen = ["unix:{self.policyd_sock}"]
         return self.bed.mx(key).wait_for(n, timeout=timeout)
 
 
+#: The test sessions' lock (tests/conftest.py): a script takes it too, so that no test session clears the MX
+#: records or toggles DNS under a benchmark or the demo (and the other way round).
+SESSION_LOCK = Path("/run/requiretls-testbed.session.lock")
+
+
+@contextmanager
+def testbed_turn() -> Iterator[None]:
+    """Wait for the test session (or script) that uses the bed, then hold the bed until the end."""
+    with open(SESSION_LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for the session holding {SESSION_LOCK}", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @contextmanager
 def running_bed() -> Iterator[Bed]:
-    """The bed for a script (demo, benchmark): the one already up, or one started here and stopped after."""
-    bed = Bed.current()
-    if bed is not None:
-        yield bed
-        return
-    bed = Bed(DEFAULT_STATE)
-    bed.start()
-    try:
-        yield bed
-    finally:
-        bed.stop()
+    """The bed for a script (demo, benchmark), in its turn: the one already up, or one started here and
+    stopped after."""
+    with testbed_turn():
+        bed = Bed.current()
+        if bed is not None:
+            yield bed
+            return
+        bed = Bed(DEFAULT_STATE)
+        bed.start()
+        try:
+            yield bed
+        finally:
+            bed.stop()
