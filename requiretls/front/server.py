@@ -68,23 +68,70 @@ class Closed(Exception):
     """The client or smtpd went away, or took too long."""
 
 
+class _Watch:
+    """One deadline per session instead of a timer per read: whatever the session awaits (a line from the
+    client, a reply from smtpd, a write that must drain) is cut off once :attr:`deadline` has passed.  Moving
+    the deadline is an assignment; a single timer per session checks it and cancels the session's task when
+    it has expired (``asyncio.wait_for`` around every read made a task and a timer per command)."""
+
+    __slots__ = ("at", "deadline", "expired", "task", "timer")
+
+    def __init__(self) -> None:
+        self.deadline = float("inf")
+        self.expired = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.at = float("inf")
+
+    def arm(self, deadline: float) -> None:
+        self.deadline = deadline
+        if deadline < self.at:
+            # Only a deadline earlier than the pending check needs a new timer; a later one is picked up when
+            # the pending check fires.
+            if self.timer is not None:
+                self.timer.cancel()
+            self.at = deadline
+            self.timer = asyncio.get_running_loop().call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        self.at = float("inf")
+        if self.task is None or self.task.done():
+            return
+        now = self.task.get_loop().time()
+        if now >= self.deadline:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self.at = self.deadline
+            self.timer = self.task.get_loop().call_at(self.deadline, self._check)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.task = None
+
+
 class _Lines:
     """Buffered line reading from a stream with a limit and a deadline per line."""
 
-    def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
+    __slots__ = ("buf", "eof", "reader", "timeout", "watch")
+
+    def __init__(self, reader: asyncio.StreamReader, timeout: float, watch: _Watch) -> None:
         self.reader = reader
         self.buf = bytearray()
         self.timeout = timeout
         self.eof = False
+        self.watch = watch
 
     async def _fill(self, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        now = time.monotonic()
+        if deadline <= now:
             raise Closed("timeout")
+        self.watch.arm(min(deadline, now + self.timeout))
         try:
-            chunk = await asyncio.wait_for(self.reader.read(65536), min(left, self.timeout))
-        except TimeoutError:
-            raise Closed("timeout") from None
+            chunk = await self.reader.read(65536)
         except (ConnectionError, OSError, ssl.SSLError) as e:
             raise Closed(type(e).__name__) from None
         if not chunk:
@@ -96,19 +143,21 @@ class _Lines:
         """(line with its ending, complete).  A line longer than ``limit`` comes back as a piece of ``limit``
         bytes with complete=False (never split between CR and LF)."""
         start = 0
+        buf = self.buf
         while True:
-            i = self.buf.find(b"\n", start)
+            i = buf.find(b"\n", start)
             if i >= 0:
-                out = bytes(self.buf[: i + 1])
-                del self.buf[: i + 1]
+                out = bytes(buf[: i + 1])
+                del buf[: i + 1]
                 return out, True
-            if len(self.buf) >= limit:
-                cut = limit - 1 if self.buf[limit - 1:limit] == b"\r" else limit
-                out = bytes(self.buf[:cut])
-                del self.buf[:cut]
-                return out, False
-            start = len(self.buf)
+            if len(buf) >= limit:
+                break
+            start = len(buf)
             await self._fill(deadline)
+        cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
+        out = bytes(buf[:cut])
+        del buf[:cut]
+        return out, False
 
     def pending(self) -> int:
         return len(self.buf) + len(getattr(self.reader, "_buffer", b""))
@@ -118,7 +167,8 @@ class Session:
     def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.front = front
         self.cfg = front.settings
-        self.client = _Lines(reader, self.cfg.timeout)
+        self.watch = _Watch()
+        self.client = _Lines(reader, self.cfg.timeout, self.watch)
         self.cw = writer
         self.peer = writer.get_extra_info("peername") or ("?", 0)
         self.local = writer.get_extra_info("sockname") or ("?", 0)
@@ -135,17 +185,19 @@ class Session:
 
     async def send(self, data: bytes) -> None:
         self.cw.write(data)
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.cw.drain(), self.cfg.timeout)
-        except (TimeoutError, ConnectionError, OSError) as e:
+            await self.cw.drain()
+        except (ConnectionError, OSError) as e:
             raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
         assert self.bw is not None
         self.bw.write(data)
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.bw.drain(), self.cfg.timeout)
-        except (TimeoutError, ConnectionError, OSError) as e:
+            await self.bw.drain()
+        except (ConnectionError, OSError) as e:
             raise Closed(f"smtpd write: {type(e).__name__}") from None
 
     async def reply(self) -> bytes:
@@ -164,6 +216,26 @@ class Session:
     # --- the dialogue ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.watch.task = asyncio.current_task()
+        try:
+            await self._run()
+        except Closed as e:
+            log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
+        except asyncio.CancelledError:
+            if not self.watch.expired:
+                raise
+            # The session's deadline passed (see _Watch): the same end as a read that timed out.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.debug("%s", kv(front="closed", client=self.peer[0], why="timeout"))
+        finally:
+            self.watch.stop()
+            # Closing is asynchronous: the transports finish on their own, nobody needs to wait for them.
+            if self.bw is not None:
+                self.bw.close()
+
+    async def _run(self) -> None:
         try:
             br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
         except (OSError, TimeoutError) as e:
@@ -171,21 +243,13 @@ class Session:
             host, port = self.cfg.backend
             log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
                                 error=f"{type(e).__name__}: {e}"))
-            with contextlib.suppress(Closed):
-                await self.send(b"421 4.3.2 Service currently unavailable\r\n")
+            await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
-        self.backend = _Lines(br, self.cfg.timeout)
-        try:
-            await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
-            await self.send(await self.reply())
-            await self.commands()
-        except Closed as e:
-            log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
-        finally:
-            bw.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(bw.wait_closed(), 5)
+        self.backend = _Lines(br, self.cfg.timeout, self.watch)
+        await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
+        await self.send(await self.reply())
+        await self.commands()
 
     async def refuse(self, text: bytes) -> None:
         self.errors += 1
@@ -395,8 +459,6 @@ class Front:
         finally:
             c.active -= 1
             writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
 
     async def start(self, host: str | None, port: int) -> asyncio.Server:
         return await asyncio.start_server(self.handle, host, port, limit=2 * DATA_CHUNK, backlog=1024)
