@@ -184,21 +184,27 @@ class Session:
     # --- the two ends ------------------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        self.cw.write(data)
-        self.watch.arm(time.monotonic() + self.cfg.timeout)
-        try:
-            await self.cw.drain()
-        except (ConnectionError, OSError) as e:
-            raise Closed(f"client write: {type(e).__name__}") from None
+        w = self.cw
+        w.write(data)
+        if w.transport.get_write_buffer_size() or w.transport.is_closing():
+            # Only a write the kernel did not take at once needs waiting for (a lost connection shows here
+            # too, or at the next read).
+            self.watch.arm(time.monotonic() + self.cfg.timeout)
+            try:
+                await w.drain()
+            except (ConnectionError, OSError) as e:
+                raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
-        assert self.bw is not None
-        self.bw.write(data)
-        self.watch.arm(time.monotonic() + self.cfg.timeout)
-        try:
-            await self.bw.drain()
-        except (ConnectionError, OSError) as e:
-            raise Closed(f"smtpd write: {type(e).__name__}") from None
+        w = self.bw
+        assert w is not None
+        w.write(data)
+        if w.transport.get_write_buffer_size() or w.transport.is_closing():
+            self.watch.arm(time.monotonic() + self.cfg.timeout)
+            try:
+                await w.drain()
+            except (ConnectionError, OSError) as e:
+                raise Closed(f"smtpd write: {type(e).__name__}") from None
 
     async def reply(self) -> bytes:
         """One whole reply from smtpd (all its lines)."""
@@ -402,12 +408,11 @@ class Session:
             top += p.header_block([(b"Received", self._trace().encode("utf-8", "surrogateescape"))])
         if self.requiretls:
             top += p.header_block([(p.CARRIER, b"yes")])
-        if top:
-            await self.to_backend(top)
         stream = p.DataStream()
         first = True
         deadline = time.monotonic() + self.cfg.timeout
-        pending = b""
+        # The front's own fields leave with the first lines of the message, in one write.
+        pending = top
         while not stream.done:
             raw, complete = await self.client.line(DATA_CHUNK, deadline)
             deadline = time.monotonic() + self.cfg.timeout
