@@ -242,13 +242,25 @@ class Session:
                 self.bw.close()
 
     async def _run(self) -> None:
+        self.watch.arm(time.monotonic() + self.cfg.connect_timeout)
+        err: Exception | None = None
         try:
-            br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
-        except (OSError, TimeoutError) as e:
+            br, bw = await asyncio.open_connection(*self.cfg.backend)
+        except asyncio.CancelledError:
+            if not self.watch.expired:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.watch.expired = False
+            err = TimeoutError("connecting to smtpd timed out")
+        except OSError as e:
+            err = e
+        if err is not None:
             self.front.counters.backend_down += 1
             host, port = self.cfg.backend
             log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
-                                error=f"{type(e).__name__}: {e}"))
+                                error=f"{type(err).__name__}: {err}"))
             await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
@@ -346,8 +358,13 @@ class Session:
             await self.send(b"554 5.5.1 Error: command pipelining after STARTTLS\r\n")
             raise Closed("injection")
         await self.send(b"220 2.0.0 Ready to start TLS\r\n")
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.cw.start_tls(ctx), self.cfg.timeout)
+            await self.cw.start_tls(ctx)
+        except asyncio.CancelledError:
+            if self.watch.expired:
+                log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error="TimeoutError"))
+            raise
         except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
             log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error=f"{type(e).__name__}: {e}"))
             raise Closed("tls") from None
