@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import time
@@ -163,6 +164,167 @@ class _Lines:
         return len(self.buf) + len(getattr(self.reader, "_buffer", b""))
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: One receive buffer per worker for every TLS session (the loop runs one callback at a time, and what is
+#: received is handed to OpenSSL at once).
+_RECV = bytearray(65536)
+#: The same for what OpenSSL decrypts (asking it for a new 64 KiB object per record costs an mmap each).
+_PLAIN = bytearray(65536)
+_PLAIN_VIEW = memoryview(_PLAIN)
+
+
+def _small_reads(transport: asyncio.BaseTransport) -> None:
+    """asyncio receives into a new 256 KiB object per read, which glibc serves with mmap and munmap (three
+    system calls per read); replies and commands are short, and 64 KiB comes from the heap."""
+    if getattr(transport, "max_size", 0) > 65536:
+        transport.max_size = 65536  # type: ignore[attr-defined]
+
+
+class _TlsStream:
+    """The client's side after STARTTLS, without asyncio's TLS transport: the socket is read straight into
+    OpenSSL's incoming buffer (one system call per read; OpenSSL driving the socket itself would read each
+    record's header and body separately) and what OpenSSL writes goes straight to the socket.  asyncio's own
+    TLS passes every record through several protocol layers in Python, which was a large part of the front's
+    work per command.  Same OpenSSL, same context.
+
+    The socket stays registered for reading while the session waits for the client or for smtpd (a client
+    that waits for a reply sends nothing, so nothing fires); only if it becomes readable while nobody waits
+    is it unregistered (level-triggered readiness would fire again and again) and marked readable."""
+
+    __slots__ = ("closed", "fd", "inc", "loop", "obj", "out", "readable", "registered", "sock", "stale", "waiter")
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.registered = False
+        self.readable = True
+        self.stale = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _on_readable(self) -> None:
+        w = self.waiter
+        if w is not None:
+            # (Already woken: the task has not run yet, and the loop polled again before it.)
+            if not w.done():
+                w.set_result(None)
+            self.stale = True
+        elif self.stale:
+            # The loop may have polled once more before the woken task read: that readiness is probably
+            # gone.  If not, the next poll reports it again.
+            self.stale = False
+        else:
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+            self.readable = True
+
+    async def _wait_readable(self) -> None:
+        if not self.registered:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.registered = True
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def _wait_writable(self) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.loop.add_writer(self.fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.fd)
+
+    async def _flush(self) -> None:
+        """Everything OpenSSL has written, to the socket."""
+        data = self.out.read()
+        while data:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_writable()
+                continue
+            data = data[n:]
+
+    async def _receive(self) -> bool:
+        """More bytes from the socket for OpenSSL; False at the end of the stream."""
+        while True:
+            if not self.readable:
+                await self._wait_readable()
+            try:
+                n = self.sock.recv_into(_RECV)
+            except (BlockingIOError, InterruptedError):
+                self.readable = False
+                continue
+            if n == 0:
+                self.inc.write_eof()
+                return False
+            self.inc.write(memoryview(_RECV)[:n])
+            # Whatever else has arrived shows as readiness at the next wait.
+            self.readable = False
+            return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._receive():
+                    raise ConnectionResetError("connection closed during the TLS handshake") from None
+                continue
+            await self._flush()
+            return
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, b"" at the end of the stream (close_notify, or the connection closed)."""
+        while True:
+            try:
+                k: int = self.obj.read(min(n, len(_PLAIN)), _PLAIN)  # type: ignore[assignment]
+                return bytes(_PLAIN_VIEW[:k])
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            if self.out.pending:
+                await self._flush()
+            if not await self._receive():
+                try:
+                    return self.obj.read(n)
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
+                    return b""
+
+    async def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        await self._flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.registered:
+            # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+        with contextlib.suppress(OSError, ValueError):
+            # close_notify, sent if the socket takes it at once; the client's own is not waited for.
+            self.obj.unwrap()
+        with contextlib.suppress(OSError, ValueError):
+            if self.out.pending:
+                self.sock.send(self.out.read())
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 class Session:
     def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.front = front
@@ -171,6 +333,7 @@ class Session:
         self.client = _Lines(reader, self.cfg.timeout, self.watch)
         self.cw = writer
         self.peer = writer.get_extra_info("peername") or ("?", 0)
+        _small_reads(writer.transport)
         self.local = writer.get_extra_info("sockname") or ("?", 0)
         self.tls_active = False
         self.tls_info = ""
@@ -180,10 +343,18 @@ class Session:
         self.errors = 0
         self.bw: asyncio.StreamWriter | None = None
         self.backend: _Lines | None = None
+        self.tls: _TlsStream | None = None
 
     # --- the two ends ------------------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
+        if self.tls is not None:
+            self.watch.arm(time.monotonic() + self.cfg.timeout)
+            try:
+                await self.tls.send(data)
+            except (ConnectionError, OSError) as e:
+                raise Closed(f"client write: {type(e).__name__}") from None
+            return
         w = self.cw
         w.write(data)
         if w.transport.get_write_buffer_size() or w.transport.is_closing():
@@ -240,6 +411,8 @@ class Session:
             # Closing is asynchronous: the transports finish on their own, nobody needs to wait for them.
             if self.bw is not None:
                 self.bw.close()
+            if self.tls is not None:
+                self.tls.close()
 
     async def _run(self) -> None:
         self.watch.arm(time.monotonic() + self.cfg.connect_timeout)
@@ -264,6 +437,7 @@ class Session:
             await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
+        _small_reads(bw.transport)
         self.backend = _Lines(br, self.cfg.timeout, self.watch)
         await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
         await self.send(await self.reply())
@@ -360,17 +534,17 @@ class Session:
         await self.send(b"220 2.0.0 Ready to start TLS\r\n")
         self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await self.cw.start_tls(ctx)
+            await self._start_tls(ctx)
         except asyncio.CancelledError:
             if self.watch.expired:
                 log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error="TimeoutError"))
             raise
-        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+        except (ssl.SSLError, OSError, ConnectionError) as e:
             log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error=f"{type(e).__name__}: {e}"))
             raise Closed("tls") from None
         self.tls_active = True
         self.front.counters.tls += 1
-        obj = self.cw.get_extra_info("ssl_object")
+        obj = self.tls.obj if self.tls is not None else None
         if obj is not None:
             cipher = obj.cipher() or ("?", "?", 0)
             self.tls_info = f"using {obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
@@ -379,6 +553,24 @@ class Session:
         # client must send; until then smtpd refuses MAIL as it would without any EHLO.
         self.requiretls = False
         self.helo = ""
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        """Take the client's socket from its asyncio transport (reading is paused, the 220 is written) and let
+        OpenSSL drive it directly from now on."""
+        transport = self.cw.transport
+        if transport.get_write_buffer_size():
+            await self.cw.drain()
+        sock = transport.get_extra_info("socket")
+        fd = os.dup(sock.fileno())
+        # The transport lets go of its descriptor (it is no longer watched: reading is paused, nothing is left
+        # to write); the duplicate keeps the connection.
+        transport.abort()
+        raw = socket.socket(fileno=fd)
+        raw.setblocking(False)
+        tls = _TlsStream(raw, ctx)
+        self.tls = tls
+        self.client.reader = tls  # type: ignore[assignment]
+        await tls.handshake()
 
     async def auth(self, content: bytes) -> None:
         if self.cfg.auth_only and not self.tls_active:
