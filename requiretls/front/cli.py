@@ -60,6 +60,10 @@ def tls_context(files: list[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
+    # One TLS 1.3 session ticket per handshake, as smtpd issues (Postfix sets this with its ticket keys;
+    # OpenSSL's default is two).  The keys are made here, before the workers fork, so every worker resumes
+    # every other's sessions.
+    ctx.num_tickets = 1
     if len(files) == 1:
         ctx.load_cert_chain(files[0])
     else:
