@@ -172,6 +172,8 @@ def _wake(fut: asyncio.Future[None]) -> None:
 #: One receive buffer per worker for every TLS session (the loop runs one callback at a time, and what is
 #: received is handed to OpenSSL at once).
 _RECV = bytearray(65536)
+#: Undecrypted bytes a TLS session holds before it stops reading from its client.
+_INCOMING_LIMIT = 262144
 #: The same for what OpenSSL decrypts (asking it for a new 64 KiB object per record costs an mmap each).
 _PLAIN = bytearray(65536)
 _PLAIN_VIEW = memoryview(_PLAIN)
@@ -191,11 +193,24 @@ class _TlsStream:
     TLS passes every record through several protocol layers in Python, which was a large part of the front's
     work per command.  Same OpenSSL, same context.
 
-    The socket stays registered for reading while the session waits for the client or for smtpd (a client
-    that waits for a reply sends nothing, so nothing fires); only if it becomes readable while nobody waits
-    is it unregistered (level-triggered readiness would fire again and again) and marked readable."""
+    As in asyncio's transports, the loop's readiness callback does the reading (so the loop never reports
+    bytes that were already taken), and reading pauses while more than :data:`_INCOMING_LIMIT` bytes wait
+    undecrypted for the session."""
 
-    __slots__ = ("closed", "fd", "inc", "loop", "obj", "out", "readable", "registered", "sock", "stale", "waiter")
+    __slots__ = (
+        "closed",
+        "deferred",
+        "eof",
+        "error",
+        "fd",
+        "inc",
+        "loop",
+        "obj",
+        "out",
+        "registered",
+        "sock",
+        "waiter",
+    )
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
         self.sock = sock
@@ -205,28 +220,45 @@ class _TlsStream:
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
         self.loop = asyncio.get_running_loop()
         self.closed = False
-        self.registered = False
-        self.readable = True
-        self.stale = False
+        self.eof = False
+        self.error: OSError | None = None
         self.waiter: asyncio.Future[None] | None = None
+        #: Bytes of OpenSSL's output that may wait for the next write (see handshake()).
+        self.deferred = 0
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.registered = True
 
     def _on_readable(self) -> None:
-        w = self.waiter
-        if w is not None:
-            # (Already woken: the task has not run yet, and the loop polled again before it.)
-            if not w.done():
-                w.set_result(None)
-            self.stale = True
-        elif self.stale:
-            # The loop may have polled once more before the woken task read: that readiness is probably
-            # gone.  If not, the next poll reports it again.
-            self.stale = False
+        try:
+            n = self.sock.recv_into(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.error = e
+            n = 0
+        if n:
+            self.inc.write(memoryview(_RECV)[:n])
+            if self.inc.pending > _INCOMING_LIMIT:
+                self._pause()
         else:
+            self.eof = True
+            self.inc.write_eof()
+            self._pause()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _pause(self) -> None:
+        if self.registered:
             self.loop.remove_reader(self.fd)
             self.registered = False
-            self.readable = True
 
-    async def _wait_readable(self) -> None:
+    async def _receive(self) -> bool:
+        """Wait for more bytes for OpenSSL; False at the end of the stream."""
+        if self.eof:
+            if self.error is not None:
+                raise self.error
+            return False
         if not self.registered:
             self.loop.add_reader(self.fd, self._on_readable)
             self.registered = True
@@ -235,6 +267,9 @@ class _TlsStream:
             await self.waiter
         finally:
             self.waiter = None
+        if self.error is not None:
+            raise self.error
+        return True
 
     async def _wait_writable(self) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
@@ -246,6 +281,7 @@ class _TlsStream:
 
     async def _flush(self) -> None:
         """Everything OpenSSL has written, to the socket."""
+        self.deferred = 0
         data = self.out.read()
         while data:
             try:
@@ -254,24 +290,6 @@ class _TlsStream:
                 await self._wait_writable()
                 continue
             data = data[n:]
-
-    async def _receive(self) -> bool:
-        """More bytes from the socket for OpenSSL; False at the end of the stream."""
-        while True:
-            if not self.readable:
-                await self._wait_readable()
-            try:
-                n = self.sock.recv_into(_RECV)
-            except (BlockingIOError, InterruptedError):
-                self.readable = False
-                continue
-            if n == 0:
-                self.inc.write_eof()
-                return False
-            self.inc.write(memoryview(_RECV)[:n])
-            # Whatever else has arrived shows as readiness at the next wait.
-            self.readable = False
-            return True
 
     async def handshake(self) -> None:
         while True:
@@ -282,7 +300,9 @@ class _TlsStream:
                 if not await self._receive():
                     raise ConnectionResetError("connection closed during the TLS handshake") from None
                 continue
-            await self._flush()
+            # What the server writes once the handshake is done (the TLS 1.3 session ticket) leaves with the
+            # first reply, in the same segment: the client needs it for no step of its own.
+            self.deferred = self.out.pending
             return
 
     async def read(self, n: int) -> bytes:
@@ -295,7 +315,8 @@ class _TlsStream:
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
-            if self.out.pending:
+            if self.out.pending > self.deferred:
+                # OpenSSL has something to say while reading (a key update, say): before waiting.
                 await self._flush()
             if not await self._receive():
                 try:
@@ -305,16 +326,15 @@ class _TlsStream:
 
     async def send(self, data: bytes) -> None:
         self.obj.write(data)
+        self.deferred = 0
         await self._flush()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self.registered:
-            # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
-            self.loop.remove_reader(self.fd)
-            self.registered = False
+        # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
+        self._pause()
         with contextlib.suppress(OSError, ValueError):
             # close_notify, sent if the socket takes it at once; the client's own is not waited for.
             self.obj.unwrap()
