@@ -126,20 +126,6 @@ class _Lines:
         self.eof = False
         self.watch = watch
 
-    async def _fill(self, deadline: float) -> None:
-        now = time.monotonic()
-        if deadline <= now:
-            raise Closed("timeout")
-        self.watch.arm(min(deadline, now + self.timeout))
-        try:
-            chunk = await self.reader.read(65536)
-        except (ConnectionError, OSError, ssl.SSLError) as e:
-            raise Closed(type(e).__name__) from None
-        if not chunk:
-            self.eof = True
-            raise Closed("eof")
-        self.buf += chunk
-
     async def line(self, limit: int, deadline: float) -> tuple[bytes, bool]:
         """(line with its ending, complete).  A line longer than ``limit`` comes back as a piece of ``limit``
         bytes with complete=False (never split between CR and LF)."""
@@ -154,7 +140,19 @@ class _Lines:
             if len(buf) >= limit:
                 break
             start = len(buf)
-            await self._fill(deadline)
+            # (Inline rather than a helper coroutine: every wait resumes through each frame of the chain.)
+            now = time.monotonic()
+            if deadline <= now:
+                raise Closed("timeout")
+            self.watch.arm(min(deadline, now + self.timeout))
+            try:
+                chunk = await self.reader.read(65536)
+            except (ConnectionError, OSError, ssl.SSLError) as e:
+                raise Closed(type(e).__name__) from None
+            if not chunk:
+                self.eof = True
+                raise Closed("eof")
+            buf += chunk
         cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
         out = bytes(buf[:cut])
         del buf[:cut]
