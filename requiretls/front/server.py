@@ -343,6 +343,118 @@ class _TlsStream:
             self.sock.close()
 
 
+class _Backend:
+    """The connection to smtpd on loopback, in clear: bytes are received by the loop's readiness callback
+    into a buffer and sent straight from the session (asyncio's stream classes add a protocol, a transport
+    and a reader object between the two, for nothing the front needs).  Reading pauses while more than
+    :data:`_INCOMING_LIMIT` bytes wait for the session."""
+
+    __slots__ = ("buf", "closed", "eof", "error", "fd", "loop", "registered", "sock", "waiter")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray()
+        self.eof = False
+        self.closed = False
+        self.error: OSError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.registered = True
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> _Backend:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        err: OSError = OSError(f"no address for {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                err = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return cls(sock)
+        raise err
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.error = e
+            n = 0
+        if n:
+            self.buf += memoryview(_RECV)[:n]
+            if len(self.buf) > _INCOMING_LIMIT:
+                self._pause()
+        else:
+            self.eof = True
+            self._pause()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _pause(self) -> None:
+        if self.registered:
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, b"" at the end of the stream."""
+        while not self.buf:
+            if self.eof:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            if not self.registered:
+                self.loop.add_reader(self.fd, self._on_readable)
+                self.registered = True
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        if not self.registered and not self.eof:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.registered = True
+        return out
+
+    async def send(self, data: bytes) -> None:
+        while data:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                fut: asyncio.Future[None] = self.loop.create_future()
+                self.loop.add_writer(self.fd, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    self.loop.remove_writer(self.fd)
+                continue
+            data = data[n:]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pause()
+        self.sock.close()
+
+
 class Session:
     def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.front = front
@@ -359,7 +471,7 @@ class Session:
         self.requiretls = False
         self.rcpts = 0
         self.errors = 0
-        self.bw: asyncio.StreamWriter | None = None
+        self.bw: _Backend | None = None
         self.backend: _Lines | None = None
         self.tls: _TlsStream | None = None
 
@@ -385,15 +497,12 @@ class Session:
                 raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
-        w = self.bw
-        assert w is not None
-        w.write(data)
-        if w.transport.get_write_buffer_size() or w.transport.is_closing():
-            self.watch.arm(time.monotonic() + self.cfg.timeout)
-            try:
-                await w.drain()
-            except (ConnectionError, OSError) as e:
-                raise Closed(f"smtpd write: {type(e).__name__}") from None
+        assert self.bw is not None
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
+        try:
+            await self.bw.send(data)
+        except OSError as e:
+            raise Closed(f"smtpd write: {type(e).__name__}") from None
 
     async def reply(self) -> bytes:
         """One whole reply from smtpd (all its lines)."""
@@ -436,7 +545,7 @@ class Session:
         self.watch.arm(time.monotonic() + self.cfg.connect_timeout)
         err: Exception | None = None
         try:
-            br, bw = await asyncio.open_connection(*self.cfg.backend)
+            bw = await _Backend.connect(*self.cfg.backend)
         except asyncio.CancelledError:
             if not self.watch.expired:
                 raise
@@ -455,8 +564,7 @@ class Session:
             await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
-        _small_reads(bw.transport)
-        self.backend = _Lines(br, self.cfg.timeout, self.watch)
+        self.backend = _Lines(bw, self.cfg.timeout, self.watch)  # type: ignore[arg-type]
         await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
         await self.send(await self.reply())
         await self.commands()
