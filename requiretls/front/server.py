@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
-import os
 import socket
 import ssl
 import time
@@ -119,7 +119,7 @@ class _Lines:
 
     __slots__ = ("buf", "eof", "reader", "timeout", "watch")
 
-    def __init__(self, reader: asyncio.StreamReader, timeout: float, watch: _Watch) -> None:
+    def __init__(self, reader: _Plain | _TlsStream, timeout: float, watch: _Watch) -> None:
         self.reader = reader
         self.buf = bytearray()
         self.timeout = timeout
@@ -159,7 +159,7 @@ class _Lines:
         return out, False
 
     def pending(self) -> int:
-        return len(self.buf) + len(getattr(self.reader, "_buffer", b""))
+        return len(self.buf)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -175,13 +175,6 @@ _INCOMING_LIMIT = 262144
 #: The same for what OpenSSL decrypts (asking it for a new 64 KiB object per record costs an mmap each).
 _PLAIN = bytearray(65536)
 _PLAIN_VIEW = memoryview(_PLAIN)
-
-
-def _small_reads(transport: asyncio.BaseTransport) -> None:
-    """asyncio receives into a new 256 KiB object per read, which glibc serves with mmap and munmap (three
-    system calls per read); replies and commands are short, and 64 KiB comes from the heap."""
-    if getattr(transport, "max_size", 0) > 65536:
-        transport.max_size = 65536  # type: ignore[attr-defined]
 
 
 class _TlsStream:
@@ -322,34 +315,40 @@ class _TlsStream:
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
                     return b""
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """``last``: close_notify follows ``data`` (in the same write), the session's end."""
         self.obj.write(data)
+        if last:
+            self.closed = True
+            self._pause()
+            with contextlib.suppress(OSError, ValueError):
+                self.obj.unwrap()
         self.deferred = 0
         await self._flush()
 
     def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
-        self._pause()
-        with contextlib.suppress(OSError, ValueError):
-            # close_notify, sent if the socket takes it at once; the client's own is not waited for.
-            self.obj.unwrap()
-        with contextlib.suppress(OSError, ValueError):
-            if self.out.pending:
-                self.sock.send(self.out.read())
+        if not self.closed:
+            self.closed = True
+            # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
+            self._pause()
+            with contextlib.suppress(OSError, ValueError):
+                # close_notify, sent if the socket takes it at once; the client's own is not waited for.
+                self.obj.unwrap()
+            with contextlib.suppress(OSError, ValueError):
+                if self.out.pending:
+                    self.sock.send(self.out.read())
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
-class _Backend:
-    """The connection to smtpd on loopback, in clear: bytes are received by the loop's readiness callback
-    into a buffer and sent straight from the session (asyncio's stream classes add a protocol, a transport
-    and a reader object between the two, for nothing the front needs).  Reading pauses while more than
-    :data:`_INCOMING_LIMIT` bytes wait for the session."""
+class _Plain:
+    """A connection in clear (the client's until STARTTLS, smtpd's on loopback): bytes are received by the
+    loop's readiness callback into a buffer and sent straight from the session (asyncio's stream classes add
+    a protocol, a transport and a reader object between the two, for nothing the front needs).  Reading
+    pauses while more than :data:`_INCOMING_LIMIT` bytes wait for the session, and for good with
+    :meth:`pause` (STARTTLS hands the socket to :class:`_TlsStream`)."""
 
-    __slots__ = ("buf", "closed", "eof", "error", "fd", "loop", "registered", "sock", "waiter")
+    __slots__ = ("buf", "closed", "eof", "error", "fd", "handed_over", "loop", "registered", "sock", "waiter")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -358,13 +357,14 @@ class _Backend:
         self.buf = bytearray()
         self.eof = False
         self.closed = False
+        self.handed_over = False
         self.error: OSError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.loop.add_reader(self.fd, self._on_readable)
         self.registered = True
 
     @classmethod
-    async def connect(cls, host: str, port: int) -> _Backend:
+    async def connect(cls, host: str, port: int) -> _Plain:
         loop = asyncio.get_running_loop()
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
@@ -414,7 +414,7 @@ class _Backend:
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes, b"" at the end of the stream."""
         while not self.buf:
-            if self.eof:
+            if self.eof or self.handed_over:
                 if self.error is not None:
                     raise self.error
                 return b""
@@ -428,7 +428,7 @@ class _Backend:
                 self.waiter = None
         out = bytes(self.buf[:n])
         del self.buf[:n]
-        if not self.registered and not self.eof:
+        if not self.registered and not self.eof and not self.handed_over:
             self.loop.add_reader(self.fd, self._on_readable)
             self.registered = True
         return out
@@ -447,6 +447,13 @@ class _Backend:
                 continue
             data = data[n:]
 
+    def hand_over(self) -> int:
+        """Stop reading for good; the bytes read and not yet taken (which a client that waited for our reply
+        cannot have sent)."""
+        self.handed_over = True
+        self._pause()
+        return len(self.buf)
+
     def close(self) -> None:
         if self.closed:
             return
@@ -456,45 +463,35 @@ class _Backend:
 
 
 class Session:
-    def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, front: Front, sock: socket.socket) -> None:
         self.front = front
         self.cfg = front.settings
         self.watch = _Watch()
-        self.client = _Lines(reader, self.cfg.timeout, self.watch)
-        self.cw = writer
-        self.peer = writer.get_extra_info("peername") or ("?", 0)
-        _small_reads(writer.transport)
-        self.local = writer.get_extra_info("sockname") or ("?", 0)
+        self.plain = _Plain(sock)
+        self.client = _Lines(self.plain, self.cfg.timeout, self.watch)
+        try:
+            self.peer = sock.getpeername()
+            self.local = sock.getsockname()
+        except OSError:
+            self.peer, self.local = ("?", 0), ("?", 0)
         self.tls_active = False
         self.tls_info = ""
         self.helo = ""
         self.requiretls = False
         self.rcpts = 0
         self.errors = 0
-        self.bw: _Backend | None = None
+        self.bw: _Plain | None = None
         self.backend: _Lines | None = None
         self.tls: _TlsStream | None = None
 
     # --- the two ends ------------------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        if self.tls is not None:
-            self.watch.arm(time.monotonic() + self.cfg.timeout)
-            try:
-                await self.tls.send(data)
-            except (ConnectionError, OSError) as e:
-                raise Closed(f"client write: {type(e).__name__}") from None
-            return
-        w = self.cw
-        w.write(data)
-        if w.transport.get_write_buffer_size() or w.transport.is_closing():
-            # Only a write the kernel did not take at once needs waiting for (a lost connection shows here
-            # too, or at the next read).
-            self.watch.arm(time.monotonic() + self.cfg.timeout)
-            try:
-                await w.drain()
-            except (ConnectionError, OSError) as e:
-                raise Closed(f"client write: {type(e).__name__}") from None
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
+        try:
+            await (self.tls if self.tls is not None else self.plain).send(data)
+        except OSError as e:
+            raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
         assert self.bw is not None
@@ -540,12 +537,13 @@ class Session:
                 self.bw.close()
             if self.tls is not None:
                 self.tls.close()
+            self.plain.close()
 
     async def _run(self) -> None:
         self.watch.arm(time.monotonic() + self.cfg.connect_timeout)
         err: Exception | None = None
         try:
-            bw = await _Backend.connect(*self.cfg.backend)
+            bw = await _Plain.connect(*self.cfg.backend)
         except asyncio.CancelledError:
             if not self.watch.expired:
                 raise
@@ -564,7 +562,7 @@ class Session:
             await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
-        self.backend = _Lines(bw, self.cfg.timeout, self.watch)  # type: ignore[arg-type]
+        self.backend = _Lines(bw, self.cfg.timeout, self.watch)
         await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
         await self.send(await self.reply())
         await self.commands()
@@ -623,7 +621,15 @@ class Session:
                 self.rcpts = 0
                 await self.pass_through(content)
             elif verb == "QUIT":
-                await self.pass_through(content)
+                await self.to_backend(content + b"\r\n")
+                rep = await self.reply()
+                if self.tls is not None:
+                    # The reply and close_notify in one segment.
+                    self.watch.arm(time.monotonic() + self.cfg.timeout)
+                    with contextlib.suppress(OSError):
+                        await self.tls.send(rep, last=True)
+                else:
+                    await self.send(rep)
                 raise Closed("quit")
             else:
                 await self.pass_through(content)
@@ -647,10 +653,7 @@ class Session:
         if cmd.arg:
             await self.refuse(b"501 5.5.4 Syntax: STARTTLS\r\n")
             return
-        transport = self.cw.transport
-        if isinstance(transport, asyncio.ReadTransport):
-            transport.pause_reading()
-        if self.client.pending():
+        if self.client.pending() + self.plain.hand_over():
             # Commands sent behind STARTTLS in clear would be read as if they came over TLS (the STARTTLS
             # command-injection attack): drop the session, as Postfix does.
             self.front.counters.injection += 1
@@ -681,21 +684,10 @@ class Session:
         self.helo = ""
 
     async def _start_tls(self, ctx: ssl.SSLContext) -> None:
-        """Take the client's socket from its asyncio transport (reading is paused, the 220 is written) and let
-        OpenSSL drive it directly from now on."""
-        transport = self.cw.transport
-        if transport.get_write_buffer_size():
-            await self.cw.drain()
-        sock = transport.get_extra_info("socket")
-        fd = os.dup(sock.fileno())
-        # The transport lets go of its descriptor (it is no longer watched: reading is paused, nothing is left
-        # to write); the duplicate keeps the connection.
-        transport.abort()
-        raw = socket.socket(fileno=fd)
-        raw.setblocking(False)
-        tls = _TlsStream(raw, ctx)
+        """From here on OpenSSL has the client's socket (no longer read in clear; the 220 is written)."""
+        tls = _TlsStream(self.plain.sock, ctx)
         self.tls = tls
-        self.client.reader = tls  # type: ignore[assignment]
+        self.client.reader = tls
         await tls.handshake()
 
     async def auth(self, content: bytes) -> None:
@@ -783,25 +775,79 @@ class Front:
         self.counters = Counters()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, sock: socket.socket) -> None:
         c = self.counters
         c.connections += 1
         if c.active >= self.settings.max_connections:
             c.refused_busy += 1
-            writer.write(b"421 4.3.2 Too many connections, try again later\r\n")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), 5)
-            writer.close()
+            with contextlib.suppress(OSError):
+                sock.send(b"421 4.3.2 Too many connections, try again later\r\n")
+            sock.close()
             return
         c.active += 1
         try:
-            await Session(self, reader, writer).run()
+            await Session(self, sock).run()
         finally:
             c.active -= 1
-            writer.close()
 
-    async def start(self, host: str | None, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=2 * DATA_CHUNK, backlog=1024)
+    def _spawn(self, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self.handle(sock))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    async def start_on(self, sock: socket.socket) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, sock=sock, limit=2 * DATA_CHUNK)
+    async def start(self, host: str | None, port: int) -> Listener:
+        socks = []
+        for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, type_, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            socks.append(sock)
+        return Listener(self, socks)
+
+    async def start_on(self, sock: socket.socket) -> Listener:
+        return Listener(self, [sock])
+
+
+class Listener:
+    """Accepts on listening sockets and gives each connection its session (a task).  Like asyncio's server:
+    when the process is out of descriptors, accepting pauses for a second instead of spinning."""
+
+    def __init__(self, front: Front, socks: list[socket.socket]) -> None:
+        self.front = front
+        self.sockets = socks
+        self.loop = asyncio.get_running_loop()
+        for sock in socks:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("%s", kv(front="cannot accept", error=str(e), action="pausing 1 s"))
+                    self.loop.remove_reader(sock.fileno())
+                    self.loop.call_later(1.0, self._resume, sock)
+                    return
+                raise
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.front._spawn(conn)
+
+    def _resume(self, sock: socket.socket) -> None:
+        if sock.fileno() >= 0:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()
