@@ -346,7 +346,7 @@ class _Plain:
     loop's readiness callback into a buffer and sent straight from the session (asyncio's stream classes add
     a protocol, a transport and a reader object between the two, for nothing the front needs).  Reading
     pauses while more than :data:`_INCOMING_LIMIT` bytes wait for the session, and for good with
-    :meth:`pause` (STARTTLS hands the socket to :class:`_TlsStream`)."""
+    :meth:`hand_over` (STARTTLS gives the socket to :class:`_TlsStream`)."""
 
     __slots__ = ("buf", "closed", "eof", "error", "fd", "handed_over", "loop", "registered", "sock", "waiter")
 
