@@ -291,9 +291,14 @@ class _TlsStream:
                 if not await self._receive():
                     raise ConnectionResetError("connection closed during the TLS handshake") from None
                 continue
-            # What the server writes once the handshake is done (the TLS 1.3 session ticket) leaves with the
-            # first reply, in the same segment: the client needs it for no step of its own.
-            self.deferred = self.out.pending
+            if self.obj.version() == "TLSv1.3":
+                # What a TLS 1.3 server writes once the handshake is done is the session ticket: it leaves
+                # with the first reply, in the same segment (the client needs it for no step of its own).
+                self.deferred = self.out.pending
+            else:
+                # TLS 1.2: the step that completes the handshake writes the server's Finished, which the
+                # client waits for.
+                await self._flush()
             return
 
     async def read(self, n: int) -> bytes:
