@@ -287,10 +287,10 @@ class _TlsStream:
                 if not await self._receive():
                     raise ConnectionResetError("connection closed during the TLS handshake") from None
                 continue
-            # At once, even what the client does not wait for (TLS 1.3's session ticket; TLS 1.2's Finished
-            # it does wait for): held back until the first reply, it left the client's Finished without an
-            # answer, the kernel delayed its ACK, and a client with Nagle's algorithm (most) held its EHLO
-            # back for those 40 ms.
+            # What completing the handshake wrote leaves at once (TLS 1.2: the server's Finished, which the
+            # client waits for; TLS 1.3: the session ticket, which it does not).  Holding the ticket back for
+            # the first reply left the client's Finished unanswered: the kernel delayed its ACK, and a client
+            # with Nagle's algorithm (most) held its EHLO back for those 40 ms.
             await self._flush()
             return
 
