@@ -518,7 +518,8 @@ class Session:
         try:
             await self._run()
         except Closed as e:
-            log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
         except asyncio.CancelledError:
             if not self.watch.expired:
                 raise
@@ -526,7 +527,8 @@ class Session:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            log.debug("%s", kv(front="closed", client=self.peer[0], why="timeout"))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", kv(front="closed", client=self.peer[0], why="timeout"))
         finally:
             self.watch.stop()
             # Closing is asynchronous: the transports finish on their own, nobody needs to wait for them.
