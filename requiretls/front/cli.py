@@ -60,6 +60,10 @@ def tls_context(files: list[str]) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION
+    # One TLS 1.3 session ticket per handshake, as smtpd issues (Postfix sets this with its ticket keys;
+    # OpenSSL's default is two).  The keys are made here, before the workers fork, so every worker resumes
+    # every other's sessions.
+    ctx.num_tickets = 1
     if len(files) == 1:
         ctx.load_cert_chain(files[0])
     else:
@@ -115,6 +119,10 @@ def _serve(fs: FrontSettings, socks: list[socket.socket]) -> None:
     # Not uvloop: its start_tls left the STARTTLS handshake hanging under load (every client timed out with
     # 20 at once, measured with uvloop 0.23); asyncio's own loop does not, and the workers give the speed.
     front = Front(fs)
+    # A worker has one thread: no thread or multiprocessing names in its log records (they cost a few
+    # microseconds a line, and the format does not use them).
+    logging.logThreads = False
+    logging.logMultiprocessing = False
 
     async def main() -> None:
         servers = [await front.start_on(sock) for sock in socks]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import ssl
@@ -68,84 +69,433 @@ class Closed(Exception):
     """The client or smtpd went away, or took too long."""
 
 
+class _Watch:
+    """One deadline per session instead of a timer per read: whatever the session awaits (a line from the
+    client, a reply from smtpd, a write that must drain) is cut off once :attr:`deadline` has passed.  Moving
+    the deadline is an assignment; a single timer per session checks it and cancels the session's task when
+    it has expired (``asyncio.wait_for`` around every read made a task and a timer per command)."""
+
+    __slots__ = ("at", "deadline", "expired", "task", "timer")
+
+    def __init__(self) -> None:
+        self.deadline = float("inf")
+        self.expired = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.at = float("inf")
+
+    def arm(self, deadline: float) -> None:
+        self.deadline = deadline
+        if deadline < self.at:
+            # Only a deadline earlier than the pending check needs a new timer; a later one is picked up when
+            # the pending check fires.
+            if self.timer is not None:
+                self.timer.cancel()
+            self.at = deadline
+            self.timer = asyncio.get_running_loop().call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        self.timer = None
+        self.at = float("inf")
+        if self.task is None or self.task.done():
+            return
+        now = self.task.get_loop().time()
+        if now >= self.deadline:
+            self.expired = True
+            self.task.cancel()
+        else:
+            self.at = self.deadline
+            self.timer = self.task.get_loop().call_at(self.deadline, self._check)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.task = None
+
+
 class _Lines:
     """Buffered line reading from a stream with a limit and a deadline per line."""
 
-    def __init__(self, reader: asyncio.StreamReader, timeout: float) -> None:
+    __slots__ = ("buf", "eof", "reader", "timeout", "watch")
+
+    def __init__(self, reader: _Plain | _TlsStream, timeout: float, watch: _Watch) -> None:
         self.reader = reader
         self.buf = bytearray()
         self.timeout = timeout
         self.eof = False
-
-    async def _fill(self, deadline: float) -> None:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise Closed("timeout")
-        try:
-            chunk = await asyncio.wait_for(self.reader.read(65536), min(left, self.timeout))
-        except TimeoutError:
-            raise Closed("timeout") from None
-        except (ConnectionError, OSError, ssl.SSLError) as e:
-            raise Closed(type(e).__name__) from None
-        if not chunk:
-            self.eof = True
-            raise Closed("eof")
-        self.buf += chunk
+        self.watch = watch
 
     async def line(self, limit: int, deadline: float) -> tuple[bytes, bool]:
         """(line with its ending, complete).  A line longer than ``limit`` comes back as a piece of ``limit``
         bytes with complete=False (never split between CR and LF)."""
         start = 0
+        buf = self.buf
         while True:
-            i = self.buf.find(b"\n", start)
+            i = buf.find(b"\n", start)
             if i >= 0:
-                out = bytes(self.buf[: i + 1])
-                del self.buf[: i + 1]
+                out = bytes(buf[: i + 1])
+                del buf[: i + 1]
                 return out, True
-            if len(self.buf) >= limit:
-                cut = limit - 1 if self.buf[limit - 1:limit] == b"\r" else limit
-                out = bytes(self.buf[:cut])
-                del self.buf[:cut]
-                return out, False
-            start = len(self.buf)
-            await self._fill(deadline)
+            if len(buf) >= limit:
+                break
+            start = len(buf)
+            # (Inline rather than a helper coroutine: every wait resumes through each frame of the chain.)
+            now = time.monotonic()
+            if deadline <= now:
+                raise Closed("timeout")
+            self.watch.arm(min(deadline, now + self.timeout))
+            try:
+                chunk = await self.reader.read(65536)
+            except (ConnectionError, OSError, ssl.SSLError) as e:
+                raise Closed(type(e).__name__) from None
+            if not chunk:
+                self.eof = True
+                raise Closed("eof")
+            buf += chunk
+        cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
+        out = bytes(buf[:cut])
+        del buf[:cut]
+        return out, False
 
     def pending(self) -> int:
-        return len(self.buf) + len(getattr(self.reader, "_buffer", b""))
+        return len(self.buf)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+#: One receive buffer per worker for every TLS session (the loop runs one callback at a time, and what is
+#: received is handed to OpenSSL at once).
+_RECV = bytearray(65536)
+#: Undecrypted bytes a TLS session holds before it stops reading from its client.
+_INCOMING_LIMIT = 262144
+#: The same for what OpenSSL decrypts (asking it for a new 64 KiB object per record costs an mmap each).
+_PLAIN = bytearray(65536)
+_PLAIN_VIEW = memoryview(_PLAIN)
+
+
+class _TlsStream:
+    """The client's side after STARTTLS, without asyncio's TLS transport: the socket is read straight into
+    OpenSSL's incoming buffer (one system call per read; OpenSSL driving the socket itself would read each
+    record's header and body separately) and what OpenSSL writes goes straight to the socket.  asyncio's own
+    TLS passes every record through several protocol layers in Python, which was a large part of the front's
+    work per command.  Same OpenSSL, same context.
+
+    As in asyncio's transports, the loop's readiness callback does the reading (so the loop never reports
+    bytes that were already taken), and reading pauses while more than :data:`_INCOMING_LIMIT` bytes wait
+    undecrypted for the session."""
+
+    __slots__ = (
+        "closed",
+        "eof",
+        "error",
+        "fd",
+        "inc",
+        "loop",
+        "obj",
+        "out",
+        "registered",
+        "sock",
+        "waiter",
+    )
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+        self.eof = False
+        self.error: OSError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.registered = True
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.error = e
+            n = 0
+        if n:
+            self.inc.write(memoryview(_RECV)[:n])
+            if self.inc.pending > _INCOMING_LIMIT:
+                self._pause()
+        else:
+            self.eof = True
+            self.inc.write_eof()
+            self._pause()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _pause(self) -> None:
+        if self.registered:
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+
+    async def _receive(self) -> bool:
+        """Wait for more bytes for OpenSSL; False at the end of the stream."""
+        if self.eof:
+            if self.error is not None:
+                raise self.error
+            return False
+        if not self.registered:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.registered = True
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+        if self.error is not None:
+            raise self.error
+        return True
+
+    async def _wait_writable(self) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.loop.add_writer(self.fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.fd)
+
+    async def _flush(self) -> None:
+        """Everything OpenSSL has written, to the socket."""
+        data = self.out.read()
+        while data:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await self._wait_writable()
+                continue
+            data = data[n:]
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._receive():
+                    raise ConnectionResetError("connection closed during the TLS handshake") from None
+                continue
+            # What completing the handshake wrote leaves at once (TLS 1.2: the server's Finished, which the
+            # client waits for; TLS 1.3: the session ticket, which it does not).  Holding the ticket back for
+            # the first reply left the client's Finished unanswered: the kernel delayed its ACK, and a client
+            # with Nagle's algorithm (most) held its EHLO back for those 40 ms.
+            await self._flush()
+            return
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, b"" at the end of the stream (close_notify, or the connection closed)."""
+        while True:
+            try:
+                k: int = self.obj.read(min(n, len(_PLAIN)), _PLAIN)  # type: ignore[assignment]
+                return bytes(_PLAIN_VIEW[:k])
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return b""
+            if self.out.pending:
+                # OpenSSL has something to say while reading (a key update, say): before waiting.
+                await self._flush()
+            if not await self._receive():
+                try:
+                    return self.obj.read(n)
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
+                    return b""
+
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """``last``: close_notify follows ``data`` (in the same write), the session's end."""
+        self.obj.write(data)
+        if last:
+            self.closed = True
+            self._pause()
+            with contextlib.suppress(OSError, ValueError):
+                self.obj.unwrap()
+        await self._flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            # Before the descriptor goes: the loop must not watch a closed (and soon reused) number.
+            self._pause()
+            with contextlib.suppress(OSError, ValueError):
+                # close_notify, sent if the socket takes it at once; the client's own is not waited for.
+                self.obj.unwrap()
+            with contextlib.suppress(OSError, ValueError):
+                if self.out.pending:
+                    self.sock.send(self.out.read())
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _Plain:
+    """A connection in clear (the client's until STARTTLS, smtpd's on loopback): bytes are received by the
+    loop's readiness callback into a buffer and sent straight from the session (asyncio's stream classes add
+    a protocol, a transport and a reader object between the two, for nothing the front needs).  Reading
+    pauses while more than :data:`_INCOMING_LIMIT` bytes wait for the session, and for good with
+    :meth:`hand_over` (STARTTLS gives the socket to :class:`_TlsStream`)."""
+
+    __slots__ = ("buf", "closed", "eof", "error", "fd", "handed_over", "loop", "registered", "sock", "waiter")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self.buf = bytearray()
+        self.eof = False
+        self.closed = False
+        self.handed_over = False
+        self.error: OSError | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop.add_reader(self.fd, self._on_readable)
+        self.registered = True
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> _Plain:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        err: OSError = OSError(f"no address for {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                err = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return cls(sock)
+        raise err
+
+    def _on_readable(self) -> None:
+        try:
+            n = self.sock.recv_into(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.error = e
+            n = 0
+        if n:
+            self.buf += memoryview(_RECV)[:n]
+            if len(self.buf) > _INCOMING_LIMIT:
+                self._pause()
+        else:
+            self.eof = True
+            self._pause()
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _pause(self) -> None:
+        if self.registered:
+            self.loop.remove_reader(self.fd)
+            self.registered = False
+
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes, b"" at the end of the stream."""
+        while not self.buf:
+            if self.eof or self.handed_over:
+                if self.error is not None:
+                    raise self.error
+                return b""
+            if not self.registered:
+                self.loop.add_reader(self.fd, self._on_readable)
+                self.registered = True
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        if not self.registered and not self.eof and not self.handed_over:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self.registered = True
+        return out
+
+    async def send(self, data: bytes) -> None:
+        while data:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                fut: asyncio.Future[None] = self.loop.create_future()
+                self.loop.add_writer(self.fd, _wake, fut)
+                try:
+                    await fut
+                finally:
+                    self.loop.remove_writer(self.fd)
+                continue
+            data = data[n:]
+
+    def hand_over(self) -> int:
+        """Stop reading for good; the bytes read and not yet taken (which a client that waited for our reply
+        cannot have sent)."""
+        self.handed_over = True
+        self._pause()
+        return len(self.buf)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._pause()
+        self.sock.close()
 
 
 class Session:
-    def __init__(self, front: Front, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, front: Front, sock: socket.socket) -> None:
         self.front = front
         self.cfg = front.settings
-        self.client = _Lines(reader, self.cfg.timeout)
-        self.cw = writer
-        self.peer = writer.get_extra_info("peername") or ("?", 0)
-        self.local = writer.get_extra_info("sockname") or ("?", 0)
+        self.watch = _Watch()
+        self.plain = _Plain(sock)
+        self.client = _Lines(self.plain, self.cfg.timeout, self.watch)
+        try:
+            self.peer = sock.getpeername()
+            self.local = sock.getsockname()
+        except OSError:
+            self.peer, self.local = ("?", 0), ("?", 0)
         self.tls_active = False
         self.tls_info = ""
         self.helo = ""
         self.requiretls = False
         self.rcpts = 0
         self.errors = 0
-        self.bw: asyncio.StreamWriter | None = None
+        self.bw: _Plain | None = None
         self.backend: _Lines | None = None
+        self.tls: _TlsStream | None = None
 
     # --- the two ends ------------------------------------------------------------------------------------
 
     async def send(self, data: bytes) -> None:
-        self.cw.write(data)
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.cw.drain(), self.cfg.timeout)
-        except (TimeoutError, ConnectionError, OSError) as e:
+            await (self.tls if self.tls is not None else self.plain).send(data)
+        except OSError as e:
             raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
         assert self.bw is not None
-        self.bw.write(data)
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.bw.drain(), self.cfg.timeout)
-        except (TimeoutError, ConnectionError, OSError) as e:
+            await self.bw.send(data)
+        except OSError as e:
             raise Closed(f"smtpd write: {type(e).__name__}") from None
 
     async def reply(self) -> bytes:
@@ -164,28 +514,57 @@ class Session:
     # --- the dialogue ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.watch.task = asyncio.current_task()
         try:
-            br, bw = await asyncio.wait_for(asyncio.open_connection(*self.cfg.backend), self.cfg.connect_timeout)
-        except (OSError, TimeoutError) as e:
+            await self._run()
+        except Closed as e:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
+        except asyncio.CancelledError:
+            if not self.watch.expired:
+                raise
+            # The session's deadline passed (see _Watch): the same end as a read that timed out.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", kv(front="closed", client=self.peer[0], why="timeout"))
+        finally:
+            self.watch.stop()
+            # Closing is asynchronous: the transports finish on their own, nobody needs to wait for them.
+            if self.bw is not None:
+                self.bw.close()
+            if self.tls is not None:
+                self.tls.close()
+            self.plain.close()
+
+    async def _run(self) -> None:
+        self.watch.arm(time.monotonic() + self.cfg.connect_timeout)
+        err: Exception | None = None
+        try:
+            bw = await _Plain.connect(*self.cfg.backend)
+        except asyncio.CancelledError:
+            if not self.watch.expired:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            self.watch.expired = False
+            err = TimeoutError("connecting to smtpd timed out")
+        except OSError as e:
+            err = e
+        if err is not None:
             self.front.counters.backend_down += 1
             host, port = self.cfg.backend
             log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
-                                error=f"{type(e).__name__}: {e}"))
-            with contextlib.suppress(Closed):
-                await self.send(b"421 4.3.2 Service currently unavailable\r\n")
+                                error=f"{type(err).__name__}: {err}"))
+            await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return
         self.bw = bw
-        self.backend = _Lines(br, self.cfg.timeout)
-        try:
-            await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
-            await self.send(await self.reply())
-            await self.commands()
-        except Closed as e:
-            log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
-        finally:
-            bw.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(bw.wait_closed(), 5)
+        self.backend = _Lines(bw, self.cfg.timeout, self.watch)
+        await self.to_backend(p.proxy_v2((self.peer[0], self.peer[1]), (self.local[0], self.local[1])))
+        await self.send(await self.reply())
+        await self.commands()
 
     async def refuse(self, text: bytes) -> None:
         self.errors += 1
@@ -241,7 +620,15 @@ class Session:
                 self.rcpts = 0
                 await self.pass_through(content)
             elif verb == "QUIT":
-                await self.pass_through(content)
+                await self.to_backend(content + b"\r\n")
+                rep = await self.reply()
+                if self.tls is not None:
+                    # The reply and close_notify in one segment.
+                    self.watch.arm(time.monotonic() + self.cfg.timeout)
+                    with contextlib.suppress(OSError):
+                        await self.tls.send(rep, last=True)
+                else:
+                    await self.send(rep)
                 raise Closed("quit")
             else:
                 await self.pass_through(content)
@@ -265,10 +652,7 @@ class Session:
         if cmd.arg:
             await self.refuse(b"501 5.5.4 Syntax: STARTTLS\r\n")
             return
-        transport = self.cw.transport
-        if isinstance(transport, asyncio.ReadTransport):
-            transport.pause_reading()
-        if self.client.pending():
+        if self.client.pending() + self.plain.hand_over():
             # Commands sent behind STARTTLS in clear would be read as if they came over TLS (the STARTTLS
             # command-injection attack): drop the session, as Postfix does.
             self.front.counters.injection += 1
@@ -276,14 +660,19 @@ class Session:
             await self.send(b"554 5.5.1 Error: command pipelining after STARTTLS\r\n")
             raise Closed("injection")
         await self.send(b"220 2.0.0 Ready to start TLS\r\n")
+        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await asyncio.wait_for(self.cw.start_tls(ctx), self.cfg.timeout)
-        except (ssl.SSLError, OSError, ConnectionError, TimeoutError) as e:
+            await self._start_tls(ctx)
+        except asyncio.CancelledError:
+            if self.watch.expired:
+                log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error="TimeoutError"))
+            raise
+        except (ssl.SSLError, OSError, ConnectionError) as e:
             log.info("%s", kv(front="TLS handshake failed", client=self.peer[0], error=f"{type(e).__name__}: {e}"))
             raise Closed("tls") from None
         self.tls_active = True
         self.front.counters.tls += 1
-        obj = self.cw.get_extra_info("ssl_object")
+        obj = self.tls.obj if self.tls is not None else None
         if obj is not None:
             cipher = obj.cipher() or ("?", "?", 0)
             self.tls_info = f"using {obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
@@ -292,6 +681,13 @@ class Session:
         # client must send; until then smtpd refuses MAIL as it would without any EHLO.
         self.requiretls = False
         self.helo = ""
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        """From here on OpenSSL has the client's socket (no longer read in clear; the 220 is written)."""
+        tls = _TlsStream(self.plain.sock, ctx)
+        self.tls = tls
+        self.client.reader = tls
+        await tls.handshake()
 
     async def auth(self, content: bytes) -> None:
         if self.cfg.auth_only and not self.tls_active:
@@ -338,12 +734,11 @@ class Session:
             top += p.header_block([(b"Received", self._trace().encode("utf-8", "surrogateescape"))])
         if self.requiretls:
             top += p.header_block([(p.CARRIER, b"yes")])
-        if top:
-            await self.to_backend(top)
         stream = p.DataStream()
         first = True
         deadline = time.monotonic() + self.cfg.timeout
-        pending = b""
+        # The front's own fields leave with the first lines of the message, in one write.
+        pending = top
         while not stream.done:
             raw, complete = await self.client.line(DATA_CHUNK, deadline)
             deadline = time.monotonic() + self.cfg.timeout
@@ -379,27 +774,79 @@ class Front:
         self.counters = Counters()
         self.tasks: set[asyncio.Task[None]] = set()
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def handle(self, sock: socket.socket) -> None:
         c = self.counters
         c.connections += 1
         if c.active >= self.settings.max_connections:
             c.refused_busy += 1
-            writer.write(b"421 4.3.2 Too many connections, try again later\r\n")
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.drain(), 5)
-            writer.close()
+            with contextlib.suppress(OSError):
+                sock.send(b"421 4.3.2 Too many connections, try again later\r\n")
+            sock.close()
             return
         c.active += 1
         try:
-            await Session(self, reader, writer).run()
+            await Session(self, sock).run()
         finally:
             c.active -= 1
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
 
-    async def start(self, host: str | None, port: int) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, host, port, limit=2 * DATA_CHUNK, backlog=1024)
+    def _spawn(self, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self.handle(sock))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    async def start_on(self, sock: socket.socket) -> asyncio.Server:
-        return await asyncio.start_server(self.handle, sock=sock, limit=2 * DATA_CHUNK)
+    async def start(self, host: str | None, port: int) -> Listener:
+        socks = []
+        for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                 flags=socket.AI_PASSIVE):
+            sock = socket.socket(family, type_, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            socks.append(sock)
+        return Listener(self, socks)
+
+    async def start_on(self, sock: socket.socket) -> Listener:
+        return Listener(self, [sock])
+
+
+class Listener:
+    """Accepts on listening sockets and gives each connection its session (a task).  Like asyncio's server:
+    when the process is out of descriptors, accepting pauses for a second instead of spinning."""
+
+    def __init__(self, front: Front, socks: list[socket.socket]) -> None:
+        self.front = front
+        self.sockets = socks
+        self.loop = asyncio.get_running_loop()
+        for sock in socks:
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(64):
+            try:
+                conn, _addr = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("%s", kv(front="cannot accept", error=str(e), action="pausing 1 s"))
+                    self.loop.remove_reader(sock.fileno())
+                    self.loop.call_later(1.0, self._resume, sock)
+                    return
+                raise
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.front._spawn(conn)
+
+    def _resume(self, sock: socket.socket) -> None:
+        if sock.fileno() >= 0:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            if sock.fileno() >= 0:
+                self.loop.remove_reader(sock.fileno())
+                sock.close()

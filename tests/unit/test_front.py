@@ -5,6 +5,7 @@ one the client sent, minus forged carrier fields."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import struct
 
@@ -210,6 +211,58 @@ def test_requiretls_after_tls_becomes_the_carrier_and_forgeries_go() -> None:
         mails = [c for c in fake.commands if c.startswith(b"MAIL")]
         assert mails == [b"MAIL FROM:<a@b.test>\r\n", b"MAIL FROM:<a@b.test>\r\n"]
         assert fake.proxy[0][16:20] == bytes([127, 0, 0, 1])
+
+    asyncio.run(go())
+
+
+def test_tls_1_2_and_resumed_tls_1_3_sessions_carry_messages() -> None:
+    """TLS 1.2 (the step that completes the server's handshake writes its Finished, which the client waits
+    for: nothing may hold it back) and TLS 1.3 resuming the session of an earlier connection with its ticket:
+    STARTTLS, EHLO, a message and QUIT each, over the front's own TLS."""
+
+    async def go() -> None:
+        fake, bs, fs, port = await _bed(auth_only=False)
+
+        def client(ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tuple[str, bool, object]:
+            def reply(fh: object) -> bytes:
+                while (ln := fh.readline())[3:4] == b"-":  # type: ignore[attr-defined]
+                    pass
+                return ln  # type: ignore[no-any-return]
+
+            with socket.create_connection(("127.0.0.1", port), 10) as s:
+                s.settimeout(10)
+                f = s.makefile("rb")
+                reply(f)
+                s.sendall(b"EHLO c\r\n")
+                reply(f)
+                s.sendall(b"STARTTLS\r\n")
+                assert reply(f).startswith(b"220")
+                with ctx.wrap_socket(s, session=session) as t:
+                    tf = t.makefile("rb")
+                    t.sendall(b"EHLO c\r\n")
+                    assert reply(tf).startswith(b"250 REQUIRETLS")
+                    for cmd in (b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"DATA"):
+                        t.sendall(cmd + b"\r\n")
+                        reply(tf)
+                    t.sendall(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+                    assert reply(tf).startswith(b"250 2.0.0")
+                    t.sendall(b"QUIT\r\n")
+                    assert reply(tf).startswith(b"221")
+                    return str(t.version()), t.session_reused, t.session
+
+        ctx12, ctx13 = client_context(), client_context()
+        ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+        v12 = await asyncio.to_thread(client, ctx12, None)
+        first = await asyncio.to_thread(client, ctx13, None)
+        again = await asyncio.to_thread(client, ctx13, first[2])  # type: ignore[arg-type]
+        bs.close()
+        fs.close()
+        assert v12[0] == "TLSv1.2"
+        assert first[0] == "TLSv1.3" and not first[1]
+        assert again[0] == "TLSv1.3" and again[1]
+        assert len(fake.messages) == 3
+        assert all(m.endswith(b"Subject: x\r\n\r\nbody\r\n") for m in fake.messages)
+        assert b"using TLSv1.2 with cipher" in fake.messages[0]
 
     asyncio.run(go())
 
