@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 from requiretls.config import Settings, load
 from requiretls.errors import ConfigError
@@ -190,7 +191,7 @@ def block_stop_signals() -> None:
 
 
 def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] | None,
-                        name: str = "server") -> None:
+                        name: str = "server", stop: Callable[[], None] | None = None) -> None:
     """Run ``serve`` (a library's blocking main loop that handles SIGTERM/SIGINT itself) with SIGHUP ours.
 
     libmilter's ``smfi_main`` blocks SIGHUP, SIGTERM and SIGINT in the thread that calls it (so in every
@@ -202,6 +203,10 @@ def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] 
     The main thread blocks SIGTERM and SIGINT instead, so they go to libmilter's thread and stop it as
     libmilter intends (it stops accepting, then returns); threads started earlier must block them too
     (:func:`block_stop_signals`).  Must be called from the main thread.
+
+    With ``stop``, SIGTERM and SIGINT are the main thread's too, and call ``stop``: for a library whose own
+    stop takes a while (libmilter notices its stop flag only when its listener wakes, up to 5 s later), ``stop``
+    can set the flag and wake it.  The serving thread keeps them blocked.
     """
     failure: list[BaseException] = []
 
@@ -212,6 +217,7 @@ def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] 
             failure.append(e)
 
     previous = signal.getsignal(signal.SIGHUP)
+    previous_stop: dict[signal.Signals, Any] = {}
     if reload is not None:
         def on_sighup(signum: int, frame: FrameType | None) -> None:
             reload()
@@ -222,11 +228,20 @@ def run_blocking_server(serve: Callable[[], None], reload: Callable[[], object] 
         # The thread inherits this mask: SIGTERM and SIGINT blocked (libmilter's sigwait takes them), SIGHUP not.
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
+        if stop is not None:
+            def on_stop(signum: int, frame: FrameType | None) -> None:
+                stop()
+
+            for sig in STOP_SIGNALS:
+                previous_stop[sig] = signal.signal(sig, on_stop)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         while thread.is_alive():
             # A signal interrupts the wait at once; the timeout only bounds how late a handler could run.
             thread.join(1.0)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for sig, handler in previous_stop.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if reload is not None:
             signal.signal(signal.SIGHUP, signal.SIG_DFL if previous is None else previous)
     if failure:

@@ -18,12 +18,16 @@ policy from the next end-of-message on, on connections already open too.  libmil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import socket
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import Milter
+import milter
 
 from requiretls.daemon import (
     Reloader,
@@ -303,6 +307,37 @@ def raise_libmilter_limit(size: int = LIBMILTER_MAX_DATA) -> int | None:
     return int(fn(size))
 
 
+def stop_libmilter(socket_spec: str) -> None:
+    """Stop libmilter at once.  Its stop (smfi_stop, what its own SIGTERM handling calls) sets the stop flag and
+    then waits for the listener, which holds a lock across a 5-second poll of the listening socket: every stop
+    and restart of the milter took up to 5 s.  So the stop runs in a thread of its own, and connections to the
+    milter's own socket wake the poll until the stop is through."""
+    stopper = threading.Thread(target=milter.stop, name="libmilter-stop", daemon=True)
+    stopper.start()
+    end = time.monotonic() + 10
+    while stopper.is_alive() and time.monotonic() < end:
+        _wake(socket_spec)
+        stopper.join(0.05)
+
+
+def _wake(socket_spec: str) -> None:
+    """One connection to the milter's listening socket (closed at once; libmilter sees an empty session)."""
+    kind, _, where = socket_spec.partition(":")
+    with contextlib.suppress(OSError, ValueError):
+        if kind in ("unix", "local"):
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(0.5)
+                s.connect(where)
+        elif kind in ("inet", "inet6"):
+            port, _, host = where.partition("@")
+            family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
+            if host in ("", "0.0.0.0", "::", "*", "INADDR_ANY"):
+                host = "::1" if kind == "inet6" else "127.0.0.1"
+            with socket.socket(family) as s:
+                s.settimeout(0.5)
+                s.connect((host, int(port)))
+
+
 def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
           postfix_version: str = "", relayhost: str = "", socket_group: str = "postfix",
           socket_mode: int = 0o660, mta: str = "auto", preflight: Preflight | None = None,
@@ -337,7 +372,8 @@ def serve(socket_spec: str, policy_source: PolicySource, timeout: int = 30,
         prepare_unix_socket(UnixSocket(path, socket_mode, socket_group))
         socket_umask(socket_mode)  # libmilter creates the socket: the umask gives it socket_mode
     log.info("milter listening on %s", socket_spec)
-    run_blocking_server(lambda: Milter.runmilter("requiretls", socket_spec, timeout), reload, "libmilter")
+    run_blocking_server(lambda: Milter.runmilter("requiretls", socket_spec, timeout), reload, "libmilter",
+                        stop=lambda: stop_libmilter(socket_spec))
     log.info("milter stopped")
 
 
