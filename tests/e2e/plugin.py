@@ -92,6 +92,7 @@ listen = ["unix:{self.policyd_sock}"]
             capture_output=True, text=True, timeout=60,
         )
         assert r.returncode == 0, r.stderr + r.stdout
+        self.pf.settle_config()  # the daemons read main.cf with postconf at once
 
     def start_daemon(self, name: str) -> None:
         self.start_daemons((name,))
