@@ -177,37 +177,16 @@ _PLAIN = bytearray(65536)
 _PLAIN_VIEW = memoryview(_PLAIN)
 
 
-class _TlsStream:
-    """The client's side after STARTTLS, without asyncio's TLS transport: the socket is read straight into
-    OpenSSL's incoming buffer (one system call per read; OpenSSL driving the socket itself would read each
-    record's header and body separately) and what OpenSSL writes goes straight to the socket.  asyncio's own
-    TLS passes every record through several protocol layers in Python, which was a large part of the front's
-    work per command.  Same OpenSSL, same context.
+class _Reader:
+    """What :class:`_TlsStream` and :class:`_Plain` share: the loop's readiness callback receives into a
+    buffer of the subclass (:meth:`_take`), pauses reading while more than :data:`_INCOMING_LIMIT` bytes wait
+    there, and wakes the session waiting in :meth:`_wait_input`."""
 
-    As in asyncio's transports, the loop's readiness callback does the reading (so the loop never reports
-    bytes that were already taken), and reading pauses while more than :data:`_INCOMING_LIMIT` bytes wait
-    undecrypted for the session."""
+    __slots__ = ("closed", "eof", "error", "fd", "loop", "registered", "sock", "waiter")
 
-    __slots__ = (
-        "closed",
-        "eof",
-        "error",
-        "fd",
-        "inc",
-        "loop",
-        "obj",
-        "out",
-        "registered",
-        "sock",
-        "waiter",
-    )
-
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.inc = ssl.MemoryBIO()
-        self.out = ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
         self.loop = asyncio.get_running_loop()
         self.closed = False
         self.eof = False
@@ -215,6 +194,13 @@ class _TlsStream:
         self.waiter: asyncio.Future[None] | None = None
         self.loop.add_reader(self.fd, self._on_readable)
         self.registered = True
+
+    def _take(self, data: memoryview) -> int:
+        """Keep ``data``; how many bytes now wait."""
+        raise NotImplementedError
+
+    def _at_eof(self) -> None:
+        """The peer closed its side (or the socket failed: :attr:`error`)."""
 
     def _on_readable(self) -> None:
         try:
@@ -225,12 +211,11 @@ class _TlsStream:
             self.error = e
             n = 0
         if n:
-            self.inc.write(memoryview(_RECV)[:n])
-            if self.inc.pending > _INCOMING_LIMIT:
+            if self._take(memoryview(_RECV)[:n]) > _INCOMING_LIMIT:
                 self._pause()
         else:
             self.eof = True
-            self.inc.write_eof()
+            self._at_eof()
             self._pause()
         w = self.waiter
         if w is not None and not w.done():
@@ -241,15 +226,14 @@ class _TlsStream:
             self.loop.remove_reader(self.fd)
             self.registered = False
 
-    async def _receive(self) -> bool:
-        """Wait for more bytes for OpenSSL; False at the end of the stream."""
-        if self.eof:
-            if self.error is not None:
-                raise self.error
-            return False
+    def _resume(self) -> None:
         if not self.registered:
             self.loop.add_reader(self.fd, self._on_readable)
             self.registered = True
+
+    async def _wait_input(self) -> None:
+        """Until the callback has received something (or the end); a socket error is raised."""
+        self._resume()
         self.waiter = self.loop.create_future()
         try:
             await self.waiter
@@ -257,6 +241,41 @@ class _TlsStream:
             self.waiter = None
         if self.error is not None:
             raise self.error
+
+
+class _TlsStream(_Reader):
+    """The client's side after STARTTLS, without asyncio's TLS transport: the socket is read straight into
+    OpenSSL's incoming buffer (one system call per read; OpenSSL driving the socket itself would read each
+    record's header and body separately) and what OpenSSL writes goes straight to the socket.  asyncio's own
+    TLS passes every record through several protocol layers in Python, which was a large part of the front's
+    work per command.  Same OpenSSL, same context.
+
+    As in asyncio's transports, the loop's readiness callback does the reading (so the loop never reports
+    bytes that were already taken), and reading pauses while more than :data:`_INCOMING_LIMIT` bytes wait
+    undecrypted for the session."""
+
+    __slots__ = ("inc", "obj", "out")
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        self.inc = ssl.MemoryBIO()
+        self.out = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        super().__init__(sock)
+
+    def _take(self, data: memoryview) -> int:
+        self.inc.write(data)
+        return self.inc.pending
+
+    def _at_eof(self) -> None:
+        self.inc.write_eof()
+
+    async def _receive(self) -> bool:
+        """Wait for more bytes for OpenSSL; False at the end of the stream."""
+        if self.eof:
+            if self.error is not None:
+                raise self.error
+            return False
+        await self._wait_input()
         return True
 
     async def _wait_writable(self) -> None:
@@ -338,27 +357,23 @@ class _TlsStream:
             self.sock.close()
 
 
-class _Plain:
+class _Plain(_Reader):
     """A connection in clear (the client's until STARTTLS, smtpd's on loopback): bytes are received by the
     loop's readiness callback into a buffer and sent straight from the session (asyncio's stream classes add
     a protocol, a transport and a reader object between the two, for nothing the front needs).  Reading
     pauses while more than :data:`_INCOMING_LIMIT` bytes wait for the session, and for good with
     :meth:`hand_over` (STARTTLS gives the socket to :class:`_TlsStream`)."""
 
-    __slots__ = ("buf", "closed", "eof", "error", "fd", "handed_over", "loop", "registered", "sock", "waiter")
+    __slots__ = ("buf", "handed_over")
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.loop = asyncio.get_running_loop()
         self.buf = bytearray()
-        self.eof = False
-        self.closed = False
         self.handed_over = False
-        self.error: OSError | None = None
-        self.waiter: asyncio.Future[None] | None = None
-        self.loop.add_reader(self.fd, self._on_readable)
-        self.registered = True
+        super().__init__(sock)
+
+    def _take(self, data: memoryview) -> int:
+        self.buf += data
+        return len(self.buf)
 
     @classmethod
     async def connect(cls, host: str, port: int) -> _Plain:
@@ -384,30 +399,6 @@ class _Plain:
             return cls(sock)
         raise err
 
-    def _on_readable(self) -> None:
-        try:
-            n = self.sock.recv_into(_RECV)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.error = e
-            n = 0
-        if n:
-            self.buf += memoryview(_RECV)[:n]
-            if len(self.buf) > _INCOMING_LIMIT:
-                self._pause()
-        else:
-            self.eof = True
-            self._pause()
-        w = self.waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _pause(self) -> None:
-        if self.registered:
-            self.loop.remove_reader(self.fd)
-            self.registered = False
-
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes, b"" at the end of the stream."""
         while not self.buf:
@@ -415,19 +406,11 @@ class _Plain:
                 if self.error is not None:
                     raise self.error
                 return b""
-            if not self.registered:
-                self.loop.add_reader(self.fd, self._on_readable)
-                self.registered = True
-            self.waiter = self.loop.create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+            await self._wait_input()
         out = bytes(self.buf[:n])
         del self.buf[:n]
-        if not self.registered and not self.eof and not self.handed_over:
-            self.loop.add_reader(self.fd, self._on_readable)
-            self.registered = True
+        if not self.eof and not self.handed_over:
+            self._resume()
         return out
 
     async def send(self, data: bytes) -> None:
