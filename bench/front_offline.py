@@ -24,12 +24,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+from benchlib import cpu_seconds, parallel  # noqa: E402
+
 MSG = (b"From: a@sender.test\r\nTo: b@dane.test\r\nSubject: bench\r\n\r\n" + b"x" * 2000 + b"\r\n")
 EHLO = (b"250-sink\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n"
         b"250-DSN\r\n250 SMTPUTF8\r\n")
@@ -101,31 +101,6 @@ def front(code: str, port: int, backend: int, key: str, cert: str, profile: str)
         asyncio.run(main())
 
 
-def _cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _parallel(n: int, work: Callable[[], None]) -> float:
-    errors: list[str] = []
-
-    def run() -> None:
-        try:
-            work()
-        except Exception as e:
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"{len(errors)} clients failed: {errors[:3]}")
-    return time.monotonic() - t0
-
-
 def one_run(code: str, args: argparse.Namespace, key: str, cert: str, ca: str) -> tuple[float, float, float, float]:
     """(messages/s, front us per message, handshakes/s, front us per STARTTLS session)."""
     ports = []
@@ -166,11 +141,11 @@ def one_run(code: str, args: argparse.Namespace, key: str, cert: str, ca: str) -
                     s.ehlo()
 
         n_m, n_h = per_m * args.sessions, per_h * args.sessions
-        c0 = _cpu(fr.pid)
-        t_m = _parallel(args.sessions, messages)
-        c1 = _cpu(fr.pid)
-        t_h = _parallel(args.sessions, handshakes)
-        c2 = _cpu(fr.pid)
+        c0 = cpu_seconds(fr.pid)
+        t_m = parallel(args.sessions, messages)
+        c1 = cpu_seconds(fr.pid)
+        t_h = parallel(args.sessions, handshakes)
+        c2 = cpu_seconds(fr.pid)
         return n_m / t_m, (c1 - c0) / n_m * 1e6, n_h / t_h, (c2 - c1) / n_h * 1e6
     finally:
         for p in (fr, sk):

@@ -24,13 +24,13 @@ import ssl
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import parallel  # noqa: E402
 
 from tests.e2e.plugin import running_bed  # noqa: E402
 from tests.testbed.bed import Bed  # noqa: E402
@@ -56,27 +56,6 @@ def _ctx(bed: Bed) -> ssl.SSLContext:
     return ctx
 
 
-def _parallel(n: int, work: Callable[[], None]) -> float:
-    errors: list[str] = []
-
-    def run() -> None:
-        try:
-            work()
-        except Exception as e:
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=run) for _ in range(n)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.monotonic() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} clients failed: {errors[:3]}")
-    return took
-
-
 def messages(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float:
     per = total // sessions
 
@@ -86,7 +65,7 @@ def messages(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float
             for _ in range(per):
                 s.sendmail("a@sender.test", ["b@dane.test"], MSG)
 
-    return (per * sessions) / _parallel(sessions, work)
+    return (per * sessions) / parallel(sessions, work)
 
 
 def handshakes(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float:
@@ -98,7 +77,7 @@ def handshakes(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> flo
                 s.starttls(context=ctx)
                 s.ehlo()
 
-    return (per * sessions) / _parallel(sessions, work)
+    return (per * sessions) / parallel(sessions, work)
 
 
 def idle_rss(port: int, pid: int, n: int) -> float:

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchlib import cpu_seconds  # noqa: E402
+
 from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
 from tests.testbed.bed import Bed  # noqa: E402
 from tests.testbed.postfix import Postfix  # noqa: E402
@@ -116,12 +118,6 @@ def blast(pf: Postfix, total: int, sessions: int, rcpt: str = "bob@dane.test") -
     if errors:
         raise RuntimeError(f"{len(errors)} sessions failed: {errors[:3]}")
     return wall
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def niced_cpu_seconds() -> float:

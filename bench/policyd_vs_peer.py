@@ -51,6 +51,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib import cpu_seconds
 from benchzone import BenchZone, Counters, expected_answer, make_pki
 
 HERE = Path(__file__).resolve().parent
@@ -139,11 +140,6 @@ class Processes:
 def _clean_env() -> dict[str, str]:
     # the peer honours *_proxy variables; the benchmark is loopback only
     return {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("SSL_")}
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def all_cpu_ticks() -> dict[int, int]:

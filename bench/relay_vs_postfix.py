@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from benchlib import cpu_seconds  # noqa: E402
 from milter_overhead import blast, message  # noqa: E402
 
 from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
@@ -48,11 +49,6 @@ PROFILE: str | None = None
 #: CPU seconds (user + system) per run and mode: the agent, the milter, and the whole machine.
 CPU: dict[str, list[dict[str, float]]] = {"postfix": [], "milter": [], "agent": []}
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _machine_cpu() -> float:
@@ -143,7 +139,7 @@ def one(bed: Bed, mode: str, n: int, sessions: int, ndest: int = 0) -> float:
             pf.start()
         keys = sorted({k for _, _, k, _ in dests}) if dests else ["dane"]
         pids = {d: p.pid for d, p in plugin.procs.items()}
-        cpu0 = {d: _proc_cpu(pid) for d, pid in pids.items()} | {"machine": _machine_cpu()}
+        cpu0 = {d: cpu_seconds(pid) for d, pid in pids.items()} | {"machine": _machine_cpu()}
         spy = None
         if PROFILE and mode == "agent":
             spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
@@ -158,7 +154,7 @@ def one(bed: Bed, mode: str, n: int, sessions: int, ndest: int = 0) -> float:
         while sum(len(bed.mx(k).deliveries()) for k in keys) < n and time.monotonic() < end:
             time.sleep(0.05)
         took = time.monotonic() - t0
-        CPU[mode].append({d: _proc_cpu(pid) - cpu0[d] for d, pid in pids.items()}
+        CPU[mode].append({d: cpu_seconds(pid) - cpu0[d] for d, pid in pids.items()}
                          | {"machine": _machine_cpu() - cpu0["machine"]})
         if spy is not None:
             spy.send_signal(signal.SIGINT)
