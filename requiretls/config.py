@@ -417,7 +417,7 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "PLAIN/LOGIN, only over a verified TLS session), smtp_tls_CAfile and smtp_tls_CApath, "
             "smtp_tls_mandatory_protocols and smtp_tls_mandatory_ciphers (only ever raising the agent's own "
             "floor, TLS 1.2), smtp_tls_exclude_ciphers and smtp_tls_mandatory_exclude_ciphers (suites removed; "
-            "the mandatory list not for opt-out mail), "
+            "the mandatory list not for opt-out mail), smtp_tls_protocols and smtp_tls_ciphers (opt-out mail), "
             "smtp_connect_timeout, smtp_helo_timeout and smtp_data_done_timeout (kept within "
             "lmtp_data_done_timeout), mydestination and the virtual domain lists (relay.local_domains). The "
             "tables are queried with postmap -q for each message. The agent does not start when postconf "

@@ -47,6 +47,10 @@ class SessionSettings:
     #: where the caller drops it for opportunistic TLS, as Postfix does.
     exclude_ciphers: tuple[str, ...] = ()
     mandatory_exclude_ciphers: tuple[str, ...] = ()
+    #: Opportunistic TLS (opt-out mail): its own floor and grade (smtp_tls_protocols, smtp_tls_ciphers), as
+    #: Postfix keeps them apart from the mandatory ones; a handshake they refuse falls back to plaintext.
+    opportunistic_min_version: str = "TLSv1.2"
+    opportunistic_high_ciphers: bool = False
 
     @property
     def excluded(self) -> tuple[str, ...]:

@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import logging
 import ssl
-from dataclasses import replace
 
 from requiretls.addresses import ListenAddress
 from requiretls.config import RelaySettings, Settings, load
@@ -27,7 +26,7 @@ from requiretls.log import kv, setup
 from requiretls.relay import metrics as relay_metrics
 from requiretls.relay import tlsrpt as relay_tlsrpt
 from requiretls.relay.agent import AgentHandler, AgentSettings, AgentState, serve
-from requiretls.relay.deliver import SendSettings
+from requiretls.relay.deliver import SendSettings, opportunistic_settings
 from requiretls.relay.postfix import PostfixCommands, PostfixConfigError, PostfixView
 from requiretls.relay.spool import prepare_spool_dir
 from requiretls.runtime import destination_resolver, trust_resolver
@@ -85,11 +84,13 @@ def send_settings(relay: RelaySettings, view: PostfixView | None) -> SendSetting
         bind_address=view.bind_address, bind_address6=view.bind_address6,
         tls_min_version=view.tls_min_version, high_ciphers=view.tls_high_ciphers,
         exclude_ciphers=view.tls_exclude_ciphers, mandatory_exclude_ciphers=view.tls_mandatory_exclude_ciphers,
+        opportunistic_min_version=view.tls_opportunistic_min_version,
+        opportunistic_high_ciphers=view.tls_opportunistic_high_ciphers,
         connect_timeout=min(view.connect_timeout, lmtp / 4), helo_timeout=min(view.helo_timeout, lmtp / 4),
         data_done_timeout=min(view.data_done_timeout, lmtp / 2))
     try:  # the cipher lists leave something to negotiate (else every delivery would fail at the handshake)
         unverified_context(send)
-        unverified_context(replace(send, mandatory_exclude_ciphers=()))
+        unverified_context(opportunistic_settings(send))
     except ssl.SSLError as e:
         raise PostfixConfigError(
             f"smtp_tls_exclude_ciphers = {' '.join(view.tls_exclude_ciphers)}, smtp_tls_mandatory_exclude_ciphers = "

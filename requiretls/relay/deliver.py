@@ -385,6 +385,15 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
     return dict.fromkeys(rcpts, verdict_outcome(eligibility.judge(dest, tried)))
 
 
+def opportunistic_settings(settings: SendSettings) -> SendSettings:
+    """The settings of an opportunistic session (``TLS-Required: No``).  Opportunistic TLS is not mandatory
+    TLS: Postfix's smtp_tls_mandatory_* do not apply (a 1.2-only MX would otherwise get the message in
+    plaintext); smtp_tls_protocols, smtp_tls_ciphers and smtp_tls_exclude_ciphers do, never below the agent's
+    own floor, TLS 1.2."""
+    return replace(settings, tls_min_version=settings.opportunistic_min_version,
+                   high_ciphers=settings.opportunistic_high_ciphers, mandatory_exclude_ciphers=())
+
+
 def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpEnvelope, rcpts: Sequence[str],
                           message: bytes | Message, settings: SendSettings,
                           sasl: SaslTable | None = None) -> dict[str, Outcome]:
@@ -392,9 +401,7 @@ def deliver_opportunistic(hosts: Sequence[tuple[str, Sequence[str]]], env: LmtpE
     for a host the handshake is PKIX-verified (``settings.cafile``) and AUTH follows only then; a host whose
     certificate does not verify gets the message in plaintext without AUTH (and defers it if it wants AUTH)."""
     errors: list[str] = []
-    # Opportunistic TLS is not mandatory TLS: Postfix's smtp_tls_mandatory_* do not apply (a 1.2-only MX would
-    # otherwise get the message in plaintext); the agent's own floor, TLS 1.2, does.
-    loose = replace(settings, tls_min_version="TLSv1.2", high_ciphers=False, mandatory_exclude_ciphers=())
+    loose = opportunistic_settings(settings)
     for name, addresses in hosts:
         creds = (sasl or {}).get(name.lower())
         for address in addresses:

@@ -24,7 +24,7 @@ log = logging.getLogger("requiretls")
 PARAMS = ("myhostname", "smtp_helo_name", "smtp_bind_address", "smtp_bind_address6", "relayhost",
           "sender_dependent_relayhost_maps", "smtp_sasl_auth_enable", "smtp_sasl_password_maps",
           "smtp_tls_CAfile", "smtp_tls_CApath", "smtp_tls_mandatory_protocols", "smtp_tls_mandatory_ciphers",
-          "smtp_tls_exclude_ciphers", "smtp_tls_mandatory_exclude_ciphers",
+          "smtp_tls_exclude_ciphers", "smtp_tls_mandatory_exclude_ciphers", "smtp_tls_protocols", "smtp_tls_ciphers",
           "smtp_connect_timeout", "smtp_helo_timeout", "smtp_data_done_timeout", "lmtp_data_done_timeout",
           "mydestination", "virtual_alias_domains", "virtual_mailbox_domains")
 
@@ -189,6 +189,9 @@ class PostfixView:
     #: authenticated ones: REQUIRETLS), as Postfix applies them.
     tls_exclude_ciphers: tuple[str, ...] = ()
     tls_mandatory_exclude_ciphers: tuple[str, ...] = ()
+    #: smtp_tls_protocols and smtp_tls_ciphers: the same for opportunistic TLS (opt-out mail).
+    tls_opportunistic_min_version: str = AGENT_TLS_FLOOR
+    tls_opportunistic_high_ciphers: bool = False
     connect_timeout: float = 30.0
     helo_timeout: float = 300.0
     data_done_timeout: float = 600.0
@@ -209,11 +212,13 @@ class PostfixView:
         except ValueError as e:
             raise PostfixConfigError(f"relayhost = {v.get('relayhost')}: {e}") from e
         helo = v.get("smtp_helo_name") or v["myhostname"]
-        try:
-            floor = tls_floor(v.get("smtp_tls_mandatory_protocols", ""))
-        except ValueError as e:
-            raise PostfixConfigError(f"smtp_tls_mandatory_protocols = {v.get('smtp_tls_mandatory_protocols')}: "
-                                     f"{e}") from e
+        floors = {}
+        for name in ("smtp_tls_mandatory_protocols", "smtp_tls_protocols"):
+            try:
+                floors[name] = tls_floor(v.get(name, ""))
+            except ValueError as e:
+                raise PostfixConfigError(f"{name} = {v.get(name)}: {e}") from e
+        floor = floors["smtp_tls_mandatory_protocols"]
         try:
             times = {n: parse_time(v.get(n, ""), d) for n, d in (
                 ("smtp_connect_timeout", 30.0), ("smtp_helo_timeout", 300.0), ("smtp_data_done_timeout", 600.0),
@@ -235,6 +240,8 @@ class PostfixView:
             tls_high_ciphers=v.get("smtp_tls_mandatory_ciphers", "").strip().lower() == "high",
             tls_exclude_ciphers=split_list(v.get("smtp_tls_exclude_ciphers", "")),
             tls_mandatory_exclude_ciphers=split_list(v.get("smtp_tls_mandatory_exclude_ciphers", "")),
+            tls_opportunistic_min_version=floors["smtp_tls_protocols"],
+            tls_opportunistic_high_ciphers=v.get("smtp_tls_ciphers", "").strip().lower() == "high",
             connect_timeout=times["smtp_connect_timeout"],
             helo_timeout=times["smtp_helo_timeout"],
             data_done_timeout=times["smtp_data_done_timeout"],

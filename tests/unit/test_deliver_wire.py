@@ -345,6 +345,17 @@ def test_mandatory_floor_does_not_push_opt_out_mail_to_plaintext(ca: TestCA, tmp
         assert mx.deliveries[0].tls
 
 
+def test_opportunistic_floor_from_smtp_tls_protocols_falls_back_to_plaintext(ca: TestCA, tmp_path: Path,
+                                                                              cafile: str) -> None:
+    """smtp_tls_protocols = >=TLSv1.3 is the floor of opportunistic sessions (as Postfix's `may`): a TLS
+    1.2-only MX gets opt-out mail in plaintext, as Postfix's own client would send it."""
+    with _tls12_mx(ca, tmp_path) as mx:
+        s = replace(_settings(mx, cafile), opportunistic_min_version="TLSv1.3")
+        out = deliver_opportunistic([(NAME, ["127.0.0.1"])], ENV, ENV.rcpts, MESSAGE, s)
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        assert not mx.deliveries[0].tls
+
+
 def test_contexts_made_at_once_by_many_threads_are_one(cafile: str) -> None:
     """The bench found it: 20 first deliveries at once built two contexts for the same parameters; a TLS session
     of one offered on the other was refused after the socket was detached (EBADF), and the message bounced."""

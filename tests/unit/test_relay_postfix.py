@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,6 +158,7 @@ def test_global_concurrency_limit_key(tmp_path: Path) -> None:
 def test_exclude_ciphers_remove_suites_mandatory_only_where_tls_is_mandatory(tmp_path: Path) -> None:
     from requiretls.dest.session import pkix_context, unverified_context
     from requiretls.relay.cli import send_settings
+    from requiretls.relay.deliver import opportunistic_settings
 
     cmds = _conf(tmp_path, "smtp_tls_exclude_ciphers = CHACHA20\n"
                            "smtp_tls_mandatory_exclude_ciphers = AES128, aNULL\n")
@@ -179,7 +179,7 @@ def test_exclude_ciphers_remove_suites_mandatory_only_where_tls_is_mandatory(tmp
         assert got and got < default
         assert not any("CHACHA20" in c or "AES128" in c for c in got), got
     # Opportunistic TLS (TLS-Required: No) keeps only the list for every level, as Postfix does.
-    loose = suites(unverified_context(replace(send, mandatory_exclude_ciphers=())))
+    loose = suites(unverified_context(opportunistic_settings(send)))
     assert not any("CHACHA20" in c for c in loose) and any("AES128" in c for c in loose)
 
 
@@ -191,3 +191,21 @@ def test_exclude_ciphers_leaving_nothing_is_a_configuration_error(tmp_path: Path
     cfg.write_text("")
     with pytest.raises(PostfixConfigError, match="smtp_tls_mandatory_exclude_ciphers = ALL"):
         send_settings(load(str(cfg)).relay, view)
+
+
+def test_opportunistic_protocols_and_ciphers_from_main_cf_apply_to_opt_out_sessions_only(tmp_path: Path) -> None:
+    from requiretls.relay.cli import send_settings
+    from requiretls.relay.deliver import opportunistic_settings
+
+    view = PostfixView.read(_conf(tmp_path, "smtp_tls_protocols = !SSLv2, !SSLv3, !TLSv1, !TLSv1.1, !TLSv1.2\n"
+                                             "smtp_tls_ciphers = high\n"))
+    assert view.tls_opportunistic_min_version == "TLSv1.3" and view.tls_opportunistic_high_ciphers
+    assert view.tls_min_version == "TLSv1.2" and not view.tls_high_ciphers  # the mandatory ones untouched
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("")
+    send = send_settings(load(str(cfg)).relay, view)
+    loose = opportunistic_settings(send)
+    assert (send.tls_min_version, send.high_ciphers) == ("TLSv1.2", False)
+    assert (loose.tls_min_version, loose.high_ciphers) == ("TLSv1.3", True)
+    with pytest.raises(PostfixConfigError, match="smtp_tls_protocols"):
+        PostfixView.read(_conf(tmp_path, "smtp_tls_protocols = >=TLSv9\n"))
