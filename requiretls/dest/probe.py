@@ -28,10 +28,11 @@ class ProbeSettings:
     helo_name: str | None = None  # None: socket.getfqdn()
     cache_ttl: float = 300.0
     failure_cache_ttl: float = 60.0
+    capath: str | None = None  # a hashed CA directory, with or without cafile
 
     @property
     def session(self) -> SessionSettings:
-        return SessionSettings(self.port, self.timeout, self.cafile, self.helo_name or "")
+        return SessionSettings(self.port, self.timeout, self.cafile, self.helo_name or "", capath=self.capath)
 
 
 def probe_sync(host: str, addresses: Sequence[str], settings: ProbeSettings,

@@ -98,6 +98,15 @@ def send_settings(relay: RelaySettings, view: PostfixView | None) -> SendSetting
     return send
 
 
+def probe_for(relay: RelaySettings, state: AgentState) -> Prober:
+    """The 3.11 pre-check's prober: it judges what Postfix's own client will find, so it trusts what the
+    agent's sessions trust (relay.cafile, else Postfix's smtp_tls_CAfile and smtp_tls_CApath) and says
+    Postfix's EHLO name."""
+    send = state.settings.send
+    return Prober(ProbeSettings(timeout=relay.timeout, cafile=send.cafile, capath=send.capath,
+                                helo_name=send.helo_name or None))
+
+
 def _describe(state: AgentState) -> dict[str, object]:
     s = state.settings
     if s.postfix is None:
@@ -132,8 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         relay = settings.relay
-        prober = Prober(ProbeSettings(timeout=relay.timeout, cafile=relay.cafile, helo_name=relay.helo_name or None))
-        handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache), state, prober)
+        handler = AgentHandler(destination_resolver(settings.dns, settings.mta_sts, settings.cache), state,
+                               probe_for(relay, state))
         # Deliveries, re-injections and table look-ups run in threads: enough of them for the global limit of
         # deliveries plus the rest (the default pool has os.cpu_count() + 4, which capped deliveries at 6 on a
         # 2-CPU host whatever the limits said).
@@ -146,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         def apply(fresh: Settings) -> dict[str, object]:
             state = agent_state(fresh, postfix_view(fresh))  # PostfixConfigError: the old state stays
             handler.state = state
+            handler.prober = probe_for(fresh.relay, state)
             return {**table_sizes(fresh), **_describe(state)}
 
         stop = asyncio.Event()

@@ -209,3 +209,22 @@ def test_opportunistic_protocols_and_ciphers_from_main_cf_apply_to_opt_out_sessi
     assert (loose.tls_min_version, loose.high_ciphers) == ("TLSv1.3", True)
     with pytest.raises(PostfixConfigError, match="smtp_tls_protocols"):
         PostfixView.read(_conf(tmp_path, "smtp_tls_protocols = >=TLSv9\n"))
+
+
+def test_the_311_precheck_trusts_what_postfix_trusts_and_follows_a_reload(tmp_path: Path) -> None:
+    """The pre-check judges what Postfix's own client will find: Postfix's CA file and directory and its EHLO
+    name, unless relay.cafile is set (as for the agent's own sessions)."""
+    from requiretls.relay.cli import probe_for
+
+    view = PostfixView.read(_conf(tmp_path, "myhostname = mx1.example\nsmtp_tls_CAfile = /pf/ca.pem\n"
+                                             "smtp_tls_CApath = /pf/certs\n"))
+    cfg = tmp_path / "r.toml"
+    cfg.write_text("")
+    settings = load(str(cfg))
+    probe = probe_for(settings.relay, agent_state(settings, view)).settings
+    assert (probe.cafile, probe.capath, probe.helo_name) == ("/pf/ca.pem", "/pf/certs", "mx1.example")
+    assert probe.session.capath == "/pf/certs"
+    cfg.write_text('[relay]\ncafile = "/toml/ca.pem"\n')
+    settings = load(str(cfg))
+    probe = probe_for(settings.relay, agent_state(settings, view)).settings
+    assert (probe.cafile, probe.capath) == ("/toml/ca.pem", None)
