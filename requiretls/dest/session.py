@@ -77,6 +77,10 @@ class PinnedSMTP(smtplib.SMTP):
         local = self.bind[1 if ":" in self.connect_address else 0]
         source = (local, 0) if local else self.source_address
         sock = socket.create_connection((self.connect_address, port), self.connect_timeout or timeout, source)
+        # smtplib writes each command, and the message's last piece and final dot, in writes of their own; with
+        # Nagle's algorithm a small write waits for the ACK of the one before, which the MX delays (40 ms on
+        # Linux): every message waited that long for its final reply.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.helo_timeout or timeout)
         return sock
 

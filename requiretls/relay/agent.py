@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import smtplib
+import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -533,6 +534,8 @@ class AgentHandler:
         try:
             with smtplib.SMTP(host, port, timeout=self.settings.send.timeout,
                               local_hostname="requiretls-relay") as client:
+                if client.sock is not None:  # no Nagle wait for each small write (see PinnedSMTP)
+                    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 client.ehlo()
                 opts = [f"{k}={v}" for k, v in env.mail_params.items() if k in ("SIZE", "RET", "ENVID")]
                 if env.mail_params.get("BODY", "").upper() == "8BITMIME":

@@ -187,9 +187,15 @@ def authenticate(client: smtplib.SMTP, creds: SaslCredentials | None, base: Outc
     return _about_us(code, dsn, f"SASL AUTH {mech} as {creds.username}: {text[len(dsn):].strip()}", base)
 
 
+class StaleSession(Exception):
+    """A kept session that was found closed at MAIL (no reply, or 421): nothing of the message was sent, so it
+    goes on a new session."""
+
+
 def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], data: bytes | Message, base: Outcome,
-              requiretls: bool) -> dict[str, Outcome]:
-    """MAIL, RCPT for each recipient, DATA (sent from the spool in chunks).  Returns one outcome per recipient."""
+              requiretls: bool, reused: bool = False) -> dict[str, Outcome]:
+    """MAIL, RCPT for each recipient, DATA (sent from the spool in chunks).  Returns one outcome per recipient.
+    On a ``reused`` session a dead connection at MAIL raises :class:`StaleSession`."""
     message = as_message(data)
     features = client.esmtp_features
     if "SMTPUTF8" in env.mail_params and "smtputf8" not in features:
@@ -212,7 +218,14 @@ def _transmit(client: smtplib.SMTP, env: LmtpEnvelope, rcpts: Sequence[str], dat
             o = replace(base, status=DeliveryStatus.BOUNCED, code=554, dsn="5.6.3",
                         text=f"{base.mx} does not support 8BITMIME and the message cannot be converted: {e}")
             return dict.fromkeys(rcpts, o)
-    code, msg = client.mail(env.sender, _mail_options(env, features, requiretls))
+    try:
+        code, msg = client.mail(env.sender, _mail_options(env, features, requiretls))
+    except (smtplib.SMTPServerDisconnected, OSError) as e:
+        if reused:
+            raise StaleSession(str(e)) from e
+        raise
+    if reused and code == 421:
+        raise StaleSession(msg.decode("utf-8", "replace"))
     if code != 250:
         o = _reply_outcome(code, msg, base)
         return dict.fromkeys(rcpts, o)
@@ -246,8 +259,9 @@ class SessionCache:
     smtp_connection_cache_time_limit 2 s idle, smtp_connection_reuse_time_limit 300 s in all).
 
     A session is found again only under everything that made it qualify: host, address, port, the TLSA records
-    and DANE names it was verified against, the EHLO name and bind addresses, the SASL user.  Before reuse it
-    must answer RSET with 250; one that does not is closed and a new session is opened.  Thread-safe (the
+    and DANE names it was verified against, the EHLO name and bind addresses, the SASL user.  It is kept only
+    after a completed transaction (so it needs no RSET); one found closed at the next MAIL is dropped and the
+    message goes on a new session.  Thread-safe (the
     deliveries run in threads); a daemon thread closes idle sessions."""
 
     def __init__(self, idle: float = 2.0, max_age: float = 300.0, per_key: int = 20) -> None:
@@ -324,15 +338,19 @@ class SessionCache:
 
 def _send_on(client: PinnedSMTP, r: SessionResult, env: LmtpEnvelope, rcpts: Sequence[str],
              message: bytes | Message,
-             creds: SaslCredentials | None, authenticated: bool) -> tuple[dict[str, Outcome], bool]:
-    """One transaction over a qualified session; also whether the session can carry another one."""
+             creds: SaslCredentials | None, authenticated: bool,
+             reused: bool = False) -> tuple[dict[str, Outcome], bool]:
+    """One transaction over a qualified session; also whether the session can carry another one.  A kept
+    (``reused``) session found dead before the MX took MAIL raises :class:`StaleSession`."""
     base = Outcome(DeliveryStatus.DEFERRED, 451, "4.3.0", "", r.where, r.tls_version or "TLS", r.verification, True)
     try:
         if not authenticated:
             refused = authenticate(client, creds, base)
             if refused is not None:
                 return dict.fromkeys(rcpts, refused), False
-        return _transmit(client, env, rcpts, message, base, requiretls=True), True
+        return _transmit(client, env, rcpts, message, base, requiretls=True, reused=reused), True
+    except StaleSession:
+        raise
     except (smtplib.SMTPException, OSError) as e:
         return dict.fromkeys(rcpts, replace(base, status=DeliveryStatus.DEFERRED, code=451, dsn="4.4.2",
                                             text=f"{base.mx}: {e}")), False
@@ -356,21 +374,22 @@ def deliver_requiretls(dest: Destination, env: LmtpEnvelope, rcpts: Sequence[str
             key = SessionCache.key(host.name, address, settings, host.usable_tlsa, names, creds)
             kept = cache.take(key) if cache is not None else None
             if kept is not None:
+                # No RSET first: a session is kept only after a completed transaction, which leaves it reset
+                # (RFC 5321 section 4.1.4); a session the MX has closed meanwhile shows at MAIL, before any of
+                # the message is sent, and the message goes on a new one.
                 client, r, born = kept
                 try:
-                    ok = client.rset()[0] == 250
-                except (smtplib.SMTPException, OSError):
-                    ok = False
-                if ok:
+                    out, good = _send_on(client, r, env, rcpts, message, creds, True, reused=True)
+                except StaleSession:
+                    quit_quietly(client)
+                else:
                     assert cache is not None
                     cache.reused += 1
-                    out, good = _send_on(client, r, env, rcpts, message, creds, True)
                     if good:
                         cache.give(key, client, r, born)
                     else:
                         quit_quietly(client)
                     return out
-                quit_quietly(client)
             with open_session(host.name, address, settings, host.usable_tlsa, names,
                               resumption=cache.tls if cache is not None else None) as session:
                 tried.append(session.result)

@@ -42,9 +42,26 @@ class RelayOptions:
     smtputf8: bool = True
     size: int = 0  # > 0: advertised SIZE, larger messages refused
     requiretls: bool = True
+    one_transaction: bool = False  # a connection's second MAIL gets 421 and the connection is closed
 
 
 class _Smtp(SMTP):
+    async def smtp_MAIL(self, arg: str) -> None:
+        handler = self.event_handler
+        if (isinstance(handler, _Handler) and handler.server.options.one_transaction
+                and getattr(self, "_rtls_delivered", False)):
+            await self.push("421 4.4.2 relay.test closing: one transaction per connection")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        handler = self.event_handler
+        if isinstance(handler, _Handler):
+            handler.server.rsets += 1
+        await super().smtp_RSET(arg)
+
     def _getparams(self, params: Any) -> Any:
         result = super()._getparams(params)
         if result is not None:
@@ -85,6 +102,7 @@ class _Handler:
             helo=session.host_name, auth_user=user,
             tls=bool(session.ssl), mail_from=envelope.mail_from or "", mail_options=tuple(envelope.mail_options),
             rcpt_tos=tuple(envelope.rcpt_tos), raw=raw))
+        server._rtls_delivered = True  # type: ignore[attr-defined]
         return "250 2.0.0 stored"
 
 
@@ -126,6 +144,7 @@ class RelayServer:
         self.options = options or RelayOptions()
         self.deliveries: list[Received] = []
         self.auth_attempts: list[tuple[str, str, bool]] = []
+        self.rsets = 0  # RSET commands received
         self._lock = threading.Lock()
         self.controller = _Controller(self, host, port)
 
