@@ -25,14 +25,13 @@ import smtplib
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import cpu_seconds  # noqa: E402
+from benchlib import cpu_seconds, parallel  # noqa: E402
 
 from tests.e2e.plugin import Plugin, running_bed  # noqa: E402
 from tests.testbed.bed import Bed  # noqa: E402
@@ -97,27 +96,14 @@ def message(i: int, rcpt: str = "bob@dane.test") -> bytes:
 
 def blast(pf: Postfix, total: int, sessions: int, rcpt: str = "bob@dane.test") -> float:
     per = total // sessions
-    errors: list[str] = []
     msgs = [message(i, rcpt) for i in range(per)]
 
     def worker() -> None:
-        try:
-            with smtplib.SMTP("127.0.0.1", pf.ports.smtp, timeout=60, local_hostname="bench.local.test") as s:
-                for m in msgs:
-                    s.sendmail("alice@sender.test", [rcpt], m)
-        except Exception as e:
-            errors.append(repr(e))
+        with smtplib.SMTP("127.0.0.1", pf.ports.smtp, timeout=60, local_hostname="bench.local.test") as s:
+            for m in msgs:
+                s.sendmail("alice@sender.test", [rcpt], m)
 
-    threads = [threading.Thread(target=worker) for _ in range(sessions)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.monotonic() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} sessions failed: {errors[:3]}")
-    return wall
+    return parallel(sessions, worker, "sessions")
 
 
 def niced_cpu_seconds() -> float:

@@ -113,6 +113,16 @@ class _Watch:
             self.timer = None
         self.task = None
 
+    def absorb(self) -> bool:
+        """In an ``except CancelledError``: whether the cancellation was the deadline's (then it is taken back
+        from the task, which goes on to end the session); False for any other cancellation (re-raise it)."""
+        if not self.expired:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        return True
+
 
 class _Lines:
     """Buffered line reading from a stream with a limit and a deadline per line."""
@@ -504,12 +514,9 @@ class Session:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s", kv(front="closed", client=self.peer[0], why=str(e)))
         except asyncio.CancelledError:
-            if not self.watch.expired:
+            if not self.watch.absorb():
                 raise
             # The session's deadline passed (see _Watch): the same end as a read that timed out.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s", kv(front="closed", client=self.peer[0], why="timeout"))
         finally:
@@ -527,11 +534,8 @@ class Session:
         try:
             bw = await _Plain.connect(*self.cfg.backend)
         except asyncio.CancelledError:
-            if not self.watch.expired:
+            if not self.watch.absorb():
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
             self.watch.expired = False
             err = TimeoutError("connecting to smtpd timed out")
         except OSError as e:

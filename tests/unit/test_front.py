@@ -5,9 +5,11 @@ one the client sent, minus forged carrier fields."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 
@@ -323,6 +325,35 @@ def test_backend_down_is_421_and_long_lines_are_refused() -> None:
         bs.close()
         fs.close()
         assert not any(len(x) > 3000 for x in fake.commands)
+
+    asyncio.run(go())
+
+
+def test_smtpd_that_does_not_answer_the_connect_is_421_after_connect_timeout() -> None:
+    """smtpd's listen queue full (the kernel drops the front's SYN): the session's deadline ends the connect
+    and the client gets 421, not a hanging session."""
+    async def go() -> None:
+        backend = socket.socket()
+        backend.bind(("127.0.0.1", 0))
+        backend.listen(0)
+        fillers = []
+        for _ in range(3):  # the accept queue holds backlog + 1: later SYNs are dropped
+            f = socket.socket()
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(backend.getsockname())
+            fillers.append(f)
+        await asyncio.sleep(0.2)
+        front = Front(FrontSettings(backend.getsockname(), "f", None, connect_timeout=0.5))
+        fs = await front.start("127.0.0.1", 0)
+        r, _w = await asyncio.open_connection("127.0.0.1", fs.sockets[0].getsockname()[1])
+        started = time.monotonic()
+        assert (await asyncio.wait_for(r.readline(), 10)).startswith(b"421 4.3.2")
+        assert time.monotonic() - started >= 0.4
+        fs.close()
+        for f in fillers:
+            f.close()
+        backend.close()
 
     asyncio.run(go())
 
