@@ -241,6 +241,15 @@ class _Reader:
             self.loop.add_reader(self.fd, self._on_readable)
             self.registered = True
 
+    async def _wait_writable(self) -> None:
+        """Until the socket takes more bytes (the kernel's send buffer was full)."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        self.loop.add_writer(self.fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.fd)
+
     async def _wait_input(self) -> None:
         """Until the callback has received something (or the end); a socket error is raised."""
         self._resume()
@@ -287,14 +296,6 @@ class _TlsStream(_Reader):
             return False
         await self._wait_input()
         return True
-
-    async def _wait_writable(self) -> None:
-        fut: asyncio.Future[None] = self.loop.create_future()
-        self.loop.add_writer(self.fd, _wake, fut)
-        try:
-            await fut
-        finally:
-            self.loop.remove_writer(self.fd)
 
     async def _flush(self) -> None:
         """Everything OpenSSL has written, to the socket."""
@@ -428,12 +429,7 @@ class _Plain(_Reader):
             try:
                 n = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
-                fut: asyncio.Future[None] = self.loop.create_future()
-                self.loop.add_writer(self.fd, _wake, fut)
-                try:
-                    await fut
-                finally:
-                    self.loop.remove_writer(self.fd)
+                await self._wait_writable()
                 continue
             data = data[n:]
 
