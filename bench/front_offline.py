@@ -80,6 +80,10 @@ def front(code: str, port: int, backend: int, key: str, cert: str, profile: str)
     from requiretls.log import setup
 
     setup("front", "stderr", "info")
+    from requiretls.front import cli
+
+    # As a worker of ``requiretls front`` sets up its logging (where the code compared has it).
+    getattr(cli, "worker_logging", lambda: None)()
     fs = FrontSettings(("127.0.0.1", backend), "front.test", tls_context([key, cert]), max_connections=5000)
 
     async def main() -> None:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import sys
+
+#: A value with one of these is quoted.
+_QUOTE = re.compile(r'[, ="]').search
 
 
 def setup(component: str, target: str = "stderr", level: str = "info") -> logging.Logger:
@@ -39,7 +43,7 @@ def kv(**fields: object) -> str:
         if not s.isprintable():
             # Hostile bytes (line breaks, controls, bytes that were not UTF-8) must not forge or break a log line.
             s = s.encode("unicode_escape").decode("ascii")
-        if any(c in s for c in ", =\"") or s == "":
+        if s == "" or _QUOTE(s) is not None:
             s = '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
         parts.append(f"{k}={s}")
     return ", ".join(parts)

@@ -114,15 +114,21 @@ def _listen_socket(spec: str) -> socket.socket:
     return sock
 
 
+def worker_logging() -> None:
+    """A worker has one thread: no thread or multiprocessing names in its log records (they cost a few
+    microseconds a line, and the format does not use them), nor the caller's file and line (looking them up
+    walked the stack for every line; the logging HOWTO's own advice)."""
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
+
+
 def _serve(fs: FrontSettings, socks: list[socket.socket]) -> None:
     """One worker: an event loop serving every listening socket until SIGTERM."""
     # Not uvloop: its start_tls left the STARTTLS handshake hanging under load (every client timed out with
     # 20 at once, measured with uvloop 0.23); asyncio's own loop does not, and the workers give the speed.
     front = Front(fs)
-    # A worker has one thread: no thread or multiprocessing names in its log records (they cost a few
-    # microseconds a line, and the format does not use them).
-    logging.logThreads = False
-    logging.logMultiprocessing = False
+    worker_logging()
 
     async def main() -> None:
         servers = [await front.start_on(sock) for sock in socks]

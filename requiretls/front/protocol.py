@@ -153,6 +153,7 @@ def split_line(data: bytes) -> tuple[bytes, bytes]:
     return data, b""
 
 
+_CARRIER_LOWER = CARRIER.lower()
 _HEADER_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
 
 
@@ -167,15 +168,87 @@ class DataStream:
     says that REQUIRETLS was given.  Wherever the front cannot tell (a line so long that its start shows no
     colon), it stays in the header section: it must never read "body" where Postfix still reads headers."""
 
-    __slots__ = ("done", "dropped", "dropping", "in_header", "prev_crlf", "size")
+    __slots__ = ("done", "dropped", "dropping", "in_header", "mid_line", "prev_crlf")
 
     def __init__(self) -> None:
         self.done = False
         self.in_header = True
         self.dropping = False
         self.dropped = 0
-        self.size = 0
         self.prev_crlf = True
+        #: :meth:`take` passed on the start of a line too long to hold, and not yet its end.
+        self.mid_line = False
+
+    def take(self, buf: bytearray, limit: int) -> bytes:
+        """Everything :meth:`part` makes of the lines that ``buf`` holds whole (and of the pieces of a line
+        longer than ``limit``), taken out of ``buf``; what is left is the start of a line, or what follows the
+        end of data.
+
+        Where the result is known without going line by line, whole blocks pass at once (:meth:`_plain`):
+        lines that all end with CRLF (no bare LF among them; a CR without LF is content either way) come out
+        of :meth:`part` exactly as they went in, up to and including the first lone dot.  In the header section that is
+        only so when no ``Require-TLS-ESMTP`` appears in the block, and the block is only taken there when it
+        reaches the end of data (where the header section ends need not be known then).  Every other case
+        goes line by line.  One attempt at a block per call, and one more where the body starts: a call costs
+        a bounded number of passes over ``buf``, whatever it holds."""
+        out: list[bytes] = []
+        tried = False
+        while not self.done:
+            if not self.mid_line and not tried:
+                tried = True
+                n = self._plain(buf)
+                if n:
+                    out.append(bytes(buf[:n]))
+                    del buf[:n]
+                    # (_plain() leaves only the start of a line, or what follows the end of data.)
+                    continue
+            i = buf.find(b"\n")
+            if i >= 0:
+                raw = bytes(buf[: i + 1])
+                del buf[: i + 1]
+                content, ending = split_line(raw)
+                header = self.in_header
+                out.append(self.part(content, first=not self.mid_line, last=True, crlf=ending == b"\r\n"))
+                self.mid_line = False
+                if header and not self.in_header:
+                    tried = False  # the body starts here: one more attempt
+            elif len(buf) >= limit:
+                # Never split between CR and LF.
+                cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
+                piece = bytes(buf[:cut])
+                del buf[:cut]
+                out.append(self.part(piece, first=not self.mid_line, last=False))
+                self.mid_line = True
+            else:
+                break
+        return b"".join(out)
+
+    def _plain(self, buf: bytearray) -> int:
+        """How many bytes at the start of ``buf`` (at the start of a line) pass unchanged as one block; 0 when
+        that cannot be told without going line by line.  Sets :attr:`done` when the block holds the end."""
+        if self.dropping or not self.prev_crlf:
+            return 0
+        last = buf.rfind(b"\n") + 1
+        if not last:
+            return 0
+        found = True
+        if buf.startswith(b".\r\n"):
+            stop = 3
+        else:
+            i = buf.find(b"\r\n.\r\n", 0, last)
+            if i >= 0:
+                stop = i + 5
+            elif self.in_header:
+                return 0
+            else:
+                stop, found = last, False
+        region = buf[:stop]
+        if region.count(b"\r\n") != region.count(b"\n"):
+            return 0
+        if self.in_header and _CARRIER_LOWER in region.lower():
+            return 0
+        self.done = found
+        return stop
 
     def line(self, content: bytes, crlf: bool = True) -> bytes:
         return self.part(content, first=True, last=True, crlf=crlf)
@@ -191,7 +264,6 @@ class DataStream:
             content = b".."
         if last:
             self.prev_crlf = crlf
-        self.size += len(content) + len(end)
         if self.in_header:
             if not first:
                 return b"" if self.dropping else content + end

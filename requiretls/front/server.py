@@ -150,23 +150,26 @@ class _Lines:
             if len(buf) >= limit:
                 break
             start = len(buf)
-            # (Inline rather than a helper coroutine: every wait resumes through each frame of the chain.)
-            now = time.monotonic()
-            if deadline <= now:
-                raise Closed("timeout")
-            self.watch.arm(min(deadline, now + self.timeout))
-            try:
-                chunk = await self.reader.read(65536)
-            except (ConnectionError, OSError, ssl.SSLError) as e:
-                raise Closed(type(e).__name__) from None
-            if not chunk:
-                self.eof = True
-                raise Closed("eof")
-            buf += chunk
+            await self.fill(deadline)
         cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
         out = bytes(buf[:cut])
         del buf[:cut]
         return out, False
+
+    async def fill(self, deadline: float) -> None:
+        """One more read into :attr:`buf`; Closed at the end of the stream, on an error, or past ``deadline``."""
+        now = time.monotonic()
+        if deadline <= now:
+            raise Closed("timeout")
+        self.watch.arm(min(deadline, now + self.timeout))
+        try:
+            chunk = await self.reader.read(65536)
+        except (ConnectionError, OSError, ssl.SSLError) as e:
+            raise Closed(type(e).__name__) from None
+        if not chunk:
+            self.eof = True
+            raise Closed("eof")
+        self.buf += chunk
 
     def pending(self) -> int:
         return len(self.buf)
@@ -327,13 +330,15 @@ class _TlsStream(_Reader):
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes, b"" at the end of the stream (close_notify, or the connection closed)."""
         while True:
-            try:
-                k: int = self.obj.read(min(n, len(_PLAIN)), _PLAIN)  # type: ignore[assignment]
-                return bytes(_PLAIN_VIEW[:k])
-            except ssl.SSLWantReadError:
-                pass
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
+            # Nothing undecrypted and nothing decrypted waiting: OpenSSL could only say so with an exception.
+            if self.inc.pending or self.eof or self.obj.pending():
+                try:
+                    k: int = self.obj.read(min(n, len(_PLAIN)), _PLAIN)  # type: ignore[assignment]
+                    return bytes(_PLAIN_VIEW[:k])
+                except ssl.SSLWantReadError:
+                    pass
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    return b""
             if self.out.pending:
                 # OpenSSL has something to say while reading (a key update, say): before waiting.
                 await self._flush()
@@ -718,19 +723,21 @@ class Session:
         if self.requiretls:
             top += p.header_block([(p.CARRIER, b"yes")])
         stream = p.DataStream()
-        first = True
         deadline = time.monotonic() + self.cfg.timeout
         # The front's own fields leave with the first lines of the message, in one write.
         pending = top
-        while not stream.done:
-            raw, complete = await self.client.line(DATA_CHUNK, deadline)
-            deadline = time.monotonic() + self.cfg.timeout
-            content_, ending = p.split_line(raw) if complete else (raw, b"")
-            pending += stream.part(content_, first=first, last=complete, crlf=ending == b"\r\n")
-            first = complete
-            if len(pending) >= DATA_CHUNK or stream.done:
+        buf = self.client.buf
+        while True:
+            out = stream.take(buf, DATA_CHUNK)
+            if out:
+                pending += out
+                deadline = time.monotonic() + self.cfg.timeout
+            if stream.done or len(pending) >= DATA_CHUNK:
                 await self.to_backend(pending)
                 pending = b""
+            if stream.done:
+                break
+            await self.client.fill(deadline)
         self.front.counters.carrier_removed += stream.dropped
         if stream.dropped:
             log.info("%s", kv(front="forged Require-TLS-ESMTP removed", client=self.peer[0], fields=stream.dropped))
@@ -748,7 +755,20 @@ class Session:
     def _trace(self) -> str:
         who = f"{self.helo} " if self.helo else ""
         return (f"from {who}([{self.peer[0]}]) by {self.cfg.hostname} (requiretls front) with ESMTPS "
-                f"({self.tls_info}); {formatdate(localtime=True)}")
+                f"({self.tls_info}); {_now_rfc5322()}")
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _now_rfc5322() -> str:
+    """The date of a trace field, made once a second (formatting it for every message cost more than the rest
+    of the field)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, localtime=True))
+    return _date[1]
 
 
 class Front:

@@ -102,3 +102,63 @@ def test_only_the_standard_end_of_data_ends_the_message(lines: list[tuple[bytes,
     body = out[:-3] if s.done else out
     assert b"\r\n.\r\n" not in b"\r\n" + body
     assert all(seg.endswith(b"\r") for seg in body.split(b"\n")[:-1])
+
+
+def _line_by_line(chunks: list[bytes], limit: int) -> tuple[bytes, bytes, bool, int]:
+    """What the front made of a DATA stream before blocks: one line (or one piece of a line longer than
+    ``limit``) at a time through :meth:`DataStream.part`, reading a chunk whenever no line was whole."""
+    s = p.DataStream()
+    buf, out, first, rest = bytearray(), b"", True, iter(chunks)
+    while not s.done:
+        i = buf.find(b"\n")
+        if i >= 0:
+            raw, complete = bytes(buf[: i + 1]), True
+            del buf[: i + 1]
+        elif len(buf) >= limit:
+            cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
+            raw, complete = bytes(buf[:cut]), False
+            del buf[:cut]
+        else:
+            nxt = next(rest, None)
+            if nxt is None:
+                break
+            buf += nxt
+            continue
+        content, ending = p.split_line(raw) if complete else (raw, b"")
+        out += s.part(content, first=first, last=complete, crlf=ending == b"\r\n")
+        first = complete
+    return out, bytes(buf) + b"".join(rest), s.done, s.dropped
+
+
+DATA_BYTES = [b"\r\n", b"\n", b"\r", b".", b"..", b"\r\n.\r\n", b".\r\n", b"Require-TLS-ESMTP: yes",
+              b"rEQUIRE-tls-ESMTP:", b"Subject: x", b"\r\n ", b"\r\n\t", b":", b"x", b"xxxxxxxx", b"\r\n\r\n",
+              b"MAIL FROM:<a@b>\r\n", b"\x00", b"\xff"]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(DATA_BYTES), max_size=40), st.lists(st.integers(1, 30), min_size=1, max_size=8),
+       st.sampled_from([4, 9, 64, 65536]))
+def test_blocks_forward_exactly_what_line_by_line_did(words: list[bytes], cuts: list[int], limit: int) -> None:
+    """DataStream.take() (whole blocks where it can) against the line-by-line reading it replaced: the same
+    bytes to smtpd, the same end of data, the same rest (the pipelined commands after it), the same carriers
+    dropped, however the stream arrives in pieces and whatever the line length limit."""
+    data = b"".join(words) + b"\r\n.\r\nQUIT\r\n"
+    chunks, i, k = [], 0, 0
+    while i < len(data):
+        chunks.append(data[i:i + cuts[k % len(cuts)]])
+        i += cuts[k % len(cuts)]
+        k += 1
+    want = _line_by_line(chunks, limit)
+    s = p.DataStream()
+    buf, out, n = bytearray(), b"", 0
+    while not s.done and n < len(chunks):
+        buf += chunks[n]
+        n += 1
+        out += s.take(buf, limit)
+    got = (out, bytes(buf) + b"".join(chunks[n:]), s.done, s.dropped)
+    assert got == want
+    # And in one piece, as most messages come.
+    s1 = p.DataStream()
+    buf1 = bytearray(data)
+    out1 = s1.take(buf1, 65536)
+    assert (out1, bytes(buf1), s1.done, s1.dropped) == _line_by_line([data], 65536)
