@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """SMTP front vs Postfix's smtpd alone (issue 20): the same client load over TLS, once straight to smtpd (which
-does STARTTLS itself) and once through ``requiretls front`` (which does STARTTLS and passes the dialogue to a
-loopback smtpd with the PROXY protocol).  Postfix 3.7 of the testbed, mail discarded after the queue so that
-only reception is measured.
+does STARTTLS itself) and once through ``requiretls front`` (which does STARTTLS and passes the dialogue to an
+smtpd on a unix socket, or with ``--tcp-backend`` on loopback TCP, with the PROXY protocol).  Postfix 3.7 of the
+testbed, mail discarded after the queue so that only reception is measured.
 
 * messages/s: ``--sessions`` sessions at once, each STARTTLS once and then ``--messages / sessions`` messages;
 * TLS handshakes/s: ``--sessions`` clients, each connecting ``--handshakes / sessions`` times (EHLO, STARTTLS,
@@ -11,7 +11,7 @@ only reception is measured.
   open after the greeting.
 
 Goal: both rates at least 0.8x smtpd's.  Run as root from the repository:
-``.venv/bin/python bench/front_vs_postfix.py [--messages 1000] [--handshakes 400] [--runs 3]``.
+``.venv/bin/python bench/front_vs_postfix.py [--messages 1000] [--handshakes 400] [--runs 3] [--tcp-backend]``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,15 @@ def idle_rss(port: int, pid: int, n: int) -> float:
     return (after - before) / n
 
 
-def setup(bed: Bed) -> tuple[Postfix, int, int, subprocess.Popen[bytes]]:
+#: The smtpd behind the front, as ``postfix-config --front`` writes it (less the milter's daemon name).
+BACKEND_SMTPD = ("n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o smtpd_tls_security_level=none "
+                 "-o smtpd_discard_ehlo_keywords=chunking,silent-discard")
+
+
+def setup(bed: Bed, tcp: bool = False) -> tuple[Postfix, int, int, subprocess.Popen[bytes]]:
+    """Postfix 3.7 with the front: its smtpd behind the front on a public unix socket (the default wiring of
+    ``postfix-config --front``), or with ``tcp`` on a loopback port; the public smtpd stays for the
+    comparison."""
     pf = bed.postfix("3.7")
     if pf.running:
         pf.stop()
@@ -103,12 +111,15 @@ def setup(bed: Bed) -> tuple[Postfix, int, int, subprocess.Popen[bytes]]:
     backend, front_port = pf.ports.extra[5], pf.ports.extra[6]
     pf.set(default_transport="discard", relay_transport="discard", local_transport="discard",
            default_process_limit="200")
-    pf.add_service(f"127.0.0.1:{backend}", "inet",
-                   "inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o smtpd_tls_security_level=none "
-                   "-o smtpd_discard_ehlo_keywords=chunking,silent-discard")
+    if tcp:
+        pf.add_service(f"127.0.0.1:{backend}", "inet", "inet " + BACKEND_SMTPD)
+        where = f"127.0.0.1:{backend}"
+    else:
+        pf.add_service("requiretls-front", "unix", "unix " + BACKEND_SMTPD)
+        where = "unix:public/requiretls-front"
     pf.start()
     conf = pf.dir / "front-bench.toml"
-    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{front_port}"]\nbackend = "127.0.0.1:{backend}"\n'
+    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{front_port}"]\nbackend = "{where}"\n'
                     f'postfix_config_dir = "{pf.config_dir}"\nmax_connections = 5000\n')
     proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=open(pf.dir / "front-bench.log", "ab"))  # noqa: SIM115
@@ -131,12 +142,14 @@ def main() -> int:
     ap.add_argument("--sessions", type=int, default=20)
     ap.add_argument("--idle", type=int, default=500)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--tcp-backend", action="store_true",
+                    help="the smtpd behind the front on loopback TCP instead of the default unix socket")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (the testbed needs it)", file=sys.stderr)
         return 2
     with running_bed() as bed:
-        pf, direct, front, proc = setup(bed)
+        pf, direct, front, proc = setup(bed, args.tcp_backend)
         ctx = _ctx(bed)
         try:
             res: dict[str, list[float]] = {"msg direct": [], "msg front": [], "hs direct": [], "hs front": []}
@@ -153,7 +166,8 @@ def main() -> int:
             pf.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
     print(f"\nSMTP front vs smtpd alone, Postfix {pf.version} testbed, {args.sessions} sessions at once, TLS, "
-          f"median of {args.runs} runs\n")
+          f"median of {args.runs} runs; the front's smtpd on {'loopback TCP' if args.tcp_backend else 'a unix socket'}"
+          "\n")
     print("| measure | smtpd alone | through the front | ratio |")
     print("|---|---:|---:|---:|")
     r_msg = med["msg front"] / med["msg direct"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -166,6 +167,44 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """Where the SMTP front reaches Postfix: a loopback ``IP:PORT``, or a UNIX-domain socket ``unix:PATH``.  A
+    relative PATH is under Postfix's ``queue_directory``, where master(8) makes the socket of a master.cf
+    ``unix`` service (``public/NAME``, ``private/NAME``)."""
+
+    endpoint: Endpoint | None = None
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> Backend:
+        t = text.strip()
+        if t.startswith("unix:"):
+            path = t[5:]
+            if not path or path.endswith("/") or any(c.isspace() for c in path) or ".." in path.split("/"):
+                raise ValueError(f"{text!r}: write unix:public/NAME (under Postfix's queue_directory) or "
+                                 "unix:/absolute/path")
+            return cls(path=path)
+        return cls(endpoint=Endpoint.parse(t, default_port))
+
+    def socket_path(self, queue_directory: str) -> str:
+        """The socket's absolute path (a relative one under ``queue_directory``)."""
+        return self.path if self.path.startswith("/") else os.path.join(queue_directory, self.path)
+
+    def master_service(self, queue_directory: str) -> tuple[str, bool] | None:
+        """(NAME, private) of the master.cf ``unix`` service whose socket this is: ``public/NAME`` or
+        ``private/NAME`` under ``queue_directory``; None for any other path."""
+        path = self.path
+        prefix = queue_directory.rstrip("/") + "/"
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+        m = re.fullmatch(r"(public|private)/([A-Za-z0-9][A-Za-z0-9._-]*)", path)
+        return (m.group(2), m.group(1) == "private") if m else None
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.endpoint is None else str(self.endpoint)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from requiretls.addresses import Endpoint, ListenAddress, NextHop
+from requiretls.addresses import Backend, Endpoint, ListenAddress, NextHop
 from requiretls.errors import ConfigError
 from requiretls.policy.local import DEFAULT_OPTOUT_COOKIE, DEFAULT_REQUIRETLS_COOKIE, LocalPolicy
 from requiretls.policy.model import OptoutFrom, PreflightMode
@@ -539,10 +539,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             convert=lambda v: tuple(str(x) for x in v),
         ),
         "backend": Setting(
-            str, "127.0.0.1:10028",
-            "Loopback IP:PORT of the smtpd (or postscreen) behind the front, reading the PROXY protocol "
-            "(postfix-config --front moves it there). Port: 10028 unless given.",
-            convert=_endpoint(10028),
+            str, "unix:public/requiretls-front",
+            "Where the front reaches the smtpd (or postscreen) behind it, which reads the PROXY protocol "
+            "(postfix-config --front moves it there): unix:public/NAME, a master.cf unix service (the socket "
+            "under Postfix's queue_directory, reachable only by root, Postfix and the postdrop group, which the "
+            "front's unit joins; it costs less than TCP), or a loopback IP:PORT (port 10028 unless given; postscreen needs this form, it listens on "
+            "TCP only).",
+            convert=lambda v: Backend.parse(v, 10028) if v else None,
         ),
         "hostname": Setting(str, "", "Name in the front's Received: trace field. Empty: Postfix's myhostname."),
         "tls_files": Setting(
@@ -690,7 +693,7 @@ class FrontConfig:
     """``[front]``: the optional SMTP front (``requiretls front``)."""
 
     listen: tuple[str, ...] = ()
-    backend: Endpoint | None = None
+    backend: Backend | None = None
     hostname: str = ""
     tls_files: tuple[str, ...] = ()
     auth_only: str = "auto"

@@ -19,7 +19,7 @@ import socket
 import ssl
 import time
 
-from requiretls.addresses import Endpoint
+from requiretls.addresses import Backend, Endpoint
 from requiretls.config import load
 from requiretls.daemon import install_signals, notify
 from requiretls.front.server import Front, FrontSettings
@@ -29,13 +29,13 @@ from requiretls.postfix.apply import PostfixError, postconf
 log = logging.getLogger("requiretls")
 
 _PARAMS = ("myhostname", "smtpd_tls_chain_files", "smtpd_tls_cert_file", "smtpd_tls_key_file",
-           "smtpd_tls_auth_only", "smtpd_timeout")
+           "smtpd_tls_auth_only", "smtpd_timeout", "queue_directory")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="config file (default: built-in defaults)")
     p.add_argument("--listen", action="append", metavar="ADDR", help="override front.listen (repeat)")
-    p.add_argument("--backend", metavar="IP:PORT", help="override front.backend")
+    p.add_argument("--backend", metavar="IP:PORT|unix:PATH", help="override front.backend")
 
 
 def _seconds(value: str, default: float) -> float:
@@ -88,11 +88,12 @@ def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str], 
         raise PostfixError("no certificate: set smtpd_tls_chain_files (or smtpd_tls_cert_file and "
                            "smtpd_tls_key_file) in main.cf, or front.tls_files")
     auth_only = (pf.get("smtpd_tls_auth_only", "no") == "yes") if fc.auth_only == "auto" else fc.auth_only == "yes"
-    backend = Endpoint.parse(args.backend, 10028) if args.backend else fc.backend
+    backend = Backend.parse(args.backend, 10028) if args.backend else fc.backend
     assert backend is not None
     listen = list(args.listen or fc.listen)
     return FrontSettings(
-        backend=(backend.host, backend.port),
+        backend=((backend.endpoint.host, backend.endpoint.port) if backend.endpoint is not None
+                 else (backend.socket_path(pf.get("queue_directory", "/var/spool/postfix")), 0)),
         hostname=fc.hostname or pf.get("myhostname", "localhost"),
         tls=tls_context(files),
         auth_only=auth_only,
@@ -186,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     for slot in range(workers):
         spawn(slot)
-    log.info("%s", kv(front="listening", on=",".join(listen), backend=f"{fs.backend[0]}:{fs.backend[1]}",
+    log.info("%s", kv(front="listening", on=",".join(listen), backend=fs.backend_text,
                       workers=workers, auth_only="yes" if fs.auth_only else "no"))
     notify("READY=1")
     restarts = 0

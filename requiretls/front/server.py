@@ -39,6 +39,7 @@ ERROR_LIMIT = 20
 
 @dataclass(frozen=True, slots=True)
 class FrontSettings:
+    #: (IP, port), or (absolute path of a UNIX-domain socket, 0).
     backend: tuple[str, int]
     hostname: str
     tls: ssl.SSLContext | None
@@ -48,6 +49,11 @@ class FrontSettings:
     max_connections: int = 2000
     #: The most a command line may take to arrive whole (a client that sends a byte a minute is cut off).
     line_deadline: float = 300.0
+
+    @property
+    def backend_text(self) -> str:
+        host, port = self.backend
+        return f"unix:{host}" if host.startswith("/") else f"{host}:{port}"
 
 
 @dataclass
@@ -394,6 +400,17 @@ class _Plain(_Reader):
     @classmethod
     async def connect(cls, host: str, port: int) -> _Plain:
         loop = asyncio.get_running_loop()
+        if host.startswith("/"):
+            # A UNIX-domain socket (a master.cf unix service): half the system time of loopback TCP per
+            # command, and no other local user can hand smtpd a PROXY header.
+            usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                usock.setblocking(False)
+                await loop.sock_connect(usock, host)
+            except BaseException:
+                usock.close()
+                raise
+            return cls(usock)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         except socket.gaierror:
@@ -543,8 +560,7 @@ class Session:
             err = e
         if err is not None:
             self.front.counters.backend_down += 1
-            host, port = self.cfg.backend
-            log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=f"{host}:{port}",
+            log.warning("%s", kv(front="smtpd unreachable", client=self.peer[0], backend=self.cfg.backend_text,
                                 error=f"{type(err).__name__}: {err}"))
             await self.send(b"421 4.3.2 Service currently unavailable\r\n")
             return

@@ -27,7 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from requiretls.addresses import ListenAddress
+from requiretls.addresses import Backend, ListenAddress
 from requiretls.policy import LocalPolicy
 from requiretls.policy.headers import ORIGINAL_TLS_REQUIRED, PRIVATE_HEADERS, ROUTE_HEADER, TLS_REQUIRED
 from requiretls.policy.route import FORWARD_SUFFIX, PostfixFeatures, Route
@@ -558,10 +558,21 @@ def _front(env: PostfixEnv, backend: str, service: str = "smtp/inet") -> tuple[t
     comes back with ``--undo``."""
     if env.version.native_requiretls:
         raise PlanError("--front: Postfix 3.11 and later receive REQUIRETLS themselves; the front is for 3.7-3.10")
+    try:
+        target = Backend.parse(backend, 10028)
+    except ValueError as e:
+        raise PlanError(f"--front: front.backend: {e}") from None
+    name, kind, private = str(target.endpoint), "inet", None
+    if target.endpoint is None:
+        unix = target.master_service(env.queue_directory)
+        if unix is None:
+            raise PlanError(f"--front: front.backend {target}: a unix backend must be public/NAME (or private/NAME) "
+                            "under Postfix's queue_directory, where master(8) makes a unix service's socket")
+        name, kind, private = unix[0], "unix", "y" if unix[1] else "n"
     public = env.master.get(service)
     if public is None:
         # Applied before: the entry is already at the backend address (ours, options and all).
-        moved = env.master.get(f"{backend}/inet", "")
+        moved = env.master.get(f"{name}/{kind}", "")
         if "_upstream_proxy_protocol=haproxy" in moved:
             public = moved
     if public is None:
@@ -570,20 +581,27 @@ def _front(env: PostfixEnv, backend: str, service: str = "smtp/inet") -> tuple[t
     command = head[7] if len(head) >= 8 else ""
     entries: list[MasterEntry] = []
     if command == "smtpd":
-        line = _with_options(public, backend, (("smtpd_upstream_proxy_protocol", "haproxy"), *FRONT_SMTPD_OPTIONS))
-        entries.append(MasterEntry(backend, "inet", line, rename_from=service))
+        line = _with_options(public, name, (("smtpd_upstream_proxy_protocol", "haproxy"), *FRONT_SMTPD_OPTIONS))
+        if private is not None:
+            # The same process settings (unprivileged, chroot, process limit), on a socket of its own.
+            fields = line.split()
+            line = " ".join([fields[0], "unix", private, *fields[3:]])
+        entries.append(MasterEntry(name, kind, line, rename_from=service))
         where = "smtpd"
+    elif command == "postscreen" and private is not None:
+        raise PlanError(f"--front: {service} runs postscreen, which listens on TCP only: set front.backend to a "
+                        "loopback IP:PORT (e.g. 127.0.0.1:10028)")
     elif command == "postscreen":
         passed = env.master.get("smtpd/pass")
         if passed is None:
             raise PlanError(f"--front: {service} runs postscreen but master.cf has no smtpd/pass service")
-        entries.append(MasterEntry(backend, "inet", _with_options(
-            public, backend, (("postscreen_upstream_proxy_protocol", "haproxy"),)), rename_from=service))
+        entries.append(MasterEntry(name, "inet", _with_options(
+            public, name, (("postscreen_upstream_proxy_protocol", "haproxy"),)), rename_from=service))
         entries.append(MasterEntry("smtpd", "pass", _with_options(passed, "smtpd", FRONT_SMTPD_OPTIONS), adopt=True))
         where = "postscreen (and smtpd/pass behind it)"
     else:
         raise PlanError(f"--front: {service} runs {command or 'nothing'}, not smtpd or postscreen; not touching it")
-    return tuple(entries), [f"SMTP front: {where} moved from {service} to {backend} with the PROXY protocol; "
+    return tuple(entries), [f"SMTP front: {where} moved from {service} to {target} with the PROXY protocol; "
                             "start requiretls-front.service, which listens where smtpd did (front.listen)"]
 
 

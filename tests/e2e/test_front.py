@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -38,20 +39,35 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) ->
     raise RuntimeError("requiretls front did not listen")
 
 
-def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=haproxy") -> Plugin:
-    """The plugin with the front: Postfix's smtpd moved to extra[5] with the PROXY protocol (by
-    ``postfix-config --front``), the front on the smtp port where smtpd was."""
+def _wait_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError("requiretls front exited")
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as u:
+            u.connect(str(path))
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {path}")
+
+
+def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=haproxy", tcp: bool = False) -> Plugin:
+    """The plugin with the front: Postfix's smtpd moved by ``postfix-config --front`` to the default backend
+    (the master.cf unix service ``requiretls-front``, its socket in public/) or, with ``tcp`` (postscreen
+    always), to extra[5] on loopback, reading the PROXY protocol; the front on the smtp port where smtpd was."""
     pf = plugin.pf
     if pf.version not in ("3.7", "3.10"):
         pytest.skip("the front is for Postfix 3.7-3.10; 3.11 receives REQUIRETLS itself")
+    tcp = tcp or option.startswith("postscreen")
     backend = pf.ports.extra[5]
-    plugin.extra += f'\n[front]\nlisten = ["127.0.0.1:{pf.ports.smtp}"]\nbackend = "127.0.0.1:{backend}"\n' \
-                    f'postfix_config_dir = "{pf.config_dir}"\n'
+    plugin.extra += f'\n[front]\nlisten = ["127.0.0.1:{pf.ports.smtp}"]\n' \
+                    + (f'backend = "127.0.0.1:{backend}"\n' if tcp else "") \
+                    + f'postfix_config_dir = "{pf.config_dir}"\n'
     plugin.apply_args = ("--front", "--front-service", f"127.0.0.1:{pf.ports.smtp}/inet")
     plugin.apply()
     for d in ("milter", "relay", "policyd"):
         plugin.start_daemon(d)
-    line = pf.postconf("-M", f"127.0.0.1:{backend}/inet")
+    line = pf.postconf("-M", f"127.0.0.1:{backend}/inet" if tcp else "requiretls-front/unix")
     assert option in line and (option.startswith("postscreen") or "requiretls-front" in line), line
     # The front first: it takes the port the testbed waits on (Postfix's smtpd is now at the backend).
     logf = open(plugin.dir / "front.log", "ab")  # noqa: SIM115 - kept open for the child's lifetime
@@ -60,7 +76,10 @@ def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=hap
     plugin.procs["front"] = proc
     _wait_port(pf.ports.smtp, proc)
     pf.start()
-    _wait_port(backend, proc)
+    if tcp:
+        _wait_port(backend, proc)
+    else:
+        _wait_unix(pf.queue_dir / "public" / "requiretls-front", proc)
     return plugin
 
 
@@ -170,7 +189,7 @@ def test_sasl_submission_through_the_front_only_over_tls(plugin: Plugin) -> None
     with SaslServer() as sasl:
         plugin.pf.set(smtpd_sasl_auth_enable="yes", smtpd_sasl_type="dovecot",
                       smtpd_sasl_path=f"inet:127.0.0.1:{sasl.port}", smtpd_tls_auth_only="yes")
-        front = _with_front(plugin)
+        front = _with_front(plugin, tcp=True)
         with _client(front.pf.ports.smtp) as s:
             assert "auth" not in s.esmtp_features
             code, _ = s.docmd("AUTH", "PLAIN AGFsaWNlAHNlY3JldA==")

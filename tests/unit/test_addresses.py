@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from requiretls.addresses import Endpoint, ListenAddress, NextHop
+from requiretls.addresses import Backend, Endpoint, ListenAddress, NextHop
 
 
 @pytest.mark.parametrize(
@@ -169,3 +169,29 @@ def test_bad_listen_addresses_are_refused(text: str) -> None:
 )
 def test_listen_address_in_postfix_form(text: str, postfix: str) -> None:
     assert ListenAddress.parse(text).postfix("/var/spool/postfix") == postfix
+
+
+@pytest.mark.parametrize(("text", "endpoint", "path", "service"), [
+    ("127.0.0.1", Endpoint("127.0.0.1", 10028), "", None),
+    ("[::1]:2525", Endpoint("::1", 2525), "", None),
+    ("unix:public/requiretls-front", None, "/var/spool/postfix/public/requiretls-front", ("requiretls-front", False)),
+    ("unix:private/x.y", None, "/var/spool/postfix/private/x.y", ("x.y", True)),
+    ("unix:/var/spool/postfix/public/f", None, "/var/spool/postfix/public/f", ("f", False)),
+    ("unix:/run/front.sock", None, "/run/front.sock", None),
+    ("unix:public/a/b", None, "/var/spool/postfix/public/a/b", None),
+])
+def test_front_backend_forms(text: str, endpoint: Endpoint | None, path: str,
+                             service: tuple[str, bool] | None) -> None:
+    b = Backend.parse(text, 10028)
+    assert b.endpoint == endpoint
+    if endpoint is None:
+        assert b.socket_path("/var/spool/postfix") == path
+        assert b.master_service("/var/spool/postfix") == service
+        assert Backend.parse(str(b)) == b
+
+
+@pytest.mark.parametrize("text", ["unix:", "unix:public/", "unix:public/a b", "unix:../etc/x", "localhost:25",
+                                  "192.0.2.1:99999"])
+def test_front_backend_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        Backend.parse(text, 10028)

@@ -10,6 +10,7 @@ import socket
 import ssl
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -140,11 +141,17 @@ class FakeSmtpd:
         w.close()
 
 
-async def _bed(auth_only: bool = True, **kw: object) -> tuple[FakeSmtpd, asyncio.Server, asyncio.Server, int]:
+async def _bed(auth_only: bool = True, unix: str = "",
+               **kw: object) -> tuple[FakeSmtpd, asyncio.Server, asyncio.Server, int]:
+    """``unix``: the stand-in listens on that UNIX-domain socket path (else on a loopback port)."""
     fake = FakeSmtpd()
-    bs = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
-    bport = bs.sockets[0].getsockname()[1]
-    front = Front(FrontSettings(("127.0.0.1", bport), "front.test", server_context(), auth_only=auth_only,
+    if unix:
+        bs = await asyncio.start_unix_server(fake.handle, unix)
+        backend = (unix, 0)
+    else:
+        bs = await asyncio.start_server(fake.handle, "127.0.0.1", 0)
+        backend = ("127.0.0.1", bs.sockets[0].getsockname()[1])
+    front = Front(FrontSettings(backend, "front.test", server_context(), auth_only=auth_only,
                                 **kw))  # type: ignore[arg-type]
     fs = await front.start("127.0.0.1", 0)
     return fake, bs, fs, fs.sockets[0].getsockname()[1]
@@ -178,9 +185,10 @@ async def _connect(port: int) -> Client:
     return c
 
 
-def test_requiretls_after_tls_becomes_the_carrier_and_forgeries_go() -> None:
+@pytest.mark.parametrize("unix", [False, True], ids=["tcp-backend", "unix-backend"])
+def test_requiretls_after_tls_becomes_the_carrier_and_forgeries_go(tmp_path: Path, unix: bool) -> None:
     async def go() -> None:
-        fake, bs, fs, port = await _bed()
+        fake, bs, fs, port = await _bed(unix=str(tmp_path / "smtpd.sock") if unix else "")
         c = await _connect(port)
         pre = await c.cmd(b"EHLO client.test")
         assert b"STARTTLS" in pre and b"REQUIRETLS" not in pre and b"AUTH" not in pre and b"CHUNKING" not in pre

@@ -498,10 +498,18 @@ def test_bare_newline_smuggling_is_closed_before_3_9_unless_the_admin_chose() ->
 
 
 @needs_postconf
-def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path: Path) -> None:
-    """--front: smtp/inet (Debian's smtpd) becomes a loopback smtpd reading the PROXY protocol, known to the
-    milter by its daemon name; the admin's own options on it stay; --undo restores master.cf byte for byte."""
+@pytest.mark.parametrize(("backend", "key", "fields"), [
+    ("", "requiretls-front/unix", "requiretls-front unix n - y - - smtpd"),
+    ("127.0.0.1:10028", "127.0.0.1:10028/inet", "127.0.0.1:10028 inet n - y - - smtpd"),
+])
+def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path: Path, backend: str, key: str,
+                                                                         fields: str) -> None:
+    """--front: smtp/inet (Debian's smtpd) becomes an smtpd reading the PROXY protocol on a public unix socket
+    (the default backend) or on loopback TCP, known to the milter by its daemon name, with the process
+    settings it had; the admin's own options on it stay; --undo restores master.cf byte for byte."""
     pf = Instance(tmp_path, "")
+    if backend:
+        pf.config.write_text(f'[front]\nbackend = "{backend}"\n')
     pf.pc("-e", "smtpd_tls_auth_only=yes")
     subprocess.run(["postconf", "-c", str(pf.dir), "-P",
                     "smtp/inet/smtpd_client_restrictions=permit_mynetworks,reject"], check=True)
@@ -510,8 +518,8 @@ def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path
     assert "SMTP front" in out
     master = pf.pc("-M")
     assert not re.search(r"^smtp\s+inet", master, re.M)
-    line = pf.pc("-M", "127.0.0.1:10028/inet")
-    assert " smtpd " in line
+    line = pf.pc("-M", key)
+    assert " ".join(line.split()[:8]) == fields, line
     for opt in ("smtpd_upstream_proxy_protocol=haproxy", "milter_macro_daemon_name=requiretls-front",
                 "smtpd_tls_security_level=none", "smtpd_tls_auth_only=no",
                 "smtpd_client_restrictions=permit_mynetworks,reject"):
@@ -531,6 +539,11 @@ def test_front_with_postscreen_moves_postscreen_and_marks_smtpd_pass(tmp_path: P
                     "smtpd/pass=smtpd pass - - y - - smtpd",
                     "dnsblog/unix=dnsblog unix - - y - 0 dnsblog"], check=True)
     before = pf.files()
+    # postscreen listens on TCP only: the default unix backend is refused, with the way out.
+    r = pf.tool("--apply", "--front")
+    assert r.returncode != 0 and "postscreen" in r.stderr and "127.0.0.1:10028" in r.stderr, r.stdout + r.stderr
+    assert pf.files() == before
+    pf.config.write_text('[front]\nbackend = "127.0.0.1:10028"\n')
     pf.ok("--apply", "--front")
     assert "postscreen_upstream_proxy_protocol=haproxy" in pf.pc("-M", "127.0.0.1:10028/inet")
     assert "milter_macro_daemon_name=requiretls-front" in pf.pc("-M", "smtpd/pass")
