@@ -543,8 +543,8 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "Where the front reaches the smtpd (or postscreen) behind it, which reads the PROXY protocol "
             "(postfix-config --front moves it there): unix:public/NAME, a master.cf unix service (the socket "
             "under Postfix's queue_directory, reachable only by root, Postfix and the postdrop group, which the "
-            "front's unit joins; it costs less than TCP), or a loopback IP:PORT (port 10028 unless given; postscreen needs this form, it listens on "
-            "TCP only).",
+            "front's unit joins; it costs less than TCP), or a loopback IP:PORT (port 10028 unless given; "
+            "postscreen needs this form, it listens on TCP only).",
             convert=lambda v: Backend.parse(v, 10028) if v else None,
         ),
         "hostname": Setting(str, "", "Name in the front's Received: trace field. Empty: Postfix's myhostname."),
