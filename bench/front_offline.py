@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """The SMTP front's own cost, without Postfix (issue 20): CPU time of one front worker per message and per
-STARTTLS session, with a minimal asyncio SMTP sink behind it (PROXY v2, instant replies) and the same client
-load as ``bench/front_vs_postfix.py`` (smtplib, 20 TLS sessions).  No testbed, loopback only, any user.
+STARTTLS session, with a minimal asyncio SMTP sink behind it (PROXY v2, instant replies; on a unix socket as
+the front's default backend, ``--tcp-backend`` for loopback TCP) and the same client load as
+``bench/front_vs_postfix.py`` (smtplib, 20 TLS sessions).  No testbed, loopback only, any user.
 
 The sink and the client share the machine with the front, so absolute figures move with what else runs;
 compare two versions with ``--compare DIR`` (another checkout's top directory): the two alternate, run after
 run, and the medians are printed side by side.  ``--profile FILE`` writes a cProfile of the worker.
 
-``python bench/front_offline.py [--messages 1000] [--handshakes 400] [--runs 3] [--compare DIR]``
+``python bench/front_offline.py [--messages 1000] [--handshakes 400] [--runs 3] [--compare DIR] [--tcp-backend]``
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ async def _sink_dialogue(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> No
         await w.drain()
 
 
-def sink(port: int) -> None:
+def sink(port: int, path: str) -> None:
     async def main() -> None:
-        srv = await asyncio.start_server(_sink_session, "127.0.0.1", port, backlog=1024)
+        if path:
+            srv = await asyncio.start_unix_server(_sink_session, path, backlog=1024)
+        else:
+            srv = await asyncio.start_server(_sink_session, "127.0.0.1", port, backlog=1024)
         await srv.serve_forever()
 
     asyncio.run(main())
 
 
-def front(code: str, port: int, backend: int, key: str, cert: str, profile: str) -> None:
+def front(code: str, port: int, backend: int, path: str, key: str, cert: str, profile: str) -> None:
     """One worker, as ``requiretls front`` runs it, logging to stderr at level info."""
     sys.path.insert(0, code)
     from requiretls.front.cli import tls_context
@@ -84,7 +88,8 @@ def front(code: str, port: int, backend: int, key: str, cert: str, profile: str)
 
     # As a worker of ``requiretls front`` sets up its logging (where the code compared has it).
     getattr(cli, "worker_logging", lambda: None)()
-    fs = FrontSettings(("127.0.0.1", backend), "front.test", tls_context([key, cert]), max_connections=5000)
+    fs = FrontSettings((path, 0) if path else ("127.0.0.1", backend), "front.test", tls_context([key, cert]),
+                       max_connections=5000)
 
     async def main() -> None:
         srv = await Front(fs).start("127.0.0.1", port)
@@ -113,16 +118,21 @@ def one_run(code: str, args: argparse.Namespace, key: str, cert: str, ca: str) -
             s.bind(("127.0.0.1", 0))
             ports.append(s.getsockname()[1])
     backend, port = ports
+    path = "" if args.tcp_backend else os.path.join(tempfile.mkdtemp(prefix="front-offline-"), "smtpd")
     me = [sys.executable, __file__]
-    sk = subprocess.Popen([*me, "--_sink", str(backend)])
-    fr = subprocess.Popen([*me, "--_front", code, str(port), str(backend), key, cert, args.profile or ""],
+    sk = subprocess.Popen([*me, "--_sink", str(backend), path])
+    fr = subprocess.Popen([*me, "--_front", code, str(port), str(backend), path, key, cert, args.profile or ""],
                           stderr=open(args.log, "ab"))  # noqa: SIM115
     try:
         end = time.monotonic() + 10
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), 1).close()
-                socket.create_connection(("127.0.0.1", backend), 1).close()
+                if path:
+                    with socket.socket(socket.AF_UNIX) as u:
+                        u.connect(path)
+                else:
+                    socket.create_connection(("127.0.0.1", backend), 1).close()
                 break
             except OSError:
                 if time.monotonic() > end:
@@ -160,11 +170,11 @@ def one_run(code: str, args: argparse.Namespace, key: str, cert: str, ca: str) -
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--_sink":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        sink(int(sys.argv[2]))
+        sink(int(sys.argv[2]), sys.argv[3])
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--_front":
-        code, port, backend, key, cert, profile = sys.argv[2:8]
-        front(code, int(port), int(backend), key, cert, profile)
+        code, port, backend, path, key, cert, profile = sys.argv[2:9]
+        front(code, int(port), int(backend), path, key, cert, profile)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=1000)
@@ -173,6 +183,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", metavar="DIR", help="another checkout to run alternately with this one")
     ap.add_argument("--profile", metavar="FILE", help="cProfile of the front worker (last run)")
+    ap.add_argument("--tcp-backend", action="store_true",
+                    help="the sink on loopback TCP instead of a unix socket (the front's default wiring)")
     ap.add_argument("--log", default=os.devnull, help="the front's log (default: discarded)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
