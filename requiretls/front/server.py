@@ -169,13 +169,12 @@ class _Lines:
             raise Closed("timeout")
         self.watch.arm(min(deadline, now + self.timeout))
         try:
-            chunk = await self.reader.read(65536)
+            got = await self.reader.read_into(self.buf)
         except (ConnectionError, OSError, ssl.SSLError) as e:
             raise Closed(type(e).__name__) from None
-        if not chunk:
+        if not got:
             self.eof = True
             raise Closed("eof")
-        self.buf += chunk
 
     def pending(self) -> int:
         return len(self.buf)
@@ -259,6 +258,20 @@ class _Reader:
         finally:
             self.loop.remove_writer(self.fd)
 
+    def _send_now(self, data: bytes) -> bytes:
+        """As much of ``data`` as the socket takes now; what is left (b"" when all went)."""
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return data
+        return data[n:]
+
+    async def drain(self, rest: bytes) -> None:
+        """``rest`` (what :meth:`push` left), as the socket takes it."""
+        while rest:
+            await self._wait_writable()
+            rest = self._send_now(rest)
+
     async def _wait_input(self) -> None:
         """Until the callback has received something (or the end); a socket error is raised."""
         self._resume()
@@ -309,13 +322,8 @@ class _TlsStream(_Reader):
     async def _flush(self) -> None:
         """Everything OpenSSL has written, to the socket."""
         data = self.out.read()
-        while data:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_writable()
-                continue
-            data = data[n:]
+        if data:
+            await self.drain(self._send_now(data))
 
     async def handshake(self) -> None:
         while True:
@@ -333,36 +341,41 @@ class _TlsStream(_Reader):
             await self._flush()
             return
 
-    async def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes, b"" at the end of the stream (close_notify, or the connection closed)."""
+    async def read_into(self, buf: bytearray) -> int:
+        """Append what OpenSSL decrypts next to ``buf``: how many bytes, 0 at the end of the stream
+        (close_notify, or the connection closed)."""
         while True:
             # Nothing undecrypted and nothing decrypted waiting: OpenSSL could only say so with an exception.
             if self.inc.pending or self.eof or self.obj.pending():
                 try:
-                    k: int = self.obj.read(min(n, len(_PLAIN)), _PLAIN)  # type: ignore[assignment]
-                    return bytes(_PLAIN_VIEW[:k])
+                    k: int = self.obj.read(len(_PLAIN), _PLAIN)  # type: ignore[assignment]
+                    buf += _PLAIN_VIEW[:k]
+                    return k
                 except ssl.SSLWantReadError:
                     pass
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return b""
+                    return 0
             if self.out.pending:
                 # OpenSSL has something to say while reading (a key update, say): before waiting.
                 await self._flush()
             if not await self._receive():
                 try:
-                    return self.obj.read(n)
+                    data = self.obj.read(len(_PLAIN))
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLWantReadError):
-                    return b""
+                    return 0
+                buf += data
+                return len(data)
 
-    async def send(self, data: bytes, last: bool = False) -> None:
-        """``last``: close_notify follows ``data`` (in the same write), the session's end."""
+    def push(self, data: bytes, last: bool = False) -> bytes:
+        """Encrypt ``data`` and send what the socket takes now; what is left for :meth:`drain`.  ``last``:
+        close_notify follows ``data`` (in the same write), the session's end."""
         self.obj.write(data)
         if last:
             self.closed = True
             self._pause()
             with contextlib.suppress(OSError, ValueError):
                 self.obj.unwrap()
-        await self._flush()
+        return self._send_now(self.out.read())
 
     def close(self) -> None:
         if not self.closed:
@@ -432,28 +445,24 @@ class _Plain(_Reader):
             return cls(sock)
         raise err
 
-    async def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes, b"" at the end of the stream."""
+    async def read_into(self, buf: bytearray) -> int:
+        """Append what was received to ``buf``: how many bytes, 0 at the end of the stream."""
         while not self.buf:
             if self.eof or self.handed_over:
                 if self.error is not None:
                     raise self.error
-                return b""
+                return 0
             await self._wait_input()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
+        n = len(self.buf)
+        buf += self.buf
+        self.buf.clear()
         if not self.eof and not self.handed_over:
             self._resume()
-        return out
+        return n
 
-    async def send(self, data: bytes) -> None:
-        while data:
-            try:
-                n = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_writable()
-                continue
-            data = data[n:]
+    def push(self, data: bytes) -> bytes:
+        """Send what the socket takes now; what is left for :meth:`drain`."""
+        return self._send_now(data)
 
     def hand_over(self) -> int:
         """Stop reading for good; the bytes read and not yet taken (which a client that waited for our reply
@@ -494,18 +503,24 @@ class Session:
 
     # --- the two ends ------------------------------------------------------------------------------------
 
-    async def send(self, data: bytes) -> None:
-        self.watch.arm(time.monotonic() + self.cfg.timeout)
+    async def send(self, data: bytes, last: bool = False) -> None:
+        """To the client; ``last``: with TLS, close_notify in the same write (the session's end)."""
+        # Sent at once unless the socket is full: only then is there anything to wait for (and a deadline).
         try:
-            await (self.tls if self.tls is not None else self.plain).send(data)
+            rest = self.tls.push(data, last) if self.tls is not None else self.plain.push(data)
+            if rest:
+                self.watch.arm(time.monotonic() + self.cfg.timeout)
+                await (self.tls or self.plain).drain(rest)
         except OSError as e:
             raise Closed(f"client write: {type(e).__name__}") from None
 
     async def to_backend(self, data: bytes) -> None:
         assert self.bw is not None
-        self.watch.arm(time.monotonic() + self.cfg.timeout)
         try:
-            await self.bw.send(data)
+            rest = self.bw.push(data)
+            if rest:
+                self.watch.arm(time.monotonic() + self.cfg.timeout)
+                await self.bw.drain(rest)
         except OSError as e:
             raise Closed(f"smtpd write: {type(e).__name__}") from None
 
@@ -516,6 +531,8 @@ class Session:
         deadline = time.monotonic() + self.cfg.timeout
         for _ in range(p.EHLO_LINES_LIMIT * 4):
             raw, complete = await self.backend.line(p.LINE_LIMIT * 4, deadline)
+            if not out and complete and raw[3:4] != b"-" and raw[-2:] == b"\r\n":
+                return raw  # one line, as smtpd sends it (most replies)
             content, _ = p.split_line(raw)
             out += content + b"\r\n"
             if complete and (len(content) < 4 or content[3:4] != b"-"):
@@ -626,13 +643,9 @@ class Session:
             elif verb == "QUIT":
                 await self.to_backend(content + b"\r\n")
                 rep = await self.reply()
-                if self.tls is not None:
-                    # The reply and close_notify in one segment.
-                    self.watch.arm(time.monotonic() + self.cfg.timeout)
-                    with contextlib.suppress(OSError):
-                        await self.tls.send(rep, last=True)
-                else:
-                    await self.send(rep)
+                # With TLS, the reply and close_notify in one segment.
+                with contextlib.suppress(Closed):
+                    await self.send(rep, last=True)
                 raise Closed("quit")
             else:
                 await self.pass_through(content)
