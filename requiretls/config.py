@@ -564,6 +564,13 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
         "max_connections": _entries(2000, "Most client connections at once; more get 421 and retry later."),
         "workers": _number(int, 0, "Processes that share the listening sockets (TLS uses every CPU, as smtpd's "
                            "processes do). 0: one per CPU, at most 16.", 64, inclusive_low=True),
+        "metrics": Setting(
+            str, "",
+            "Prometheus metrics address of the front, IP:PORT ([IPv6]:PORT) (docs/monitoring.md), served by its "
+            "parent process for all workers. Only a loopback address unless policyd.metrics_allow_remote = true. "
+            "Empty: off.",
+            convert=_endpoint(None),
+        ),
         "postfix_config_dir": Setting(
             str, "", "Postfix configuration directory the front reads myhostname, TLS files and smtpd_tls_auth_only "
             "from (postconf -c). Empty: Postfix's default.",
@@ -700,6 +707,7 @@ class FrontConfig:
     timeout: float = 300.0
     max_connections: int = 2000
     workers: int = 0
+    metrics: Endpoint | None = None
     postfix_config_dir: str = ""
 
 
@@ -810,7 +818,7 @@ def _parse(text: str, filename: str) -> _Parsed:
             warnings.extend(str(ConfigError(filename, line, f"{section}.{key}",
                                             f"{raw!r} is an old form; write {str(item)!r}"))
                             for raw, item in pairs if isinstance(item, ListenAddress) and item.legacy)
-    for section in ("policyd", "milter", "relay"):
+    for section in ("policyd", "milter", "relay", "front"):
         metrics = typed[section]["metrics"]
         if metrics is not None and not metrics.loopback and not typed["policyd"]["metrics_allow_remote"]:
             raise ConfigError(filename, where.get((section, "metrics")), f"{section}.metrics",

@@ -19,9 +19,11 @@ import socket
 import ssl
 import time
 
+from requiretls import metrics as common
 from requiretls.addresses import Backend, Endpoint
 from requiretls.config import load
 from requiretls.daemon import install_signals, notify
+from requiretls.front.metrics import FrontCollector, SharedCounts
 from requiretls.front.server import Front, FrontSettings
 from requiretls.log import kv, setup
 from requiretls.postfix.apply import PostfixError, postconf
@@ -73,7 +75,8 @@ def tls_context(files: list[str]) -> ssl.SSLContext:
     return ctx
 
 
-def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str], int]:
+def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str], int, Endpoint | None]:
+    """(the workers' settings, where to listen, how many workers, the metrics address)."""
     settings = load(args.config)
     fc = settings.front
     pf = postfix_params(fc.postfix_config_dir)
@@ -99,7 +102,7 @@ def build_settings(args: argparse.Namespace) -> tuple[FrontSettings, list[str], 
         auth_only=auth_only,
         timeout=fc.timeout if fc.timeout != 300.0 else _seconds(pf.get("smtpd_timeout", "300s"), 300.0),
         max_connections=fc.max_connections,
-    ), listen, fc.workers or min(os.cpu_count() or 1, 16)
+    ), listen, fc.workers or min(os.cpu_count() or 1, 16), fc.metrics
 
 
 def _listen_socket(spec: str) -> socket.socket:
@@ -124,20 +127,30 @@ def worker_logging() -> None:
     logging._srcfile = None
 
 
-def _serve(fs: FrontSettings, socks: list[socket.socket]) -> None:
-    """One worker: an event loop serving every listening socket until SIGTERM."""
+def _serve(fs: FrontSettings, socks: list[socket.socket], shared: SharedCounts, slot: int) -> None:
+    """One worker: an event loop serving every listening socket until SIGTERM; its counts go to its row of
+    ``shared`` once a second and at the end."""
     # Not uvloop: its start_tls left the STARTTLS handshake hanging under load (every client timed out with
     # 20 at once, measured with uvloop 0.23); asyncio's own loop does not, and the workers give the speed.
     front = Front(fs)
+    front.counters = shared.load(slot)
     worker_logging()
 
     async def main() -> None:
         servers = [await front.start_on(sock) for sock in socks]
         stop = asyncio.Event()
         install_signals(stop, None)
+        loop = asyncio.get_running_loop()
+
+        def publish() -> None:
+            shared.store(slot, front.counters)
+            loop.call_later(1.0, publish)
+
+        publish()
         await stop.wait()
         for srv in servers:
             srv.close()
+        shared.store(slot, front.counters)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
@@ -146,7 +159,7 @@ def _serve(fs: FrontSettings, socks: list[socket.socket]) -> None:
 def run(args: argparse.Namespace) -> int:
     setup("front", "stderr", "info")
     try:
-        fs, listen, workers = build_settings(args)
+        fs, listen, workers, metrics = build_settings(args)
     except (PostfixError, OSError, ssl.SSLError, ValueError) as e:
         log.error("%s", kv(front="not starting", error=str(e)))
         return 2
@@ -162,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     # the dialogue use every CPU, as smtpd's processes do.
     per = dataclasses.replace(fs, max_connections=max(1, fs.max_connections // workers))
     children: dict[int, int] = {}  # pid -> worker slot
+    shared = SharedCounts(workers)
 
     def spawn(slot: int) -> None:
         pid = os.fork()
@@ -169,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _serve(per, socks)
+                _serve(per, socks, shared, slot)
             finally:
                 os._exit(0)
         children[pid] = slot
@@ -187,6 +201,19 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     for slot in range(workers):
         spawn(slot)
+    if metrics is not None:
+        # In the parent, after the workers forked (a thread is better not running at a fork).
+        reg = common.registry("front")
+        reg.register(FrontCollector(shared))
+        try:
+            common.serve(reg, str(metrics))
+        except OSError as e:
+            log.error("%s", kv(front="not starting", error=f"cannot serve metrics on {metrics}: {e}"))
+            stop(signal.SIGTERM, None)
+            for pid in list(children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            return 2
     log.info("%s", kv(front="listening", on=",".join(listen), backend=fs.backend_text,
                       workers=workers, auth_only="yes" if fs.auth_only else "no"))
     notify("READY=1")
@@ -201,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         if pid not in children:
             continue
         slot = children.pop(pid)
+        shared.worker_gone(slot)
         if stopping:
             continue
         # A worker that died took its own sessions with it (their clients retry); the others keep serving.

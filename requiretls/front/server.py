@@ -23,10 +23,11 @@ import logging
 import socket
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.utils import formatdate
 
 from requiretls.front import protocol as p
+from requiretls.front.metrics import Counts
 from requiretls.log import kv
 
 log = logging.getLogger("requiretls")
@@ -54,21 +55,6 @@ class FrontSettings:
     def backend_text(self) -> str:
         host, port = self.backend
         return f"unix:{host}" if host.startswith("/") else f"{host}:{port}"
-
-
-@dataclass
-class Counters:
-    connections: int = 0
-    active: int = 0
-    refused_busy: int = 0
-    backend_down: int = 0
-    tls: int = 0
-    requiretls: int = 0
-    requiretls_refused: int = 0
-    carrier_removed: int = 0
-    messages: int = 0
-    injection: int = 0
-    by_reply: dict[str, int] = field(default_factory=dict)
 
 
 class Closed(Exception):
@@ -803,7 +789,7 @@ def _now_rfc5322() -> str:
 class Front:
     def __init__(self, settings: FrontSettings) -> None:
         self.settings = settings
-        self.counters = Counters()
+        self.counters = Counts()
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def handle(self, sock: socket.socket) -> None:

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 
 from requiretls import metrics as common
 from requiretls.dest.errors import MtaStsTimeoutError
+from requiretls.front.metrics import Counts, FrontCollector, SharedCounts
 from requiretls.milter.metrics import MilterMetrics
 from requiretls.policy import Envelope, LocalPolicy, MessageFacts, OptoutFrom, PolicyTable, Session
 from requiretls.policy.decide import decide
@@ -89,11 +90,23 @@ def _relay() -> str:
     return generate_latest(m.registry).decode()
 
 
+def _front() -> str:
+    """Two workers' rows, as the front's parent adds them up; the second worker was restarted (its session
+    gauge cleared)."""
+    shared = SharedCounts(2)
+    shared.store(0, Counts(connections=5, active=2, tls=4, messages=3, requiretls=1, requiretls_refused=1))
+    shared.store(1, Counts(connections=2, active=1, messages=1, carrier_removed=2, injection=1, backend_down=1))
+    shared.worker_gone(1)
+    reg = common.registry("front")
+    reg.register(FrontCollector(shared))
+    return generate_latest(reg).decode()
+
+
 @pytest.fixture(scope="module")
 def expositions() -> dict[str, str]:
     common.resolver_validating(False)
     try:
-        return {"policyd": _policyd(), "milter": _milter()[1], "relay": _relay()}
+        return {"policyd": _policyd(), "milter": _milter()[1], "relay": _relay(), "front": _front()}
     finally:
         common.resolver_validating(None)
 
@@ -103,7 +116,7 @@ def _names(text: str) -> set[str]:
 
 
 @needs_promtool
-@pytest.mark.parametrize("daemon", ["policyd", "milter", "relay"])
+@pytest.mark.parametrize("daemon", ["policyd", "milter", "relay", "front"])
 def test_promtool_finds_nothing_to_lint(expositions: dict[str, str], daemon: str) -> None:
     r = subprocess.run([str(PROMTOOL), "check", "metrics"], input=expositions[daemon], capture_output=True,
                        text=True, timeout=60)
@@ -137,6 +150,16 @@ def test_what_the_counts_say(expositions: dict[str, str]) -> None:
     assert 'requiretls_relay_deferrals_total{reason="tls"} 1.0' in r
     assert 'requiretls_relay_deferrals_total{reason="dns"} 1.0' in r
     assert 'requiretls_relay_tls_deliveries_total{tls_version="TLSv1.3",verify="dane"} 1.0' in r
+    f = expositions["front"]
+    assert "requiretls_front_connections_total 7.0" in f
+    assert "requiretls_front_sessions 2.0" in f  # the restarted worker's session went with it
+    assert 'requiretls_front_messages_total{requiretls="yes"} 1.0' in f
+    assert 'requiretls_front_messages_total{requiretls="no"} 3.0' in f
+    assert "requiretls_front_tls_sessions_total 4.0" in f
+    assert "requiretls_front_requiretls_refused_total 1.0" in f
+    assert "requiretls_front_carrier_fields_removed_total 2.0" in f
+    assert "requiretls_front_starttls_injections_total 1.0" in f
+    assert "requiretls_front_smtpd_unreachable_total 1.0" in f
 
 
 def test_fetch_failures_are_rfc8460_result_types() -> None:
