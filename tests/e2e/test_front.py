@@ -6,6 +6,7 @@ dot cannot start a second message."""
 from __future__ import annotations
 
 import contextlib
+import re
 import smtplib
 import socket
 import ssl
@@ -51,16 +52,19 @@ def _wait_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -
     raise RuntimeError(f"nothing listens on {path}")
 
 
-def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=haproxy", tcp: bool = False) -> Plugin:
+def _with_front(plugin: Plugin, option: str = "smtpd_upstream_proxy_protocol=haproxy", tcp: bool = False,
+                listen6: int = 0) -> Plugin:
     """The plugin with the front: Postfix's smtpd moved by ``postfix-config --front`` to the default backend
     (the master.cf unix service ``requiretls-front``, its socket in public/) or, with ``tcp`` (postscreen
-    always), to extra[5] on loopback, reading the PROXY protocol; the front on the smtp port where smtpd was."""
+    always), to extra[5] on loopback, reading the PROXY protocol; the front on the smtp port where smtpd was
+    (and with ``listen6`` on that port of ::1 too)."""
     pf = plugin.pf
     if pf.version not in ("3.7", "3.10"):
         pytest.skip("the front is for Postfix 3.7-3.10; 3.11 receives REQUIRETLS itself")
     tcp = tcp or option.startswith("postscreen")
     backend = pf.ports.extra[5]
-    plugin.extra += f'\n[front]\nlisten = ["127.0.0.1:{pf.ports.smtp}"]\n' \
+    six = f', "[::1]:{listen6}"' if listen6 else ""
+    plugin.extra += f'\n[front]\nlisten = ["127.0.0.1:{pf.ports.smtp}"{six}]\n' \
                     + (f'backend = "127.0.0.1:{backend}"\n' if tcp else "") \
                     + f'postfix_config_dir = "{pf.config_dir}"\n'
     plugin.apply_args = ("--front", "--front-service", f"127.0.0.1:{pf.ports.smtp}/inet")
@@ -126,8 +130,8 @@ def test_requiretls_from_postfix_3_11_through_the_front(front: Plugin, sender_31
     front.pf.wait_log(r"to=<carol@dane-norequiretls\.test>.*dsn=5\.7\.30, status=bounced", timeout=60)
 
 
-def _client(port: int) -> smtplib.SMTP:
-    s = smtplib.SMTP("127.0.0.1", port, timeout=20, local_hostname="client.local.test")
+def _client(port: int, host: str = "127.0.0.1") -> smtplib.SMTP:
+    s = smtplib.SMTP(host, port, timeout=20, local_hostname="client.local.test")
     s.ehlo()
     return s
 
@@ -230,3 +234,34 @@ def test_postscreen_behind_the_front(plugin: Plugin) -> None:
     assert d.requiretls and d.tls
     assert "class=requiretls" in front.log("milter")[seen:]
     assert "postfix/postscreen" in pf.log() and "[127.0.0.1]" in pf.log()
+
+
+def test_ipv6_client_through_the_front(plugin: Plugin) -> None:
+    """A client over IPv6 (::1): the front hands smtpd its address in the PROXY v2 header (IPv6 family);
+    Postfix logs and judges that address (not the front's: relaying is refused until ::1 is in mynetworks),
+    and the REQUIRETLS the client gave over TLS takes the REQUIRETLS path."""
+    plugin.pf.set(inet_protocols="all")
+    port6 = plugin.pf.ports.extra[6]
+    front = _with_front(plugin, listen6=port6)
+    with _client(port6, "::1") as s:
+        s.mail(SENDER)
+        code, text = s.rcpt("bob@dane.test")
+        assert code == 554 and b"Relay access denied" in text, (code, text)
+    front.pf.set(mynetworks="127.0.0.0/8 [::1]/128")
+    mark = front.pf.log_mark()
+    front.pf.run(["/usr/sbin/postfix", "-c", str(front.pf.config_dir), "reload"])
+    front.pf.wait_log(r"reload", since=mark)
+    seen = len(front.log("milter"))
+    with _client(port6, "::1") as s:
+        ctx = ssl.create_default_context(cafile=str(front.bed.pki.ca_cert))
+        ctx.check_hostname = False
+        s.starttls(context=ctx)
+        s.ehlo()
+        assert "requiretls" in s.esmtp_features
+        s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: six\r\n\r\nx\r\n".encode(),
+                   mail_options=["REQUIRETLS"])
+    (d,) = front.wait_mx("dane", timeout=60)
+    assert d.requiretls and d.tls
+    assert "class=requiretls" in front.log("milter")[seen:]
+    assert re.search(r"postfix/smtpd\[\d+\]: connect from \S*\[::1\]", front.pf.log()), front.pf.log()[-1500:]
+    assert "client=::1" in front.log("front")
