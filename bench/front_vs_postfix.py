@@ -4,7 +4,8 @@ does STARTTLS itself) and once through ``requiretls front`` (which does STARTTLS
 smtpd on a unix socket, or with ``--tcp-backend`` on loopback TCP, with the PROXY protocol).  Postfix 3.7 of the
 testbed, mail discarded after the queue so that only reception is measured.
 
-* messages/s: ``--sessions`` sessions at once, each STARTTLS once and then ``--messages / sessions`` messages;
+* messages/s: ``--sessions`` sessions at once, each STARTTLS once and then ``--messages / sessions`` messages
+  (smtplib, one command at a time; and a client that pipelines MAIL, RCPT and DATA as MTAs do);
 * TLS handshakes/s: ``--sessions`` clients, each connecting ``--handshakes / sessions`` times (EHLO, STARTTLS,
   EHLO, QUIT);
 * RSS per idle connection: the growth of the front's VmRSS (parent and workers) with ``--idle`` connections
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,6 +66,49 @@ def messages(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float
             s.starttls(context=ctx)
             for _ in range(per):
                 s.sendmail("a@sender.test", ["b@dane.test"], MSG)
+
+    return (per * sessions) / parallel(sessions, work)
+
+
+def _replies(f: BinaryIO, n: int) -> list[bytes]:
+    """``n`` whole replies (each its last line) from a reader; RuntimeError for one that is not 2xx/3xx."""
+    out = []
+    while len(out) < n:
+        line = f.readline()
+        if not line:
+            raise RuntimeError("connection closed")
+        if line[3:4] != b"-":
+            if line[:1] not in (b"2", b"3"):
+                raise RuntimeError(line.decode("ascii", "replace").strip())
+            out.append(line)
+    return out
+
+
+def pipelined(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float:
+    """As :func:`messages`, with a client that pipelines as MTAs do (RFC 2920): MAIL, RCPT and DATA in one
+    write, then the message."""
+    per = total // sessions
+
+    def work() -> None:
+        with socket.create_connection(("127.0.0.1", port), 60) as raw:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            f = raw.makefile("rb")
+            _replies(f, 1)
+            raw.sendall(b"EHLO bench.local.test\r\n")
+            _replies(f, 1)
+            raw.sendall(b"STARTTLS\r\n")
+            _replies(f, 1)
+            with ctx.wrap_socket(raw, server_hostname="mx") as t:
+                tf = t.makefile("rb")
+                t.sendall(b"EHLO bench.local.test\r\n")
+                _replies(tf, 1)
+                for _ in range(per):
+                    t.sendall(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<b@dane.test>\r\nDATA\r\n")
+                    _replies(tf, 3)
+                    t.sendall(MSG + b".\r\n")
+                    _replies(tf, 1)
+                t.sendall(b"QUIT\r\n")
+                _replies(tf, 1)
 
     return (per * sessions) / parallel(sessions, work)
 
@@ -152,10 +197,13 @@ def main() -> int:
         pf, direct, front, proc = setup(bed, args.tcp_backend)
         ctx = _ctx(bed)
         try:
-            res: dict[str, list[float]] = {"msg direct": [], "msg front": [], "hs direct": [], "hs front": []}
+            res: dict[str, list[float]] = {"msg direct": [], "msg front": [], "pipe direct": [], "pipe front": [],
+                                           "hs direct": [], "hs front": []}
             for run in range(args.runs):
                 res["msg direct"].append(messages(direct, ctx, args.messages, args.sessions))
                 res["msg front"].append(messages(front, ctx, args.messages, args.sessions))
+                res["pipe direct"].append(pipelined(direct, ctx, args.messages, args.sessions))
+                res["pipe front"].append(pipelined(front, ctx, args.messages, args.sessions))
                 res["hs direct"].append(handshakes(direct, ctx, args.handshakes, args.sessions))
                 res["hs front"].append(handshakes(front, ctx, args.handshakes, args.sessions))
                 print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in res.items()), file=sys.stderr)
@@ -172,8 +220,11 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     r_msg = med["msg front"] / med["msg direct"]
     r_hs = med["hs front"] / med["hs direct"]
+    r_pipe = med["pipe front"] / med["pipe direct"]
     print(f"| messages/s ({args.messages} messages) | {med['msg direct']:,.0f} | {med['msg front']:,.0f} | "
           f"{r_msg:.2f}x |")
+    print(f"| messages/s, pipelining client (MAIL, RCPT, DATA in one write) | {med['pipe direct']:,.0f} | "
+          f"{med['pipe front']:,.0f} | {r_pipe:.2f}x |")
     print(f"| TLS handshakes/s ({args.handshakes}) | {med['hs direct']:,.0f} | {med['hs front']:,.0f} | "
           f"{r_hs:.2f}x |")
     print(f"\nfront RSS per idle connection ({args.idle} open): {rss:.1f} KiB")

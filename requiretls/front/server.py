@@ -36,6 +36,12 @@ log = logging.getLogger("requiretls")
 DATA_CHUNK = 65536
 #: smtpd's default ``smtpd_hard_error_limit``: the front closes after this many refused commands of its own.
 ERROR_LIMIT = 20
+#: Commands a pipelined group passes to smtpd in one write (RFC 2920 §3.1: these do not end a group; DATA
+#: does, and goes last).
+_GROUPED = frozenset({"MAIL", "RCPT", "RSET"})
+#: The most commands in one group: smtpd's replies to a group wait in the socket until the front has written
+#: all of it, so a group stays far below what the socket holds (the rest follows in the next group).
+GROUP_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,6 +487,8 @@ class Session:
         self.tls_info = ""
         self.helo = ""
         self.requiretls = False
+        #: smtpd offered PIPELINING in its last EHLO reply (and no STARTTLS came since).
+        self.pipelining = False
         self.rcpts = 0
         self.errors = 0
         self.bw: _Plain | None = None
@@ -605,13 +613,18 @@ class Session:
                 if verb == "EHLO":
                     rep = p.rewrite_ehlo(rep, tls_active=self.tls_active, tls_offered=self.cfg.tls is not None,
                                          auth_only=self.cfg.auth_only)
-                if p.reply_code(rep) // 100 == 2:
+                ok = p.reply_code(rep) // 100 == 2
+                if ok:
                     self.helo = cmd.arg.split(" ", 1)[0][:255]
+                self.pipelining = ok and verb == "EHLO" and any(
+                    ln[4:].upper().split(b" ", 1)[0] == b"PIPELINING" for ln in p.reply_lines(rep)[1:])
                 await self.send(rep)
             elif verb in ("BDAT",):
                 await self.refuse(b"502 5.5.1 Error: command not implemented\r\n")
             elif verb == "AUTH":
                 await self.auth(content)
+            elif verb in _GROUPED and self.pipelining and self.client.pending() and await self.group(cmd):
+                continue
             elif verb == "MAIL":
                 await self.mail(cmd)
             elif verb == "RCPT":
@@ -726,12 +739,76 @@ class Session:
             self.rcpts = 0
         await self.send(rep)
 
+    async def group(self, first: p.Command) -> bool:
+        """RFC 2920: ``first`` and the commands the client pipelined behind it (MAIL, RCPT, RSET, and a DATA
+        that ends the group) go to smtpd in one write, and smtpd's replies to the client in one write, in
+        order; False (nothing done) when ``first`` is not one to pass on as it is.  Only whole lines the client
+        has already sent are taken; a command the front answers itself, or any other, ends the group before
+        it and is read as usual."""
+        cmds: list[tuple[p.Command, p.MailFrom | None]] = []
+        for cmd in self._pipelined(first):
+            m = None
+            if cmd.verb == "MAIL":
+                m = p.mail_from(cmd, tls_active=self.tls_active)
+                if m.error is not None:
+                    break
+            cmds.append((cmd, m))
+        if len(cmds) < 2:
+            return False
+        # What _pipelined() looked at and the group takes leaves the client's buffer.
+        del self.client.buf[:sum(len(c.raw) + 2 for c, _ in cmds[1:])]
+        await self.to_backend(b"".join((m.line if m is not None else c.raw) + b"\r\n" for c, m in cmds))
+        out = b""
+        rep = b""
+        for cmd, m in cmds:
+            rep = await self.reply()
+            out += rep
+            ok = p.reply_code(rep) // 100 == 2
+            if m is not None and ok:
+                self.requiretls = m.requiretls
+                self.rcpts = 0
+            elif cmd.verb == "RCPT" and ok:
+                self.rcpts += 1
+            elif cmd.verb == "RSET":
+                self.requiretls = False
+                self.rcpts = 0
+            if rep.startswith(b"421"):
+                await self.send(out)
+                raise Closed("smtpd closed the session")
+        await self.send(out)
+        if cmds[-1][0].verb == "DATA" and rep.startswith(b"354"):
+            await self.message()
+        return True
+
+    def _pipelined(self, first: p.Command) -> list[p.Command]:
+        """``first`` and the whole command lines behind it in the client's buffer that may join its group, up
+        to and including a DATA (each ends with CRLF: any other line ends the group before it)."""
+        out = [first]
+        buf = self.client.buf
+        pos = 0
+        while out[-1].verb != "DATA" and len(out) < GROUP_LIMIT:
+            i = buf.find(b"\n", pos)
+            if i < 0:
+                break
+            content, ending = p.split_line(bytes(buf[pos:i + 1]))
+            if ending != b"\r\n" or p.command_error(content) is not None:
+                break
+            cmd = p.parse_command(content)
+            if cmd.verb not in _GROUPED and cmd.verb != "DATA":
+                break
+            out.append(cmd)
+            pos = i + 1
+        return out
+
     async def data(self, content: bytes) -> None:
         await self.to_backend(content + b"\r\n")
         rep = await self.reply()
         await self.send(rep)
-        if not rep.startswith(b"354"):
-            return
+        if rep.startswith(b"354"):
+            await self.message()
+
+    async def message(self) -> None:
+        """After smtpd's 354: the message, from the client to smtpd, and smtpd's reply back."""
         top = b""
         if self.tls_info:
             top += p.header_block([(b"Received", self._trace().encode("utf-8", "surrogateescape"))])

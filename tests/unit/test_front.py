@@ -434,3 +434,147 @@ def test_two_thousand_idle_connections_are_held_and_others_still_served() -> Non
         asyncio.run(go())
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class RawSmtpd:
+    """An smtpd stand-in that records what each read brought (what the front wrote at once), keeps MAIL/RCPT
+    state as smtpd does (503 out of order), refuses RCPT to ``bad@`` and answers RCPT to ``drop@`` with 421 and
+    hangs up."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.messages: list[bytes] = []
+
+    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        hdr = await r.readexactly(16)
+        await r.readexactly(int.from_bytes(hdr[14:16], "big"))
+        w.write(b"220 backend ESMTP\r\n")
+        buf, mail, rcpts = b"", False, 0
+        while data := await r.read(65536):
+            self.chunks.append(data)
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    w.write(b"250-backend\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif verb == b"MAIL":
+                    mail, rcpts = True, 0
+                    w.write(b"250 2.1.0 Ok\r\n")
+                elif verb == b"RCPT" and not mail:
+                    w.write(b"503 5.5.1 Error: need MAIL command\r\n")
+                elif verb == b"RCPT" and b"<bad@" in line:
+                    w.write(b"550 5.1.1 <bad@d.test>: Recipient address rejected\r\n")
+                elif verb == b"RCPT" and b"<drop@" in line:
+                    w.write(b"421 4.3.0 closing\r\n")
+                    await w.drain()
+                    w.close()
+                    return
+                elif verb == b"RCPT":
+                    rcpts += 1
+                    w.write(b"250 2.1.5 Ok\r\n")
+                elif verb == b"DATA" and not rcpts:
+                    w.write(b"554 5.5.1 Error: no valid recipients\r\n")
+                elif verb == b"DATA":
+                    w.write(b"354 go\r\n")
+                    await w.drain()
+                    while b"\r\n.\r\n" not in b"\r\n" + buf:
+                        buf += await r.read(65536)
+                    end = (b"\r\n" + buf).index(b"\r\n.\r\n")
+                    self.messages.append(buf[:end])
+                    buf = buf[end + 3:]
+                    mail, rcpts = False, 0
+                    w.write(b"250 2.0.0 Ok: queued as Y\r\n")
+                elif verb == b"RSET":
+                    mail, rcpts = False, 0
+                    w.write(b"250 2.0.0 Ok\r\n")
+                elif verb == b"QUIT":
+                    w.write(b"221 2.0.0 Bye\r\n")
+                    await w.drain()
+                    w.close()
+                    return
+                else:
+                    w.write(b"250 2.0.0 Ok\r\n")
+            await w.drain()
+        w.close()
+
+
+async def _raw_bed(tmp_path: Path) -> tuple[RawSmtpd, asyncio.Server, asyncio.Server, int]:
+    raw = RawSmtpd()
+    sock = str(tmp_path / "raw.sock")
+    bs = await asyncio.start_unix_server(raw.handle, sock)
+    fs = await Front(FrontSettings((sock, 0), "front.test", server_context())).start("127.0.0.1", 0)
+    return raw, bs, fs, fs.sockets[0].getsockname()[1]
+
+
+async def _replies(c: Client, n: int) -> list[bytes]:
+    return [await c.reply() for _ in range(n)]
+
+
+def test_a_pipelined_group_goes_to_smtpd_in_one_write_and_the_replies_keep_their_order(tmp_path: Path) -> None:
+    """RFC 2920 through the front: MAIL (with REQUIRETLS, taken out), RCPTs and DATA the client pipelined
+    reach smtpd in one write; the client gets smtpd's replies in order (a refused recipient among them), and
+    the message the REQUIRETLS carrier."""
+
+    async def go() -> None:
+        raw, bs, fs, port = await _raw_bed(tmp_path)
+        c = await _connect(port)
+        await c.cmd(b"EHLO client.test")
+        await c.starttls()
+        assert b"PIPELINING" in await c.cmd(b"EHLO client.test")
+        c.w.write(b"MAIL FROM:<a@b.test> REQUIRETLS\r\nRCPT TO:<c@d.test>\r\nRCPT TO:<bad@d.test>\r\n"
+                  b"RCPT TO:<e@d.test>\r\nDATA\r\n")
+        got = await _replies(c, 5)
+        assert [r[:3] for r in got] == [b"250", b"250", b"550", b"250", b"354"], got
+        c.w.write(b"Subject: grouped\r\n\r\nbody\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250 2.0.0")
+        # Another group without DATA (RSET, MAIL), then a lone command: each group in order.
+        c.w.write(b"RSET\r\nMAIL FROM:<x@b.test>\r\n")
+        assert [r[:3] for r in await _replies(c, 2)] == [b"250", b"250"]
+        assert (await c.cmd(b"QUIT")).startswith(b"221")
+        bs.close()
+        fs.close()
+        assert b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nRCPT TO:<bad@d.test>\r\nRCPT TO:<e@d.test>\r\n" \
+               b"DATA\r\n" in raw.chunks, raw.chunks
+        assert b"RSET\r\nMAIL FROM:<x@b.test>\r\n" in raw.chunks, raw.chunks
+        (msg,) = raw.messages
+        assert msg.split(b"\r\n")[1] == b"Require-TLS-ESMTP: yes" and msg.endswith(b"Subject: grouped\r\n\r\nbody\r\n")
+
+    asyncio.run(go())
+
+
+def test_a_group_stops_where_the_front_answers_itself(tmp_path: Path) -> None:
+    """In clear, MAIL ... REQUIRETLS is the front's to refuse (555): it is answered in its place in the order,
+    smtpd never sees it, and what follows goes to smtpd (which refuses RCPT and DATA without MAIL)."""
+
+    async def go() -> None:
+        raw, bs, fs, port = await _raw_bed(tmp_path)
+        c = await _connect(port)
+        await c.cmd(b"EHLO client.test")
+        c.w.write(b"MAIL FROM:<ok@b.test>\r\nRSET\r\nMAIL FROM:<a@b.test> REQUIRETLS\r\nRCPT TO:<c@d.test>\r\n"
+                  b"DATA\r\n")
+        got = await _replies(c, 5)
+        assert [r[:3] for r in got] == [b"250", b"250", b"555", b"503", b"554"], got
+        assert (await c.cmd(b"QUIT")).startswith(b"221")
+        bs.close()
+        fs.close()
+        assert not any(b"REQUIRETLS" in ch or b"<a@b.test>" in ch for ch in raw.chunks), raw.chunks
+        assert b"MAIL FROM:<ok@b.test>\r\nRSET\r\n" in raw.chunks
+
+    asyncio.run(go())
+
+
+def test_smtpd_closing_in_a_group_gets_its_421_to_the_client(tmp_path: Path) -> None:
+    async def go() -> None:
+        raw, bs, fs, port = await _raw_bed(tmp_path)
+        c = await _connect(port)
+        await c.cmd(b"EHLO client.test")
+        c.w.write(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<drop@d.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n")
+        got = await _replies(c, 2)
+        assert [r[:3] for r in got] == [b"250", b"421"], got
+        assert await asyncio.wait_for(c.r.read(), 10) == b""  # and the session ends
+        bs.close()
+        fs.close()
+        assert raw.chunks[-1] == b"MAIL FROM:<a@b.test>\r\nRCPT TO:<drop@d.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n"
+
+    asyncio.run(go())
