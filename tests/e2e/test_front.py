@@ -221,19 +221,25 @@ def test_postscreen_behind_the_front(plugin: Plugin) -> None:
     pf.add_service("tlsproxy", "unix", "unix - - n - 0 tlsproxy")
     front = _with_front(plugin, "postscreen_upstream_proxy_protocol=haproxy")
     assert "milter_macro_daemon_name=requiretls-front" in pf.postconf("-M", "smtpd/pass")
+    _requiretls_over_tls(front, front.pf.ports.smtp)
+    assert "postfix/postscreen" in pf.log() and "[127.0.0.1]" in pf.log()
+
+
+def _requiretls_over_tls(front: Plugin, port: int, host: str = "127.0.0.1") -> None:
+    """A client gives REQUIRETLS over TLS through the front: the milter classes the message requiretls and it
+    reaches the DANE MX with REQUIRETLS."""
     seen = len(front.log("milter"))
-    with _client(front.pf.ports.smtp) as s:
+    with _client(port, host) as s:
         ctx = ssl.create_default_context(cafile=str(front.bed.pki.ca_cert))
         ctx.check_hostname = False
         s.starttls(context=ctx)
         s.ehlo()
         assert "requiretls" in s.esmtp_features
-        s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: ps\r\n\r\nx\r\n".encode(),
+        s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: rt\r\n\r\nx\r\n".encode(),
                    mail_options=["REQUIRETLS"])
     (d,) = front.wait_mx("dane", timeout=60)
     assert d.requiretls and d.tls
     assert "class=requiretls" in front.log("milter")[seen:]
-    assert "postfix/postscreen" in pf.log() and "[127.0.0.1]" in pf.log()
 
 
 def test_ipv6_client_through_the_front(plugin: Plugin) -> None:
@@ -251,17 +257,6 @@ def test_ipv6_client_through_the_front(plugin: Plugin) -> None:
     mark = front.pf.log_mark()
     front.pf.run(["/usr/sbin/postfix", "-c", str(front.pf.config_dir), "reload"])
     front.pf.wait_log(r"reload", since=mark)
-    seen = len(front.log("milter"))
-    with _client(port6, "::1") as s:
-        ctx = ssl.create_default_context(cafile=str(front.bed.pki.ca_cert))
-        ctx.check_hostname = False
-        s.starttls(context=ctx)
-        s.ehlo()
-        assert "requiretls" in s.esmtp_features
-        s.sendmail(SENDER, ["bob@dane.test"], f"From: {SENDER}\r\nSubject: six\r\n\r\nx\r\n".encode(),
-                   mail_options=["REQUIRETLS"])
-    (d,) = front.wait_mx("dane", timeout=60)
-    assert d.requiretls and d.tls
-    assert "class=requiretls" in front.log("milter")[seen:]
+    _requiretls_over_tls(front, port6, "::1")
     assert re.search(r"postfix/smtpd\[\d+\]: connect from \S*\[::1\]", front.pf.log()), front.pf.log()[-1500:]
     assert "client=::1" in front.log("front")
