@@ -176,19 +176,27 @@ def run(args: argparse.Namespace) -> int:
     per = dataclasses.replace(fs, max_connections=max(1, fs.max_connections // workers))
     children: dict[int, int] = {}  # pid -> worker slot
     shared = SharedCounts(workers)
+    stopping = False
 
     def spawn(slot: int) -> None:
+        # SIGTERM and SIGINT wait while the child is made: one that came between the fork and the child's own
+        # handlers would run the parent's stop() in the child, which then served on, an orphan holding the port.
+        stopping_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stopping_signals)
+        if stopping:  # a SIGTERM while the workers were being made: no more of them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
+            return
         pid = os.fork()
         if pid == 0:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
                 _serve(per, socks, shared, slot)
             finally:
                 os._exit(0)
         children[pid] = slot
-
-    stopping = False
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -239,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
             stop(signal.SIGTERM, None)
             continue
         time.sleep(1)
-        spawn(slot)
+        if not stopping:  # (a SIGTERM during the pause)
+            spawn(slot)
     notify("STOPPING=1")
     return 0

@@ -142,3 +142,30 @@ def test_metrics_add_up_the_workers_and_a_replaced_worker_keeps_its_counts(
     want["requiretls_front_connections_total"] = 8.0
     want["requiretls_front_tls_sessions_total"] = 6.0
     _wait(lambda: all(_scrape(mport).get(k) == v for k, v in want.items()), f"the counts {want}")
+
+
+@needs_postconf
+def test_sigterm_at_any_moment_of_the_start_stops_every_process(tmp_path: Path) -> None:
+    """SIGTERM right as the workers are being made (the parent's handler must never run in a new worker, which
+    would then serve on, an orphan holding the port): the front and all its workers are gone within seconds,
+    and the port is free again, every time."""
+    (tmp_path / "postfix").mkdir()
+    (tmp_path / "postfix" / "main.cf").write_text("compatibility_level = 3.6\n")
+    files = pki().files("postfix")
+    port = _free_port()
+    conf = tmp_path / "requiretls.toml"
+    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:{tmp_path / "none.sock"}"\n'
+                    f'workers = 16\ntls_files = ["{files.key}", "{files.cert}"]\n'
+                    f'postfix_config_dir = "{tmp_path / "postfix"}"\n')
+    for attempt in range(16):
+        proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
+                                stderr=open(tmp_path / "front.log", "ab"))  # noqa: SIM115
+        if attempt % 2:
+            _wait(lambda: _connects(port), "the front listening")
+        else:
+            time.sleep(0.2 + 0.02 * attempt)  # somewhere in the start: imports, binding, forking the workers
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        # Nothing still listens: no worker outlived the parent.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), 1).close()
