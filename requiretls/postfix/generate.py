@@ -576,6 +576,14 @@ def _front(env: PostfixEnv, backend: str, service: str = "smtp/inet") -> tuple[t
         if "_upstream_proxy_protocol=haproxy" in moved:
             public = moved
     if public is None:
+        # Moved by an earlier --front to another backend (the default was loopback TCP before it was a unix
+        # socket): say where, rather than that there is nothing to move.
+        earlier = [key for key, line in env.master.items()
+                   if ("smtpd_upstream_proxy_protocol=haproxy" in line and "=requiretls-front" in line)
+                   or "postscreen_upstream_proxy_protocol=haproxy" in line]
+        if earlier:
+            raise PlanError(f"--front: an earlier --front moved {service} to {earlier[0]}, not to front.backend "
+                            f"{target}: set front.backend to match it, or run --undo and then --front again")
         raise PlanError(f"--front: master.cf has no {service} service to put the front in front of")
     head, _ = _options(public)
     command = head[7] if len(head) >= 8 else ""

@@ -531,6 +531,20 @@ def test_front_moves_the_public_smtpd_behind_it_and_undo_brings_it_back(tmp_path
 
 
 @needs_postconf
+def test_front_again_with_another_backend_says_where_smtpd_went(tmp_path: Path) -> None:
+    """smtpd moved to loopback TCP by an earlier --front (the old default), the config now on the unix default:
+    --front names the entry and the two ways out, and changes nothing."""
+    pf = Instance(tmp_path, "")
+    pf.config.write_text('[front]\nbackend = "127.0.0.1:10028"\n')
+    pf.ok("--apply", "--front")
+    moved = pf.files()
+    pf.config.write_text("")
+    r = pf.tool("--apply", "--front")
+    assert r.returncode != 0 and "127.0.0.1:10028/inet" in r.stderr and "--undo" in r.stderr, r.stdout + r.stderr
+    assert pf.files() == moved
+
+
+@needs_postconf
 def test_front_with_postscreen_moves_postscreen_and_marks_smtpd_pass(tmp_path: Path) -> None:
     pf = Instance(tmp_path, "")
     smtpd = pf.pc("-M", "smtp/inet").strip()
