@@ -181,6 +181,8 @@ class Backend:
     @classmethod
     def parse(cls, text: str, default_port: int | None = None) -> Backend:
         t = text.strip()
+        if not t:
+            raise ValueError("empty: write unix:public/NAME (under Postfix's queue_directory) or a loopback IP:PORT")
         if t.startswith("unix:"):
             path = t[5:]
             if not path or path.endswith("/") or any(c.isspace() for c in path) or ".." in path.split("/"):

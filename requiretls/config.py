@@ -545,7 +545,7 @@ SCHEMA: Mapping[str, Mapping[str, Setting]] = {
             "under Postfix's queue_directory, reachable only by root, Postfix and the postdrop group, which the "
             "front's unit joins; it costs less than TCP), or a loopback IP:PORT (port 10028 unless given; "
             "postscreen needs this form, it listens on TCP only).",
-            convert=lambda v: Backend.parse(v, 10028) if v else None,
+            convert=lambda v: Backend.parse(v, 10028),
         ),
         "hostname": Setting(str, "", "Name in the front's Received: trace field. Empty: Postfix's myhostname."),
         "tls_files": Setting(

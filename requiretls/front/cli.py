@@ -213,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         # In the parent, after the workers forked (a thread is better not running at a fork).
         reg = common.registry("front")
         reg.register(FrontCollector(shared))
+        # The HTTP thread starts with SIGTERM/SIGINT blocked, so that they always reach the main thread, where
+        # spawn() holds them back across a fork.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
             common.serve(reg, str(metrics))
         except OSError as e:
@@ -222,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
             return 2
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     log.info("%s", kv(front="listening", on=",".join(listen), backend=fs.backend_text,
                       workers=workers, auth_only="yes" if fs.auth_only else "no"))
     notify("READY=1")

@@ -168,7 +168,7 @@ class DataStream:
     says that REQUIRETLS was given.  Wherever the front cannot tell (a line so long that its start shows no
     colon), it stays in the header section: it must never read "body" where Postfix still reads headers."""
 
-    __slots__ = ("done", "dropped", "dropping", "in_header", "mid_line", "prev_crlf")
+    __slots__ = ("done", "dropped", "dropping", "in_header", "mid_line", "prev_crlf", "scanned")
 
     def __init__(self) -> None:
         self.done = False
@@ -178,6 +178,8 @@ class DataStream:
         self.prev_crlf = True
         #: :meth:`take` passed on the start of a line too long to hold, and not yet its end.
         self.mid_line = False
+        #: How much of the buffer :meth:`take` found without a line end (searched from there next time).
+        self.scanned = 0
 
     def take(self, buf: bytearray, limit: int) -> bytes:
         """Everything :meth:`part` makes of the lines that ``buf`` holds whole (and of the pieces of a line
@@ -194,33 +196,39 @@ class DataStream:
         out: list[bytes] = []
         tried = False
         while not self.done:
+            i = buf.find(b"\n", self.scanned)
+            if i < 0:
+                if len(buf) < limit:
+                    # Nothing whole yet: the next call looks only at what arrives after this (a line that comes
+                    # a byte at a time is not searched from its start again and again).
+                    self.scanned = len(buf)
+                    break
+                # Never split between CR and LF.
+                cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
+                piece = bytes(buf[:cut])
+                del buf[:cut]
+                self.scanned = 0
+                out.append(self.part(piece, first=not self.mid_line, last=False))
+                self.mid_line = True
+                continue
             if not self.mid_line and not tried:
                 tried = True
                 n = self._plain(buf)
                 if n:
                     out.append(bytes(buf[:n]))
                     del buf[:n]
+                    self.scanned = 0
                     # (_plain() leaves only the start of a line, or what follows the end of data.)
                     continue
-            i = buf.find(b"\n")
-            if i >= 0:
-                raw = bytes(buf[: i + 1])
-                del buf[: i + 1]
-                content, ending = split_line(raw)
-                header = self.in_header
-                out.append(self.part(content, first=not self.mid_line, last=True, crlf=ending == b"\r\n"))
-                self.mid_line = False
-                if header and not self.in_header:
-                    tried = False  # the body starts here: one more attempt
-            elif len(buf) >= limit:
-                # Never split between CR and LF.
-                cut = limit - 1 if buf[limit - 1:limit] == b"\r" else limit
-                piece = bytes(buf[:cut])
-                del buf[:cut]
-                out.append(self.part(piece, first=not self.mid_line, last=False))
-                self.mid_line = True
-            else:
-                break
+            raw = bytes(buf[: i + 1])
+            del buf[: i + 1]
+            self.scanned = 0
+            content, ending = split_line(raw)
+            header = self.in_header
+            out.append(self.part(content, first=not self.mid_line, last=True, crlf=ending == b"\r\n"))
+            self.mid_line = False
+            if header and not self.in_header:
+                tried = False  # the body starts here: one more attempt
         return b"".join(out)
 
     def _plain(self, buf: bytearray) -> int:

@@ -407,15 +407,22 @@ class _Plain(_Reader):
         loop = asyncio.get_running_loop()
         if host.startswith("/"):
             # A UNIX-domain socket (a master.cf unix service): half the system time of loopback TCP per
-            # command, and no other local user can hand smtpd a PROXY header.
-            usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                usock.setblocking(False)
-                await loop.sock_connect(usock, host)
-            except BaseException:
-                usock.close()
-                raise
-            return cls(usock)
+            # command, and no other local user can hand smtpd a PROXY header.  Its connect either succeeds at
+            # once or fails with EAGAIN when the listen queue is full (smtpd busy: master.cf's process limit
+            # reached); never "in progress" as TCP's, so asyncio's sock_connect would report the EAGAIN case
+            # as connected.  Try again until the session's connect deadline cuts it off (then 421).
+            while True:
+                usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    usock.setblocking(False)
+                    usock.connect(host)
+                    return cls(usock)
+                except (BlockingIOError, InterruptedError):
+                    usock.close()
+                    await asyncio.sleep(0.05)
+                except BaseException:
+                    usock.close()
+                    raise
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         except socket.gaierror:
@@ -489,6 +496,8 @@ class Session:
         self.requiretls = False
         #: smtpd offered PIPELINING in its last EHLO reply (and no STARTTLS came since).
         self.pipelining = False
+        #: smtpd accepted a MAIL and the transaction has not ended (DATA's end, RSET, EHLO/HELO).
+        self.in_mail = False
         self.rcpts = 0
         self.errors = 0
         self.bw: _Plain | None = None
@@ -609,13 +618,17 @@ class Session:
             elif verb in ("EHLO", "HELO"):
                 await self.to_backend(content + b"\r\n")
                 rep = await self.reply()
-                self.requiretls = False
                 if verb == "EHLO":
                     rep = p.rewrite_ehlo(rep, tls_active=self.tls_active, tls_offered=self.cfg.tls is not None,
                                          auth_only=self.cfg.auth_only)
                 ok = p.reply_code(rep) // 100 == 2
                 if ok:
+                    # smtpd starts over after an accepted EHLO/HELO (a refused one leaves its transaction,
+                    # and the REQUIRETLS of that transaction, as they were).
                     self.helo = cmd.arg.split(" ", 1)[0][:255]
+                    self.requiretls = False
+                    self.in_mail = False
+                    self.rcpts = 0
                 self.pipelining = ok and verb == "EHLO" and any(
                     ln[4:].upper().split(b" ", 1)[0] == b"PIPELINING" for ln in p.reply_lines(rep)[1:])
                 await self.send(rep)
@@ -637,6 +650,7 @@ class Session:
                 await self.data(content)
             elif verb == "RSET":
                 self.requiretls = False
+                self.in_mail = False
                 self.rcpts = 0
                 await self.pass_through(content)
             elif verb == "QUIT":
@@ -693,10 +707,18 @@ class Session:
             cipher = obj.cipher() or ("?", "?", 0)
             self.tls_info = f"using {obj.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
             log.info("%s", kv(front="TLS established", client=self.peer[0], protocol=obj.version(), cipher=cipher[0]))
-        # RFC 3207 §4.2: the session starts over.  smtpd learns it from the client's next EHLO, which the
-        # client must send; until then smtpd refuses MAIL as it would without any EHLO.
+        # RFC 3207 §4.2: the session starts over, and nothing said in clear counts.  smtpd is not told of the
+        # STARTTLS (its side stays in clear): a transaction begun in clear is ended there with an RSET whose
+        # reply the client never sees; the client's next EHLO resets smtpd's greeting state as usual.
         self.requiretls = False
+        self.pipelining = False
         self.helo = ""
+        self.rcpts = 0
+        if self.in_mail:
+            self.in_mail = False
+            await self.to_backend(b"RSET\r\n")
+            if not (await self.reply()).startswith(b"250"):
+                raise Closed("smtpd refused the RSET after STARTTLS")
 
     async def _start_tls(self, ctx: ssl.SSLContext) -> None:
         """From here on OpenSSL has the client's socket (no longer read in clear; the 220 is written)."""
@@ -736,6 +758,7 @@ class Session:
         rep = await self.reply()
         if p.reply_code(rep) // 100 == 2:
             self.requiretls = m.requiretls
+            self.in_mail = True
             self.rcpts = 0
         await self.send(rep)
 
@@ -766,11 +789,13 @@ class Session:
             ok = p.reply_code(rep) // 100 == 2
             if m is not None and ok:
                 self.requiretls = m.requiretls
+                self.in_mail = True
                 self.rcpts = 0
             elif cmd.verb == "RCPT" and ok:
                 self.rcpts += 1
             elif cmd.verb == "RSET":
                 self.requiretls = False
+                self.in_mail = False
                 self.rcpts = 0
             if rep.startswith(b"421"):
                 await self.send(out)
@@ -817,7 +842,7 @@ class Session:
         stream = p.DataStream()
         deadline = time.monotonic() + self.cfg.timeout
         # The front's own fields leave with the first lines of the message, in one write.
-        pending = top
+        pending = bytearray(top)
         buf = self.client.buf
         while True:
             out = stream.take(buf, DATA_CHUNK)
@@ -825,8 +850,8 @@ class Session:
                 pending += out
                 deadline = time.monotonic() + self.cfg.timeout
             if stream.done or len(pending) >= DATA_CHUNK:
-                await self.to_backend(pending)
-                pending = b""
+                await self.to_backend(bytes(pending))
+                pending.clear()
             if stream.done:
                 break
             await self.client.fill(deadline)
@@ -836,12 +861,15 @@ class Session:
         rep = await self.reply()
         await self.send(rep)
         if p.reply_code(rep) // 100 == 2:
-            self.front.counters.messages += 1
             if self.requiretls:
                 self.front.counters.requiretls += 1
+            else:
+                self.front.counters.plain += 1
             log.info("%s", kv(front="message", client=self.peer[0], requiretls="yes" if self.requiretls else "no",
                               tls=self.tls_info or "none", reply=rep.split(b"\r\n", 1)[0].decode("ascii", "replace")))
+        # Accepted or refused, the transaction is over (smtpd resets after the end of data either way).
         self.requiretls = False
+        self.in_mail = False
         self.rcpts = 0
 
     def _trace(self) -> str:

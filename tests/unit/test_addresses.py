@@ -190,7 +190,7 @@ def test_front_backend_forms(text: str, endpoint: Endpoint | None, path: str,
         assert Backend.parse(str(b)) == b
 
 
-@pytest.mark.parametrize("text", ["unix:", "unix:public/", "unix:public/a b", "unix:../etc/x", "localhost:25",
+@pytest.mark.parametrize("text", ["", " ", "unix:", "unix:public/", "unix:public/a b", "unix:../etc/x", "localhost:25",
                                   "192.0.2.1:99999"])
 def test_front_backend_refused(text: str) -> None:
     with pytest.raises(ValueError):

@@ -62,6 +62,9 @@ def test_full_config_with_tables_relative_to_the_config_file(tmp_path: Path) -> 
         ('[dns]\ntimeout = true\n', 2, "dns.timeout", "must be an integer or a number"),
         ('[dns]\ntimeout = -1\n', 2, "dns.timeout", "greater than 0"),
         ('[policy]\ntable = "missing-table"\n', 2, "policy.table", "cannot read table"),
+        ('[front]\n\nbackend = ""\n', 3, "front.backend", "write unix:public/NAME"),
+        ('[front]\nbackend = "unix:../x"\n', 2, "front.backend", "write unix:public/NAME"),
+        ('[front]\nmetrics = "192.0.2.1:9104"\n', 2, "front.metrics", "not a loopback address"),
     ],
 )
 def test_semantic_errors_name_file_line_and_key(

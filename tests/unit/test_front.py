@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import struct
@@ -366,6 +367,88 @@ def test_smtpd_that_does_not_answer_the_connect_is_421_after_connect_timeout() -
     asyncio.run(go())
 
 
+def test_a_busy_unix_smtpd_is_421_after_connect_timeout_then_served(tmp_path: Path) -> None:
+    """smtpd on a unix socket with its listen queue full (master.cf's process limit reached): the connect
+    fails with EAGAIN, which the front retries until the session's deadline, then 421 (counted as smtpd
+    unreachable); once smtpd accepts again, the next client is served."""
+    async def go() -> None:
+        path = str(tmp_path / "busy.sock")
+        backend = socket.socket(socket.AF_UNIX)
+        backend.bind(path)
+        backend.listen(0)
+        fillers = []
+        for _ in range(4):  # fill the queue (a unix socket's holds backlog + 1)
+            f = socket.socket(socket.AF_UNIX)
+            f.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                f.connect(path)
+            fillers.append(f)
+        front = Front(FrontSettings((path, 0), "f", None, connect_timeout=0.5))
+        fs = await front.start("127.0.0.1", 0)
+        port = fs.sockets[0].getsockname()[1]
+        r, _w = await asyncio.open_connection("127.0.0.1", port)
+        started = time.monotonic()
+        assert (await asyncio.wait_for(r.readline(), 10)).startswith(b"421 4.3.2")
+        assert time.monotonic() - started >= 0.4
+        assert front.counters.backend_down == 1
+        # smtpd takes connections again: the queue drains and the next session gets its greeting.
+        for f in fillers:
+            f.close()
+        backend.close()
+        os.unlink(path)
+        fake = FakeSmtpd()
+        bs = await asyncio.start_unix_server(fake.handle, path)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+        assert (await asyncio.wait_for(r2.readline(), 10)).startswith(b"220 backend")
+        w2.close()
+        bs.close()
+        fs.close()
+
+    asyncio.run(go())
+
+
+def test_a_refused_ehlo_keeps_the_transaction_and_its_requiretls(tmp_path: Path) -> None:
+    """smtpd refuses a bare EHLO (501) and keeps the transaction open: so does the front, with the REQUIRETLS
+    it was given (the message gets the carrier)."""
+
+    async def go() -> None:
+        raw, bs, fs, port = await _raw_bed(tmp_path)
+        c = await _connect(port)
+        await c.cmd(b"EHLO client.test")
+        await c.starttls()
+        await c.cmd(b"EHLO client.test")
+        assert (await c.cmd(b"MAIL FROM:<a@b.test> REQUIRETLS")).startswith(b"250")
+        assert (await c.cmd(b"RCPT TO:<c@d.test>")).startswith(b"250")
+        assert (await c.cmd(b"EHLO")).startswith(b"501")
+        assert (await c.cmd(b"DATA")).startswith(b"354")
+        c.w.write(b"Subject: kept\r\n\r\nx\r\n.\r\n")
+        assert (await c.reply()).startswith(b"250")
+        bs.close()
+        fs.close()
+        (msg,) = raw.messages
+        assert b"\r\nRequire-TLS-ESMTP: yes\r\n" in msg, msg
+
+    asyncio.run(go())
+
+
+def test_starttls_ends_a_transaction_begun_in_clear(tmp_path: Path) -> None:
+    """RFC 3207 §4.2: nothing said before STARTTLS counts.  smtpd is not told of the STARTTLS, so the front
+    ends a transaction begun in clear with an RSET of its own: a RCPT right after the handshake finds no MAIL."""
+
+    async def go() -> None:
+        raw, bs, fs, port = await _raw_bed(tmp_path)
+        c = await _connect(port)
+        await c.cmd(b"EHLO client.test")
+        assert (await c.cmd(b"MAIL FROM:<a@b.test>")).startswith(b"250")
+        await c.starttls()
+        assert (await c.cmd(b"RCPT TO:<c@d.test>")).startswith(b"503")
+        bs.close()
+        fs.close()
+        assert b"RSET\r\n" in raw.chunks, raw.chunks
+
+    asyncio.run(go())
+
+
 def test_slow_client_is_cut_off_and_others_are_served() -> None:
     async def go() -> None:
         _fake, bs, fs, port = await _bed(line_deadline=1.0)
@@ -456,7 +539,10 @@ class RawSmtpd:
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 verb = line[:4].upper()
-                if verb == b"EHLO":
+                if verb == b"EHLO" and not line[4:].strip():
+                    w.write(b"501 5.5.4 Syntax: EHLO hostname\r\n")  # as smtpd: the transaction stays
+                elif verb == b"EHLO":
+                    mail, rcpts = False, 0
                     w.write(b"250-backend\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
                 elif verb == b"MAIL":
                     mail, rcpts = True, 0

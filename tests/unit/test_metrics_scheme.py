@@ -94,8 +94,8 @@ def _front() -> str:
     """Two workers' rows, as the front's parent adds them up; the second worker was restarted (its session
     gauge cleared)."""
     shared = SharedCounts(2)
-    shared.store(0, Counts(connections=5, active=2, tls=4, messages=3, requiretls=1, requiretls_refused=1))
-    shared.store(1, Counts(connections=2, active=1, messages=1, carrier_removed=2, injection=1, backend_down=1))
+    shared.store(0, Counts(connections=5, active=2, tls=4, plain=2, requiretls=1, requiretls_refused=1))
+    shared.store(1, Counts(connections=2, active=1, plain=1, carrier_removed=2, injection=1, backend_down=1))
     shared.worker_gone(1)
     reg = common.registry("front")
     reg.register(FrontCollector(shared))
