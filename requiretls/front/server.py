@@ -498,7 +498,6 @@ class Session:
         self.pipelining = False
         #: smtpd accepted a MAIL and the transaction has not ended (DATA's end, RSET, EHLO/HELO).
         self.in_mail = False
-        self.rcpts = 0
         self.errors = 0
         self.bw: _Plain | None = None
         self.backend: _Lines | None = None
@@ -626,9 +625,7 @@ class Session:
                     # smtpd starts over after an accepted EHLO/HELO (a refused one leaves its transaction,
                     # and the REQUIRETLS of that transaction, as they were).
                     self.helo = cmd.arg.split(" ", 1)[0][:255]
-                    self.requiretls = False
-                    self.in_mail = False
-                    self.rcpts = 0
+                    self._end_transaction()
                 self.pipelining = ok and verb == "EHLO" and any(
                     ln[4:].upper().split(b" ", 1)[0] == b"PIPELINING" for ln in p.reply_lines(rep)[1:])
                 await self.send(rep)
@@ -640,18 +637,10 @@ class Session:
                 continue
             elif verb == "MAIL":
                 await self.mail(cmd)
-            elif verb == "RCPT":
-                await self.to_backend(content + b"\r\n")
-                rep = await self.reply()
-                if p.reply_code(rep) // 100 == 2:
-                    self.rcpts += 1
-                await self.send(rep)
             elif verb == "DATA":
                 await self.data(content)
             elif verb == "RSET":
-                self.requiretls = False
-                self.in_mail = False
-                self.rcpts = 0
+                self._end_transaction()
                 await self.pass_through(content)
             elif verb == "QUIT":
                 await self.to_backend(content + b"\r\n")
@@ -710,12 +699,11 @@ class Session:
         # RFC 3207 §4.2: the session starts over, and nothing said in clear counts.  smtpd is not told of the
         # STARTTLS (its side stays in clear): a transaction begun in clear is ended there with an RSET whose
         # reply the client never sees; the client's next EHLO resets smtpd's greeting state as usual.
-        self.requiretls = False
+        begun = self.in_mail
+        self._end_transaction()
         self.pipelining = False
         self.helo = ""
-        self.rcpts = 0
-        if self.in_mail:
-            self.in_mail = False
+        if begun:
             await self.to_backend(b"RSET\r\n")
             if not (await self.reply()).startswith(b"250"):
                 raise Closed("smtpd refused the RSET after STARTTLS")
@@ -756,11 +744,19 @@ class Session:
             return
         await self.to_backend(m.line + b"\r\n")
         rep = await self.reply()
+        self._mail_replied(m, rep)
+        await self.send(rep)
+
+    def _mail_replied(self, m: p.MailFrom, rep: bytes) -> None:
+        """smtpd's reply to a MAIL: accepted, the transaction begins, with the REQUIRETLS the client gave."""
         if p.reply_code(rep) // 100 == 2:
             self.requiretls = m.requiretls
             self.in_mail = True
-            self.rcpts = 0
-        await self.send(rep)
+
+    def _end_transaction(self) -> None:
+        """smtpd ended the transaction (RSET, end of data, an accepted EHLO/HELO), or the front did (STARTTLS)."""
+        self.requiretls = False
+        self.in_mail = False
 
     async def group(self, first: p.Command) -> bool:
         """RFC 2920: ``first`` and the commands the client pipelined behind it (MAIL, RCPT, RSET, and a DATA
@@ -786,17 +782,10 @@ class Session:
         for cmd, m in cmds:
             rep = await self.reply()
             out += rep
-            ok = p.reply_code(rep) // 100 == 2
-            if m is not None and ok:
-                self.requiretls = m.requiretls
-                self.in_mail = True
-                self.rcpts = 0
-            elif cmd.verb == "RCPT" and ok:
-                self.rcpts += 1
+            if m is not None:
+                self._mail_replied(m, rep)
             elif cmd.verb == "RSET":
-                self.requiretls = False
-                self.in_mail = False
-                self.rcpts = 0
+                self._end_transaction()
             if rep.startswith(b"421"):
                 await self.send(out)
                 raise Closed("smtpd closed the session")
@@ -868,9 +857,7 @@ class Session:
             log.info("%s", kv(front="message", client=self.peer[0], requiretls="yes" if self.requiretls else "no",
                               tls=self.tls_info or "none", reply=rep.split(b"\r\n", 1)[0].decode("ascii", "replace")))
         # Accepted or refused, the transaction is over (smtpd resets after the end of data either way).
-        self.requiretls = False
-        self.in_mail = False
-        self.rcpts = 0
+        self._end_transaction()
 
     def _trace(self) -> str:
         who = f"{self.helo} " if self.helo else ""
