@@ -21,6 +21,7 @@ from requiretls.relay.deliver import (
     LmtpEnvelope,
     SaslCredentials,
     SendSettings,
+    SessionCache,
     deliver_opportunistic,
     deliver_requiretls,
 )
@@ -232,17 +233,20 @@ def test_message_over_the_mx_size_bounces_5_3_4_without_sending(ca: TestCA, tmp_
     assert o.status is DeliveryStatus.BOUNCED and o.dsn == "5.3.4" and o.code == 552, o
 
 
+def _sent_each(n: int, s: SendSettings, cache: SessionCache) -> None:
+    """``n`` deliveries of the test message through ``cache``, each sent."""
+    for _ in range(n):
+        out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
+        assert out["b@r.example"].status is DeliveryStatus.SENT, out
+
+
 def test_sessions_are_reused_and_closed_when_idle(ca: TestCA, tmp_path: Path, cafile: str) -> None:
     """Postfix-like connection cache: the second message to the same MX goes over the first one's session (no
     RSET needed after a completed transaction); an idle session is closed."""
-    from requiretls.relay.deliver import SessionCache
-
     cache = SessionCache(idle=0.5)
     with _plain_mx(ca, tmp_path) as mx:
         s = _settings(mx, cafile)
-        for _ in range(3):
-            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
-            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        _sent_each(3, s, cache)
         assert len(mx.deliveries) == 3 and cache.reused == 2
         assert len({d.peer_port for d in mx.deliveries}) == 1
         assert mx.rsets == 0
@@ -253,8 +257,6 @@ def test_sessions_are_reused_and_closed_when_idle(ca: TestCA, tmp_path: Path, ca
 
 
 def test_a_session_the_mx_closed_is_replaced(ca: TestCA, tmp_path: Path, cafile: str) -> None:
-    from requiretls.relay.deliver import SessionCache
-
     cache = SessionCache(idle=30)
     with _plain_mx(ca, tmp_path) as mx:
         s = _settings(mx, cafile)
@@ -270,8 +272,6 @@ def test_outbound_sessions_send_without_nagle_delay(ca: TestCA, tmp_path: Path, 
     """smtplib writes the message's end and each command on its own: with Nagle's algorithm each such small write
     waited for the MX's delayed ACK (40 ms), and one session carried 22 messages a second instead of 540
     (bench/agent_offline.py --sessions 1)."""
-    from requiretls.relay.deliver import SessionCache
-
     cache = SessionCache(idle=30)
     with _plain_mx(ca, tmp_path) as mx:
         deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, _settings(mx, cafile), None, cache)
@@ -284,14 +284,9 @@ def test_outbound_sessions_send_without_nagle_delay(ca: TestCA, tmp_path: Path, 
 def test_a_kept_session_refused_with_421_at_mail_is_replaced(ca: TestCA, tmp_path: Path, cafile: str) -> None:
     """No RSET before reuse: an MX that says 421 to the next MAIL on a kept session (and closes it) is met by a
     new session for the same message, not by a deferral."""
-    from requiretls.relay.deliver import SessionCache
-
     cache = SessionCache(idle=30)
     with _plain_mx(ca, tmp_path, one_transaction=True) as mx:
-        s = _settings(mx, cafile)
-        for _ in range(2):
-            out = deliver_requiretls(_dest(), ENV, ENV.rcpts, MESSAGE, s, None, cache)
-            assert out["b@r.example"].status is DeliveryStatus.SENT, out
+        _sent_each(2, _settings(mx, cafile), cache)
         assert len(mx.deliveries) == 2 and cache.reused == 0
         assert len({d.peer_port for d in mx.deliveries}) == 2
 
@@ -348,8 +343,6 @@ def test_tls_session_resumed_on_a_new_connection_only_under_the_same_trust(ca: T
     """A new connection to the same MX resumes the TLS session of the last one (TLS 1.2 session id or 1.3
     ticket), checked with the server's real ``session_reused``; a handshake under other verification
     parameters (another CA file) never gets it."""
-    from requiretls.relay.deliver import SessionCache
-
     ctx = server_context(tmp_path, ca.leaf(NAME))
     ctx.maximum_version = tls_max
     cache = SessionCache(idle=30)
