@@ -22,7 +22,7 @@ import time
 from requiretls import metrics as common
 from requiretls.addresses import Backend, Endpoint
 from requiretls.config import load
-from requiretls.daemon import install_signals, notify
+from requiretls.daemon import STOP_SIGNALS, block_stop_signals, install_signals, notify
 from requiretls.front.metrics import FrontCollector, SharedCounts
 from requiretls.front.server import Front, FrontSettings
 from requiretls.log import kv, setup
@@ -181,22 +181,21 @@ def run(args: argparse.Namespace) -> int:
     def spawn(slot: int) -> None:
         # SIGTERM and SIGINT wait while the child is made: one that came between the fork and the child's own
         # handlers would run the parent's stop() in the child, which then served on, an orphan holding the port.
-        stopping_signals = {signal.SIGTERM, signal.SIGINT}
-        signal.pthread_sigmask(signal.SIG_BLOCK, stopping_signals)
-        if stopping:  # a SIGTERM while the workers were being made: no more of them
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
+        block_stop_signals()
+        if stopping:  # a SIGTERM while the workers were being made or remade: no more of them
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             return
         pid = os.fork()
         if pid == 0:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 _serve(per, socks, shared, slot)
             finally:
                 os._exit(0)
         children[pid] = slot
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stopping_signals)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -215,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         reg.register(FrontCollector(shared))
         # The HTTP thread starts with SIGTERM/SIGINT blocked, so that they always reach the main thread, where
         # spawn() holds them back across a fork.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        block_stop_signals()
         try:
             common.serve(reg, str(metrics))
         except OSError as e:
@@ -226,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
                     os.waitpid(pid, 0)
             return 2
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     log.info("%s", kv(front="listening", on=",".join(listen), backend=fs.backend_text,
                       workers=workers, auth_only="yes" if fs.auth_only else "no"))
     notify("READY=1")
@@ -252,7 +251,6 @@ def run(args: argparse.Namespace) -> int:
             stop(signal.SIGTERM, None)
             continue
         time.sleep(1)
-        if not stopping:  # (a SIGTERM during the pause)
-            spawn(slot)
+        spawn(slot)
     notify("STOPPING=1")
     return 0
