@@ -19,6 +19,27 @@ from requiretls.front import protocol as p
 from requiretls.front.server import Front, FrontSettings
 from tests.unit.tlsutil import client_context, server_context
 
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request: pytest.FixtureRequest) -> object:
+    """Every test on both event loops the front's workers run on (uvloop where it is installed, see
+    ``requiretls.front.cli.loop_factory``): ``asyncio.run`` takes its loop from the policy set here."""
+    if request.param == "asyncio":
+        yield "asyncio"
+        return
+    uvloop = pytest.importorskip("uvloop")
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield "uvloop"
+    finally:
+        asyncio.set_event_loop_policy(None)
+
+def test_the_loop_is_the_one_asked_for(event_loop_kind: str) -> None:
+    async def go() -> str:
+        return type(asyncio.get_running_loop()).__module__.split(".")[0]
+    assert asyncio.run(go()) == event_loop_kind
+
+
 # --- pure parts ----------------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from requiretls.front.cli import loop_factory
 from tests.unit.test_front import FakeSmtpd
 from tests.unit.tlsutil import client_context, pki
 
@@ -108,7 +109,7 @@ def _session(port: int, *, tls: bool, requiretls: bool = False) -> None:
 
 @needs_postconf
 def test_metrics_add_up_the_workers_and_a_replaced_worker_keeps_its_counts(
-        front: tuple[int, int, subprocess.Popen[bytes], FakeSmtpd]) -> None:
+        front: tuple[int, int, subprocess.Popen[bytes], FakeSmtpd], tmp_path: Path) -> None:
     port, mport, proc, fake = front
     _session(port, tls=True, requiretls=True)
     _session(port, tls=True)
@@ -133,6 +134,11 @@ def test_metrics_add_up_the_workers_and_a_replaced_worker_keeps_its_counts(
     # there: nothing counted goes back.
     before = _workers(proc.pid)
     assert len(before) == 2
+    # The workers run the event loop the start line names: uvloop where it is installed (its library is then
+    # mapped in them), else asyncio's own.
+    name = loop_factory()[1]
+    assert f"loop={name}" in (tmp_path / "front.log").read_text()
+    assert all(("uvloop" in Path(f"/proc/{w}/maps").read_text()) == (name == "uvloop") for w in before)
     os.kill(before[0], signal.SIGKILL)
     _wait(lambda: len(set(_workers(proc.pid)) - set(before)) == 1, "a new worker")
     assert all(_scrape(mport).get(k) == v for k, v in want.items()), _scrape(mport)
