@@ -9,13 +9,18 @@ testbed, mail discarded after the queue so that only reception is measured.
 * TLS handshakes/s: ``--sessions`` clients, each connecting ``--handshakes / sessions`` times (EHLO, STARTTLS,
   EHLO, QUIT);
 * RSS per idle connection: the growth of the front's VmRSS (parent and workers) with ``--idle`` connections
-  open after the greeting.
+  open after the greeting;
+* the CPU time of the front's workers per message (the one-command-at-a-time load), under this load.
+
+``--compare DIR`` (another checkout's top directory) adds its front as a third side, on the same smtpd behind
+it, measured in the same runs: two versions of the front compared under the same drift of the machine.
 
 Each measure starts with Postfix's queue empty (the mail of the measure before delivered), the front and smtpd
 alone in turn first.  Goal: both rates at least 0.8x smtpd's, judged by the median of the run-by-run ratios
 (each run's pair is measured seconds apart; the machine's load drifts over minutes).  Run as root from the
 repository:
-``.venv/bin/python bench/front_vs_postfix.py [--messages 1000] [--handshakes 400] [--runs 3] [--tcp-backend]``.
+``.venv/bin/python bench/front_vs_postfix.py [--messages 1000] [--handshakes 400] [--runs 3] [--tcp-backend]
+[--compare DIR]``.
 """
 
 from __future__ import annotations
@@ -75,7 +80,7 @@ def messages(port: int, ctx: ssl.SSLContext, total: int, sessions: int) -> float
 
 def _replies(f: BinaryIO, n: int) -> list[bytes]:
     """``n`` whole replies (each its last line) from a reader; RuntimeError for one that is not 2xx/3xx."""
-    out = []
+    out: list[bytes] = []
     while len(out) < n:
         line = f.readline()
         if not line:
@@ -148,7 +153,36 @@ BACKEND_SMTPD = ("n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy -o sm
                  "-o smtpd_discard_ehlo_keywords=chunking,silent-discard")
 
 
-def setup(bed: Bed, tcp: bool = False) -> tuple[Postfix, int, int, subprocess.Popen[bytes]]:
+def worker_cpu(pid: int) -> float:
+    """CPU seconds (user and system) of the front's worker processes so far."""
+    total = 0
+    for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        fields = Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def start_front(pf: Postfix, port: int, where: str, code: Path = ROOT, name: str = "front-bench"
+                ) -> subprocess.Popen[bytes]:
+    """``requiretls front`` of the checkout ``code`` on ``port``, its smtpd at ``where``; once it accepts."""
+    conf = pf.dir / f"{name}.toml"
+    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "{where}"\n'
+                    f'postfix_config_dir = "{pf.config_dir}"\nmax_connections = 5000\n')
+    proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=code,
+                            env={**os.environ, "PYTHONPATH": str(code)}, stdout=subprocess.DEVNULL,
+                            stderr=open(pf.dir / f"{name}.log", "ab"))  # noqa: SIM115
+    end = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 1).close()
+            return proc
+        except OSError:
+            if time.monotonic() > end or proc.poll() is not None:
+                raise RuntimeError(f"front of {code} did not start") from None
+            time.sleep(0.1)
+
+
+def setup(bed: Bed, tcp: bool = False) -> tuple[Postfix, int, int, subprocess.Popen[bytes], str]:
     """Postfix 3.7 with the front: its smtpd behind the front on a public unix socket (the default wiring of
     ``postfix-config --front``), or with ``tcp`` on a loopback port; the public smtpd stays for the
     comparison."""
@@ -166,21 +200,7 @@ def setup(bed: Bed, tcp: bool = False) -> tuple[Postfix, int, int, subprocess.Po
         pf.add_service("requiretls-front", "unix", "unix " + BACKEND_SMTPD)
         where = "unix:public/requiretls-front"
     pf.start()
-    conf = pf.dir / "front-bench.toml"
-    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{front_port}"]\nbackend = "{where}"\n'
-                    f'postfix_config_dir = "{pf.config_dir}"\nmax_connections = 5000\n')
-    proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=open(pf.dir / "front-bench.log", "ab"))  # noqa: SIM115
-    end = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", front_port), 1).close()
-            break
-        except OSError:
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError("front did not start") from None
-            time.sleep(0.1)
-    return pf, pf.ports.smtp, front_port, proc
+    return pf, pf.ports.smtp, front_port, start_front(pf, front_port, where), where
 
 
 def main() -> int:
@@ -192,55 +212,78 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--tcp-backend", action="store_true",
                     help="the smtpd behind the front on loopback TCP instead of the default unix socket")
+    ap.add_argument("--compare", metavar="DIR", type=Path,
+                    help="another checkout's top directory: its front as a third side, in the same runs")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (the testbed needs it)", file=sys.stderr)
         return 2
     with running_bed() as bed:
-        pf, direct, front, proc = setup(bed, args.tcp_backend)
+        pf, direct, front, proc, where = setup(bed, args.tcp_backend)
+        ports = {"direct": direct, "front": front}
+        fronts = {"front": proc}
+        if args.compare is not None:
+            ports["other"] = pf.ports.extra[7]
+            fronts["other"] = start_front(pf, ports["other"], where, args.compare.resolve(), "front-bench-other")
         ctx = _ctx(bed)
         try:
-            res: dict[str, list[float]] = {f"{m} {w}": [] for m in ("msg", "pipe", "hs") for w in ("direct", "front")}
+            sides = list(ports)
+            res: dict[str, list[float]] = {f"{m} {w}": [] for m in ("msg", "pipe", "hs") for w in sides}
+            cpu: dict[str, list[float]] = {w: [] for w in fronts}
             loads = {"msg": (messages, args.messages), "pipe": (pipelined, args.messages),
                      "hs": (handshakes, args.handshakes)}
             for run in range(args.runs):
                 for m, (fn, n) in loads.items():
                     # Each measure starts as the other did: Postfix done with the mail of the one before (the
-                    # queue empty), and the two in turn first (a drift in the machine's load favours neither).
-                    for w in (("direct", "front") if run % 2 == 0 else ("front", "direct")):
+                    # queue empty), and the sides first in turn (a drift in the machine's load favours none).
+                    for w in sides[run % len(sides):] + sides[:run % len(sides)]:
                         pf.wait_queue_empty(120)
-                        res[f"{m} {w}"].append(fn(direct if w == "direct" else front, ctx, n, args.sessions))
+                        before = worker_cpu(fronts[w].pid) if w in fronts else 0.0
+                        res[f"{m} {w}"].append(fn(ports[w], ctx, n, args.sessions))
+                        if w in fronts and m == "msg":
+                            cpu[w].append((worker_cpu(fronts[w].pid) - before) / n)
                 print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in res.items()), file=sys.stderr)
             rss = idle_rss(front, proc.pid, args.idle)
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for p in fronts.values():
+                p.terminate()
+                p.wait(10)
             pf.stop()
     med = {k: statistics.median(v) for k, v in res.items()}
+
     # The ratio of each run's pair (measured a few seconds apart): its median is the figure the goal is judged
     # by; the lowest and highest show how much the machine moved.
-    pairs = {m: sorted(f / d for d, f in zip(res[f"{m} direct"], res[f"{m} front"], strict=True))
-             for m in ("msg", "pipe", "hs")}
+    def pairs(m: str, w: str = "front") -> list[float]:
+        return sorted(f / d for d, f in zip(res[f"{m} direct"], res[f"{m} {w}"], strict=True))
+
+    def by_run(m: str, w: str = "front") -> str:
+        r = pairs(m, w)
+        return f"{statistics.median(r):.2f}x ({r[0]:.2f} - {r[-1]:.2f})"
+
     print(f"\nSMTP front vs smtpd alone, Postfix {pf.version} testbed, {args.sessions} sessions at once, TLS, "
           f"median of {args.runs} runs; the front's smtpd on {'loopback TCP' if args.tcp_backend else 'a unix socket'}"
           "\n")
     print("| measure | smtpd alone (median) | through the front (median) | ratio of the medians | "
           "ratio run by run: median (lowest - highest) |")
     print("|---|---:|---:|---:|---:|")
-    r_msg = med["msg front"] / med["msg direct"]
-    r_hs = med["hs front"] / med["hs direct"]
-    r_pipe = med["pipe front"] / med["pipe direct"]
-
-    def by_run(m: str) -> str:
-        return f"{statistics.median(pairs[m]):.2f}x ({pairs[m][0]:.2f} - {pairs[m][-1]:.2f})"
-    print(f"| messages/s ({args.messages} messages) | {med['msg direct']:,.0f} | {med['msg front']:,.0f} | "
-          f"{r_msg:.2f}x | {by_run('msg')} |")
-    print(f"| messages/s, pipelining client (MAIL, RCPT, DATA in one write) | {med['pipe direct']:,.0f} | "
-          f"{med['pipe front']:,.0f} | {r_pipe:.2f}x | {by_run('pipe')} |")
-    print(f"| TLS handshakes/s ({args.handshakes}) | {med['hs direct']:,.0f} | {med['hs front']:,.0f} | "
-          f"{r_hs:.2f}x | {by_run('hs')} |")
+    names = {"msg": f"messages/s ({args.messages} messages)",
+             "pipe": "messages/s, pipelining client (MAIL, RCPT, DATA in one write)",
+             "hs": f"TLS handshakes/s ({args.handshakes})"}
+    for m, name in names.items():
+        print(f"| {name} | {med[f'{m} direct']:,.0f} | {med[f'{m} front']:,.0f} | "
+              f"{med[f'{m} front'] / med[f'{m} direct']:.2f}x | {by_run(m)} |")
     print(f"\nfront RSS per idle connection ({args.idle} open): {rss:.1f} KiB")
-    ok = statistics.median(pairs["msg"]) >= 0.8 and statistics.median(pairs["hs"]) >= 0.8
+    print("front workers' CPU per message (one command at a time): "
+          f"median {statistics.median(cpu['front']) * 1e6:.0f} us")
+    if args.compare is not None:
+        print(f"\nthis front vs the front of {args.compare}, same runs: ratio to smtpd alone, run by run\n")
+        print("| measure | this front | the other | CPU per message: this / the other |")
+        print("|---|---:|---:|---:|")
+        c_this, c_other = statistics.median(cpu["front"]) * 1e6, statistics.median(cpu["other"]) * 1e6
+        for m, name in names.items():
+            extra = f"{c_this:.0f} / {c_other:.0f} us" if m == "msg" else ""
+            print(f"| {name} | {by_run(m)} | {by_run(m, 'other')} | {extra} |")
+    ok = statistics.median(pairs("msg")) >= 0.8 and statistics.median(pairs("hs")) >= 0.8
     print(f"goal at least 0.8x on both (messages, handshakes; run by run): {'met' if ok else 'not met'}")
     return 0
 

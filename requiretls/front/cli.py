@@ -132,8 +132,9 @@ def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]
     """The workers' event loop: uvloop's where it is installed (Debian's python3-uvloop, which the package
     recommends, or the ``fast`` extra), else asyncio's own; (the factory for :class:`asyncio.Runner`, None for
     asyncio's default; the loop's name for the log).  uvloop's loop is in C: under the 20-session load of
-    ``bench/front_vs_postfix.py`` a worker spent about a fifth less user CPU per message.  The front uses
-    only what both loops have (readiness callbacks, timers, futures; its TLS is its own, not the loop's)."""
+    ``bench/front_vs_postfix.py`` a worker spends less CPU per message and the front keeps more of smtpd's
+    rate (docs/benchmarks.md).  The front uses only what both loops have (readiness callbacks, timers,
+    futures; its TLS is its own, not the loop's)."""
     try:
         import uvloop
     except ImportError:
