@@ -165,6 +165,14 @@ def worker_cpu(pid: int) -> float:
 def start_front(pf: Postfix, port: int, where: str, code: Path = ROOT, name: str = "front-bench"
                 ) -> subprocess.Popen[bytes]:
     """``requiretls front`` of the checkout ``code`` on ``port``, its smtpd at ``where``; once it accepts."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a port in TIME_WAIT is free)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            # Else the probe below would meet the old one and the figures would be another front's.
+            raise RuntimeError(f"127.0.0.1:{port} is taken (a front left by an earlier run? pkill -f "
+                               f"'requiretls front --config {pf.dir}')") from None
     conf = pf.dir / f"{name}.toml"
     conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "{where}"\n'
                     f'postfix_config_dir = "{pf.config_dir}"\nmax_connections = 5000\n')
