@@ -12,7 +12,6 @@ them.  Skipped with the reason when not root or when the chroot cannot be built.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -21,7 +20,6 @@ import signal
 import smtplib
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ import pytest
 
 from tests.packaging.chroots import CONFIG, ENV, SOCKDIR, Chroot, Deb, copy_chroot, dpkg_status, stop_group
 from tests.packaging.chroots import tail as _tail
-from tests.unit.test_front import FakeSmtpd
+from tests.unit.test_front import FakeSmtpd, fake_smtpd_thread
 from tests.unit.tlsutil import client_context, pki
 
 pytestmark = pytest.mark.deb
@@ -259,14 +257,6 @@ def test_the_installed_front_relays_requiretls_on_debian_python3_uvloop(chroot: 
     message smtpd receives, REQUIRETLS in clear refused with 555.  smtpd is a recording stand-in on a unix
     socket (as ``unix:public/requiretls-front``, less Postfix)."""
     assert dpkg_status(chroot, "python3-uvloop") == "install ok installed"
-    fake = FakeSmtpd()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    sink = chroot.root / "tmp/smtpd.sock"
-    sink.unlink(missing_ok=True)
-    srv = asyncio.run_coroutine_threadsafe(asyncio.start_unix_server(fake.handle, str(sink)), loop).result(10)
-    os.chmod(sink, 0o666)
     files = pki().files("postfix")
     for f, name in ((files.key, "front.key"), (files.cert, "front.pem")):
         shutil.copy(f, chroot.root / "tmp" / name)
@@ -278,35 +268,37 @@ def test_the_installed_front_relays_requiretls_on_debian_python3_uvloop(chroot: 
         f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:/tmp/smtpd.sock"\nworkers = 1\n'
         'tls_files = ["/tmp/front.key", "/tmp/front.pem"]\npostfix_config_dir = "/etc/postfix"\n')
     log = chroot.root / "tmp/front.log"
-    with open(log, "wb") as out:
+    with fake_smtpd_thread(chroot.root / "tmp/smtpd.sock") as fake, open(log, "wb") as out:
         proc = subprocess.Popen(chroot.command(["requiretls", "front", "--config", "/tmp/front.toml"],
                                                user="_requiretls"),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
-    try:
-        end = time.monotonic() + 30
-        while "front=listening" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < end, log.read_text()
-            time.sleep(0.1)
-        assert "loop=uvloop" in log.read_text(), log.read_text()
-        with smtplib.SMTP("127.0.0.1", port, timeout=30, local_hostname="client.test") as c:
-            assert "requiretls" not in c.ehlo()[1].decode().lower()
-            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
-                c.sendmail("a@b.test", ["c@d.test"], b"Subject: clear\r\n\r\nx\r\n", mail_options=["REQUIRETLS"])
-            assert refused.value.smtp_code == 555
-            c.rset()
-            c.starttls(context=client_context())
-            assert "REQUIRETLS" in c.ehlo()[1].decode().upper()
-            c.sendmail("a@b.test", ["c@d.test"], b"Subject: tls\r\n\r\nbody\r\n", mail_options=["REQUIRETLS"])
-        assert len(fake.messages) == 1, fake.commands
-        assert fake.messages[0].startswith(b"Received: from client.test ([127.0.0.1]) by ")
-        assert b"\r\nRequire-TLS-ESMTP: yes\r\nSubject: tls\r\n" in fake.messages[0]
-        assert not any(b"REQUIRETLS" in c.upper() for c in fake.commands), fake.commands
-        assert proc.poll() is None, log.read_text()
-    finally:
-        stop_group(proc)
-        loop.call_soon_threadsafe(srv.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+        try:
+            _front_dialogue(proc, log, port, fake)
+        finally:
+            stop_group(proc)
+
+
+def _front_dialogue(proc: subprocess.Popen[bytes], log: Path, port: int, fake: FakeSmtpd) -> None:
+    """The installed front's dialogue for the test above: 555 in clear, REQUIRETLS over TLS."""
+    end = time.monotonic() + 30
+    while "front=listening" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < end, log.read_text()
+        time.sleep(0.1)
+    assert "loop=uvloop" in log.read_text(), log.read_text()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, local_hostname="client.test") as c:
+        assert "requiretls" not in c.ehlo()[1].decode().lower()
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            c.sendmail("a@b.test", ["c@d.test"], b"Subject: clear\r\n\r\nx\r\n", mail_options=["REQUIRETLS"])
+        assert refused.value.smtp_code == 555
+        c.rset()
+        c.starttls(context=client_context())
+        assert "REQUIRETLS" in c.ehlo()[1].decode().upper()
+        c.sendmail("a@b.test", ["c@d.test"], b"Subject: tls\r\n\r\nbody\r\n", mail_options=["REQUIRETLS"])
+    assert len(fake.messages) == 1, fake.commands
+    assert fake.messages[0].startswith(b"Received: from client.test ([127.0.0.1]) by ")
+    assert b"\r\nRequire-TLS-ESMTP: yes\r\nSubject: tls\r\n" in fake.messages[0]
+    assert not any(b"REQUIRETLS" in c.upper() for c in fake.commands), fake.commands
+    assert proc.poll() is None, log.read_text()
 
 
 def _postfix_files(chroot: Chroot) -> bytes:

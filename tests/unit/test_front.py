@@ -10,7 +10,9 @@ import os
 import socket
 import ssl
 import struct
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ from tests.unit.tlsutil import client_context, server_context
 
 
 @pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def event_loop_kind(request: pytest.FixtureRequest) -> object:
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test on both event loops the front's workers run on (uvloop where it is installed, see
     ``requiretls.front.cli.loop_factory``): ``asyncio.run`` takes its loop from the policy set here."""
     if request.param == "asyncio":
@@ -33,6 +35,7 @@ def event_loop_kind(request: pytest.FixtureRequest) -> object:
         yield "uvloop"
     finally:
         asyncio.set_event_loop_policy(None)
+
 
 def test_the_loop_is_the_one_asked_for(event_loop_kind: str) -> None:
     async def go() -> str:
@@ -161,6 +164,25 @@ class FakeSmtpd:
                 w.write(b"250 2.1.0 Ok\r\n")
             await w.drain()
         w.close()
+
+
+@contextlib.contextmanager
+def fake_smtpd_thread(path: Path) -> Iterator[FakeSmtpd]:
+    """A :class:`FakeSmtpd` listening on the unix socket ``path`` (mode 0666), served by an event loop in a
+    thread of its own: for a front that runs as another process."""
+    fake = FakeSmtpd()
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    path.unlink(missing_ok=True)
+    srv = asyncio.run_coroutine_threadsafe(asyncio.start_unix_server(fake.handle, str(path)), loop).result(10)
+    os.chmod(path, 0o666)
+    try:
+        yield fake
+    finally:
+        loop.call_soon_threadsafe(srv.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
 
 
 async def _bed(auth_only: bool = True, unix: str = "",

@@ -4,7 +4,6 @@ going back."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -13,7 +12,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -23,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from requiretls.front.cli import loop_factory
-from tests.unit.test_front import FakeSmtpd
+from tests.unit.test_front import FakeSmtpd, fake_smtpd_thread
 from tests.unit.tlsutil import client_context, pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,12 +67,7 @@ def _workers(pid: int) -> list[int]:
 
 @pytest.fixture
 def front(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], FakeSmtpd]]:
-    fake = FakeSmtpd()
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     sock = tmp_path / "smtpd.sock"
-    srv = asyncio.run_coroutine_threadsafe(asyncio.start_unix_server(fake.handle, str(sock)), loop).result(10)
     (tmp_path / "postfix").mkdir()
     (tmp_path / "postfix" / "main.cf").write_text("compatibility_level = 3.6\n")
     files = pki().files("postfix")
@@ -83,20 +76,18 @@ def front(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], F
     conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:{sock}"\nworkers = 2\n'
                     f'tls_files = ["{files.key}", "{files.cert}"]\nmetrics = "127.0.0.1:{mport}"\n'
                     f'postfix_config_dir = "{tmp_path / "postfix"}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
-                            stderr=open(tmp_path / "front.log", "ab"))  # noqa: SIM115
-    try:
-        # The metrics first: the parent serves them after the workers started, on listening sockets it made
-        # before; so the one probe of the SMTP port below is the only connection before the test's.
-        _wait(lambda: _connects(mport), "the front's metrics")
-        _connects(port)
-        yield port, mport, proc, fake
-    finally:
-        proc.terminate()
-        proc.wait(15)
-        loop.call_soon_threadsafe(srv.close)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+    with fake_smtpd_thread(sock) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
+                                stderr=open(tmp_path / "front.log", "ab"))  # noqa: SIM115
+        try:
+            # The metrics first: the parent serves them after the workers started, on listening sockets it
+            # made before; so the one probe of the SMTP port below is the only connection before the test's.
+            _wait(lambda: _connects(mport), "the front's metrics")
+            _connects(port)
+            yield port, mport, proc, fake
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 def _session(port: int, *, tls: bool, requiretls: bool = False) -> None:
