@@ -65,20 +65,32 @@ def _workers(pid: int) -> list[int]:
     return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-@pytest.fixture
-def front(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], FakeSmtpd]]:
-    sock = tmp_path / "smtpd.sock"
+def _front_config(tmp_path: Path, port: int, backend: Path, workers: int, metrics: int | None = None) -> Path:
+    """A config for ``requiretls front`` on ``port`` with its smtpd at the unix socket ``backend``, the test
+    PKI's key, and a main.cf of its own under ``tmp_path`` (for postconf)."""
     (tmp_path / "postfix").mkdir()
     (tmp_path / "postfix" / "main.cf").write_text("compatibility_level = 3.6\n")
     files = pki().files("postfix")
-    port, mport = _free_port(), _free_port()
     conf = tmp_path / "requiretls.toml"
-    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:{sock}"\nworkers = 2\n'
-                    f'tls_files = ["{files.key}", "{files.cert}"]\nmetrics = "127.0.0.1:{mport}"\n'
-                    f'postfix_config_dir = "{tmp_path / "postfix"}"\n')
+    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:{backend}"\nworkers = {workers}\n'
+                    f'tls_files = ["{files.key}", "{files.cert}"]\npostfix_config_dir = "{tmp_path / "postfix"}"\n'
+                    + (f'metrics = "127.0.0.1:{metrics}"\n' if metrics is not None else ""))
+    return conf
+
+
+def _start_front(tmp_path: Path, conf: Path) -> subprocess.Popen[bytes]:
+    """``requiretls front --config conf``, its log appended to ``tmp_path``/front.log."""
+    return subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
+                            stderr=open(tmp_path / "front.log", "ab"))
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[tuple[int, int, subprocess.Popen[bytes], FakeSmtpd]]:
+    sock = tmp_path / "smtpd.sock"
+    port, mport = _free_port(), _free_port()
+    conf = _front_config(tmp_path, port, sock, workers=2, metrics=mport)
     with fake_smtpd_thread(sock) as fake:
-        proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
-                                stderr=open(tmp_path / "front.log", "ab"))  # noqa: SIM115
+        proc = _start_front(tmp_path, conf)
         try:
             # The metrics first: the parent serves them after the workers started, on listening sockets it
             # made before; so the one probe of the SMTP port below is the only connection before the test's.
@@ -146,17 +158,10 @@ def test_sigterm_at_any_moment_of_the_start_stops_every_process(tmp_path: Path) 
     """SIGTERM right as the workers are being made (the parent's handler must never run in a new worker, which
     would then serve on, an orphan holding the port): the front and all its workers are gone within seconds,
     and the port is free again, every time."""
-    (tmp_path / "postfix").mkdir()
-    (tmp_path / "postfix" / "main.cf").write_text("compatibility_level = 3.6\n")
-    files = pki().files("postfix")
     port = _free_port()
-    conf = tmp_path / "requiretls.toml"
-    conf.write_text(f'[front]\nlisten = ["127.0.0.1:{port}"]\nbackend = "unix:{tmp_path / "none.sock"}"\n'
-                    f'workers = 16\ntls_files = ["{files.key}", "{files.cert}"]\n'
-                    f'postfix_config_dir = "{tmp_path / "postfix"}"\n')
+    conf = _front_config(tmp_path, port, tmp_path / "none.sock", workers=16)
     for attempt in range(16):
-        proc = subprocess.Popen([sys.executable, "-m", "requiretls", "front", "--config", str(conf)], cwd=ROOT,
-                                stderr=open(tmp_path / "front.log", "ab"))  # noqa: SIM115
+        proc = _start_front(tmp_path, conf)
         if attempt % 2:
             _wait(lambda: _connects(port), "the front listening")
         else:
