@@ -254,9 +254,7 @@ def test_ipv6_client_through_the_front(plugin: Plugin) -> None:
         code, text = s.rcpt("bob@dane.test")
         assert code == 554 and b"Relay access denied" in text, (code, text)
     front.pf.set(mynetworks="127.0.0.0/8 [::1]/128")
-    mark = front.pf.log_mark()
-    front.pf.run(["/usr/sbin/postfix", "-c", str(front.pf.config_dir), "reload"])
-    front.pf.wait_log(r"reload", since=mark)
+    front.pf.reload()
     _requiretls_over_tls(front, port6, "::1")
     assert re.search(r"postfix/smtpd\[\d+\]: connect from \S*\[::1\]", front.pf.log()), front.pf.log()[-1500:]
     assert "client=::1" in front.log("front")

@@ -387,6 +387,41 @@ class Postfix:
     def running(self) -> bool:
         return self._master_pid() is not None
 
+    def _children(self, comm: str) -> list[procs.Proc]:
+        """The master's running children named ``comm`` (e.g. ``smtpd``), as seen from the host."""
+        master = self._master_pid()
+        if master is None:
+            return []
+        try:
+            pids = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        except OSError:
+            return []
+        kids = []
+        for pid in map(int, pids):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                    kids.append(procs.adopt(comm, pid, comm))
+        return kids
+
+    def reload(self, timeout: float = 30.0) -> None:
+        """``postfix reload``, returned once it has taken effect for new SMTP sessions.
+
+        The master logs "reload" before it reads main.cf again, and an idle smtpd of the old generation can
+        still take the next connection until it notices the reload and exits: a test that connects right after
+        the log line may meet the old settings (seen in CI: a new ``mynetworks`` not yet applied).  So wait until
+        every smtpd that ran before the reload is gone."""
+        self.settle_config()
+        old = self._children("smtpd")
+        mark = self.log_mark()
+        self.run(["/usr/sbin/postfix", "-c", str(self.config_dir), "reload"])
+        self.wait_log(r"reload", since=mark, timeout=timeout)
+        end = time.monotonic() + timeout
+        while any(procs.alive(p) for p in old):
+            if time.monotonic() > end:
+                left = [p.pid for p in old if procs.alive(p)]
+                raise TimeoutError(f"smtpd {left} still running {timeout}s after reload (Postfix {self.version})")
+            time.sleep(0.05)
+
     def start(self, timeout: float = 30.0) -> None:
         if self.running:
             raise RuntimeError(f"Postfix {self.version} already running")
