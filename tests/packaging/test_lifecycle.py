@@ -18,6 +18,8 @@ package is built once (10 s) and cached under CACHE/prev-deb.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
 import subprocess
@@ -82,6 +84,27 @@ class Host:
         r = self.box.run(*args, timeout=timeout)
         assert r.returncode == 0, f"{' '.join(args)}: {tail(r)}"
         return r.stdout + r.stderr
+
+    def smtpds(self) -> set[tuple[int, str]]:
+        """The box's smtpd processes, each as (pid, start time)."""
+        found = set()
+        for d in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, IndexError):
+                if d.name.isdigit() and (d / "comm").read_text().strip() == "smtpd" \
+                        and os.readlink(d / "root") == str(self.box.root):
+                    found.add((int(d.name), (d / "stat").read_text().rsplit(")", 1)[1].split()[19]))
+        return found
+
+    def reload_postfix(self) -> None:
+        """``postfix reload``, returned once no smtpd from before it is left: an idle one of the old generation
+        can take the next connection, with the old settings, until it notices the reload and exits."""
+        old = self.smtpds()
+        self.run_ok("postfix", "reload")
+        self.wait_reloaded(old)
+
+    def wait_reloaded(self, old: set[tuple[int, str]]) -> None:
+        """Until the smtpd processes ``old`` (:meth:`smtpds` before a reload) are gone."""
+        wait_for(lambda: not (old & self.smtpds()), "the smtpd processes from before the reload to exit")
 
     def install(self, deb: Path) -> str:
         shutil.copy(deb, self.box.root / "tmp" / deb.name)
@@ -195,7 +218,9 @@ def test_remove_and_purge_under_running_postfix_leave_it_delivering(postfix_host
     journal.write_bytes(good)
 
     # remove: prerm takes the wiring out and reloads the running Postfix, then the units stop.
+    smtpds = host.smtpds()
     out = host.run_ok("apt-get", "remove", "-y", "-q", "requiretls")
+    host.wait_reloaded(smtpds)  # prerm's reload
     host.stop_daemons()
     qid = host.send_and_deliver("after removal")  # with the milter still listed: 451 4.7.1 (tempfail)
     assert qid not in host.log("milter")
@@ -210,11 +235,13 @@ def test_remove_and_purge_under_running_postfix_leave_it_delivering(postfix_host
     host.install(deb.path)
     assert postfix_files(root) == before, "installing the package changed main.cf or master.cf"
     host.run_ok("requiretls", "postfix-config", "--apply")
-    host.run_ok("postfix", "reload")
+    host.reload_postfix()
     host.start_daemons()
     qid = host.send_and_deliver("after reinstall")
     assert f"{qid}: requiretls: class=default" in host.log("milter"), host.log("milter")
+    smtpds = host.smtpds()
     out = host.run_ok("apt-get", "purge", "-y", "-q", "requiretls")
+    host.wait_reloaded(smtpds)  # prerm's reload
     host.stop_daemons()
     host.send_and_deliver("after purge")
     assert "main.cf: removed smtpd_milters" in out, out
@@ -267,12 +294,14 @@ def test_upgrade_from_the_previous_package_keeps_postfix_wired(postfix_host: Hos
         assert not (root / "etc/postfix/requiretls.backup").exists()
         r = host.box.run("requiretls", "postfix-config", "--check")
         assert r.returncode == 0, tail(r)
-        host.run_ok("postfix", "reload")
+        host.reload_postfix()
         qid = host.send_and_deliver("after upgrade and apply")
         assert f"{qid}: requiretls: class=default" in host.log("milter"), host.log("milter")
 
     # Removing the upgraded package takes the wiring out, whichever way it was recorded.
+    smtpds = host.smtpds()
     out = host.run_ok("apt-get", "remove", "-y", "-q", "requiretls")
+    host.wait_reloaded(smtpds)  # prerm's reload
     host.stop_daemons()
     qid = host.send_and_deliver("after removal")
     assert qid not in host.log("milter")
