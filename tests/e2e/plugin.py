@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,18 @@ from tests.testbed.hosts import UNBOUND_IP
 from tests.testbed.postfix import Postfix
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _accepts(path: Path) -> bool:
+    """Whether a unix socket at ``path`` takes a connection."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 @dataclass
@@ -39,6 +52,10 @@ class Plugin:
     def __post_init__(self) -> None:
         self.dir = self.pf.dir / "requiretls"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One test's daemons, one set of logs: a line an earlier test left there must not satisfy this one's
+        # checks (the instance and its directory outlive the test).
+        for old_log in self.dir.glob("*.log"):
+            old_log.unlink()
         q = self.pf.queue_dir
         self.milter_sock = q / "requiretls" / "milter.sock"
         self.relay_sock = q / "requiretls" / "relay.sock"
@@ -110,7 +127,8 @@ listen = ["unix:{self.policyd_sock}"]
             )
         end = time.monotonic() + 15
         for name in names:
-            while not socks[name].exists():
+            # Listening, not only bound: libmilter creates its socket file before listen().
+            while not _accepts(socks[name]):
                 if self.procs[name].poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"{name} did not start:\n{self.log(name)[-3000:]}")
                 time.sleep(0.02)

@@ -224,7 +224,7 @@ def test_release_optout_delivers_once_and_removes_the_original(plugin: Plugin) -
     assert new != qid and f"old={qid}, new={new}" in r.stderr  # the log line names both ids
     _check_released_once(plugin, qid)
     plugin.pf.wait_log(rf"{new}: to=<{DANE}>.*status=sent")
-    assert plugin.pf.find_log(rf"{qid}: removed") is not None
+    plugin.pf.wait_log(rf"{qid}: removed")  # postsuper's line, written by postlogd in its own time
 
 
 @pytest.mark.parametrize("kill_after", ["held", "submitting", "queued"])
@@ -258,7 +258,8 @@ def test_release_refuses_a_requiretls_message(plugin: Plugin) -> None:
     assert listed["requiretls"] is True and listed["recipients"][0]["kind"] == "requiretls-agent"
     r = _rtls(plugin, "release", q.queue_id, "--optout")
     assert r.returncode == 1 and "REQUIRETLS message" in r.stderr
-    assert {m["queue_id"]: m["queue_name"] for m in _postqueue(plugin)}[q.queue_id] == "deferred"
+    # still queued as it was: not held, not removed (qmgr may be retrying it right now: active)
+    assert {m["queue_id"]: m["queue_name"] for m in _postqueue(plugin)}[q.queue_id] in ("deferred", "active")
 
 
 def test_postfix_config_keeps_an_admin_delay_warning_time(plugin: Plugin) -> None:

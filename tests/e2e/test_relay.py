@@ -8,7 +8,9 @@ import email
 import email.policy
 import os
 import signal
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -130,6 +132,16 @@ def test_local_and_remote_recipient_each_delivered_exactly_once(plugin: Plugin) 
     assert len(plugin.bed.mx("dane").deliveries()) == 1
 
 
+def _pending_connections(path: Path) -> int:
+    """Connections waiting to be accepted on the unix socket ``path`` (its Recv-Q in ``ss``)."""
+    out = subprocess.run(["ss", "-xlnH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[4] == str(path):
+            return int(f[2])
+    return 0
+
+
 def test_agent_killed_during_delivery_defers_then_delivers_exactly_once(plugin: Plugin) -> None:
     """On 3.11 the agent is in the path too (it re-injects rule-tagged mail): the same must hold."""
     _start(plugin, "dane.test")
@@ -137,7 +149,12 @@ def test_agent_killed_during_delivery_defers_then_delivers_exactly_once(plugin: 
     os.killpg(agent.pid, signal.SIGSTOP)  # frozen: Postfix connects and hands over the message, no reply
     try:
         q = plugin.pf.submit(SENDER, ["bob@dane.test"], _message(["bob@dane.test"]))
-        time.sleep(3)
+        # Postfix has connected: its connection waits in the frozen agent's listen queue
+        end = time.monotonic() + 30
+        while not _pending_connections(plugin.relay_sock):
+            assert time.monotonic() < end, "Postfix never connected to the agent"
+            time.sleep(0.1)
+        time.sleep(1)
     finally:
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait(10)

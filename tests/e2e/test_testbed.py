@@ -286,10 +286,16 @@ def test_dane_delivery_and_bogus_deferral(bed: Bed, postfix: Postfix) -> None:
     bad = postfix.submit(SENDER, ["bob@bogus.test"])
     line = postfix.wait_log(rf"{bad.queue_id}: to=<bob@bogus.test>.*status=", timeout=30).line
     assert "status=deferred" in line and "dsn=4.4.3" in line
+    mark = postfix.log_mark()
     postfix.flush()
-    time.sleep(1)
+    # the retry the flush asked for: deferred again, and back in the deferred queue
+    line = postfix.wait_log(rf"{bad.queue_id}: to=<bob@bogus.test>.*status=", timeout=30, since=mark).line
+    assert "status=deferred" in line and "dsn=4.4.3" in line
+    end = time.monotonic() + 30
+    while "deferred/" not in postfix.postcat(bad.queue_id, "-e"):
+        assert time.monotonic() < end, postfix.postcat(bad.queue_id, "-e")
+        time.sleep(0.2)
     assert bad.queue_id in postfix.queue_ids()
-    assert "deferred" in postfix.postcat(bad.queue_id, "-e")
     assert bed.mx("bogus").deliveries() == [] and bed.mx("bogus").connections() == []
 
 

@@ -37,7 +37,12 @@ def collector(plugin: Plugin) -> Iterator[tuple[Path, Path]]:
                           "--pidfilename", str(d / "collectd.pid"), "--sockettimeout", "1",
                           "--max_uncommited_datagrams", "1"])
     deadline = time.monotonic() + 20
-    while not sock.exists() and time.monotonic() < deadline:
+    while not sock.exists():
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            log = d / "collectd.log"
+            raise RuntimeError(f"tlsrpt-collectd did not bind {sock}:\n"
+                               + (log.read_text(errors="replace")[-2000:] if log.exists() else ""))
         time.sleep(0.1)
     try:
         yield sock, db

@@ -110,9 +110,10 @@ class Host:
         shutil.copy(deb, self.box.root / "tmp" / deb.name)
         return self.run_ok("apt-get", "install", "-y", "-q", f"/tmp/{deb.name}", timeout=600)
 
-    def start_daemons(self, names: tuple[str, ...] = DAEMONS) -> None:
+    def start_daemons(self, names: tuple[str, ...] = DAEMONS, tcp: list[tuple[str, int]] | None = None) -> None:
         """The package's daemons from the installed files, as their units start them (socket-dir as root, then
-        the daemon as _requiretls)."""
+        the daemon as _requiretls); returns once each listens: on its unix socket in Postfix's spool, or on
+        ``tcp`` (host, port) where the config says so."""
         self.stop_daemons()
         self.run_ok("/usr/libexec/requiretls/socket-dir")
         n = self.log("milter").count("milter listening on ")
@@ -124,6 +125,29 @@ class Host:
             wait_for(lambda: self.log("milter").count("milter listening on ") > n
                      or self.daemons["milter"].poll() is not None, "the milter's socket")
             assert self.daemons["milter"].poll() is None, self.log("milter")
+        # The milter logs "listening" before libmilter binds, and the others chmod their socket after binding:
+        # ready is when the MTA can connect to each (Postfix: as its user, to the sockets in its spool).
+        if tcp is None:
+            targets, user = [f"{SOCKDIR}/{name}.sock" for name in names], "postfix"
+        else:
+            targets, user = [f"{host}:{port}" for host, port in tcp], None
+        probe = ("import socket, sys, time\n"
+                 "end = time.monotonic() + 30\n"
+                 "for target in sys.argv[1:]:\n"
+                 "    while True:\n"
+                 "        host, _, port = target.rpartition(':')\n"
+                 "        s = socket.socket(socket.AF_UNIX) if target.startswith('/') else socket.socket()\n"
+                 "        try:\n"
+                 "            s.connect(target if target.startswith('/') else (host, int(port)))\n"
+                 "            break\n"
+                 "        except OSError:\n"
+                 "            if time.monotonic() > end:\n"
+                 "                raise\n"
+                 "            time.sleep(0.05)\n"
+                 "        finally:\n"
+                 "            s.close()\n")
+        r = self.box.run("python3", "-c", probe, *targets, user=user)
+        assert r.returncode == 0, f"{tail(r)}\n" + "\n".join(self.log(name)[-1000:] for name in names)
 
     def stop_daemons(self) -> None:
         """What the units' stop does (the package's prerm stops them on removal; systemd restarts them on
@@ -347,7 +371,7 @@ def test_sendmail_host_keeps_sendmail_and_the_documented_milter_hookup_works(
         text = text.replace("[milter]\n", '[milter]\nsocket = "inet:127.0.0.1:8893"\nmta = "sendmail"\n', 1)
         text = text.replace("[policy]\n", '[policy]\noptout_from = "trusted"\n', 1)
         cfg.write_text(text)
-        host.start_daemons(("milter",))
+        host.start_daemons(("milter",), tcp=[("127.0.0.1", 8893)])
         mc = (root / "etc/mail/sendmail.mc").read_text()
         # test-only: queue-only delivery (the message stays in the queue to be read), no DNS here.
         ours = ("define(`confDELIVERY_MODE', `queueonly')dnl\nFEATURE(`accept_unresolvable_domains')dnl\n"

@@ -260,11 +260,25 @@ def _start_daemon(tmp_path: Path, extra: str = "") -> tuple[subprocess.Popen[byt
                    f'[policyd]\nlisten = ["unix:{sock}"]\n{extra}')
     proc = subprocess.Popen([sys.executable, "-m", "requiretls", "policyd", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for _ in range(100):
-        if os.path.exists(sock):
-            break
+    end = time.monotonic() + 15
+    while not _accepts(sock):
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            out = proc.communicate()[0].decode(errors="replace")
+            raise AssertionError(f"policyd did not start listening on {sock}:\n{out[-3000:]}")
         time.sleep(0.05)
     return proc, sock
+
+
+def _accepts(path: str) -> bool:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 def test_daemon_sigterm_exits_cleanly_and_removes_its_socket(tmp_path: Path) -> None:

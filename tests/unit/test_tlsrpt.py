@@ -5,10 +5,12 @@ report says what was sent.  The DNS boundary (the TLSRPT record lookup) is faked
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,7 +117,16 @@ def test_the_real_collector_reports_what_the_agent_sent(tmp_path: Path) -> None:
             return reporter.sent
 
         assert asyncio.run(send()) == 6  # not the refused connection, not the domain without a TLSRPT record
-        time.sleep(2)  # the collector commits after each datagram; give it the time to read them all
+
+        def collected() -> int:
+            # the collector commits after each datagram: every session it has read so far
+            with contextlib.closing(sqlite3.connect(db)) as con:
+                try:
+                    return int(con.execute("SELECT COALESCE(SUM(cntrtotal), 0) FROM finalresults").fetchone()[0])
+                except sqlite3.OperationalError:
+                    return 0
+
+        _wait(lambda: db.exists() and collected() == 6, 20, "the collector to read the six datagrams")
         os.kill(collectd.pid, signal.SIGUSR2)  # its day roll-over (for development): today's data becomes complete
         day = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)).strftime("%Y-%m-%d")
         fetcher = f"{FETCHER} --config_file {cfg} --storage sqlite://{db}"
