@@ -10,7 +10,9 @@ testbed, mail discarded after the queue so that only reception is measured.
   EHLO, QUIT);
 * RSS per idle connection: the growth of the front's VmRSS (parent and workers) with ``--idle`` connections
   open after the greeting;
-* the CPU time of the front's workers per message (the one-command-at-a-time load), under this load.
+* the CPU time of the front's workers per message (the one-command-at-a-time load), under this load;
+* the whole machine's CPU time per message of that load, for each side, and the share of CPU left idle
+  meanwhile: their ratio is what the rates' ratio would be where CPU is the only limit.
 
 ``--compare DIR`` (another checkout's top directory) adds its front as a third side, on the same smtpd behind
 it, measured in the same runs: two versions of the front compared under the same drift of the machine.
@@ -40,7 +42,7 @@ from typing import BinaryIO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import parallel  # noqa: E402
+from benchlib import cpu_seconds, parallel  # noqa: E402
 
 from tests.e2e.plugin import running_bed  # noqa: E402
 from tests.testbed.bed import Bed  # noqa: E402
@@ -162,6 +164,14 @@ def worker_cpu(pid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole machine so far, all CPUs (/proc/stat: busy is user, nice, system,
+    irq and softirq; idle is idle and iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (f[0] + f[1] + f[2] + f[5] + f[6]) / hz, (f[3] + f[4]) / hz
+
+
 def start_front(pf: Postfix, port: int, where: str, code: Path = ROOT, name: str = "front-bench"
                 ) -> subprocess.Popen[bytes]:
     """``requiretls front`` of the checkout ``code`` on ``port``, its smtpd at ``where``; once it accepts."""
@@ -238,6 +248,11 @@ def main() -> int:
             sides = list(ports)
             res: dict[str, list[float]] = {f"{m} {w}": [] for m in ("msg", "pipe", "hs") for w in sides}
             cpu: dict[str, list[float]] = {w: [] for w in fronts}
+            # the whole machine (client, front, Postfix) per message of the one-command-at-a-time load, and the
+            # share of CPU left idle meanwhile
+            busy: dict[str, list[float]] = {w: [] for w in sides}
+            client: dict[str, list[float]] = {w: [] for w in sides}  # of which this process (the clients)
+            idle: dict[str, list[float]] = {w: [] for w in sides}
             loads = {"msg": (messages, args.messages), "pipe": (pipelined, args.messages),
                      "hs": (handshakes, args.handshakes)}
             for run in range(args.runs):
@@ -247,7 +262,14 @@ def main() -> int:
                     for w in sides[run % len(sides):] + sides[:run % len(sides)]:
                         pf.wait_queue_empty(120)
                         before = worker_cpu(fronts[w].pid) if w in fronts else 0.0
+                        b0, i0 = machine_cpu()
+                        c0 = cpu_seconds(os.getpid())
                         res[f"{m} {w}"].append(fn(ports[w], ctx, n, args.sessions))
+                        b1, i1 = machine_cpu()
+                        if m == "msg":
+                            busy[w].append((b1 - b0) / n)
+                            client[w].append((cpu_seconds(os.getpid()) - c0) / n)
+                            idle[w].append((i1 - i0) / max(b1 - b0 + i1 - i0, 1e-9))
                         if w in fronts and m == "msg":
                             cpu[w].append((worker_cpu(fronts[w].pid) - before) / n)
                 print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in res.items()), file=sys.stderr)
@@ -283,6 +305,17 @@ def main() -> int:
     print(f"\nfront RSS per idle connection ({args.idle} open): {rss:.1f} KiB")
     print("front workers' CPU per message (one command at a time): "
           f"median {statistics.median(cpu['front']) * 1e6:.0f} us")
+    # What the rate ratio would be on a machine kept busy (CPU the only limit): the machine's CPU per message
+    # alone and through the front.  Less moved by the machine's idle spells than the rates are.
+    b_d, b_f = statistics.median(busy["direct"]) * 1e6, statistics.median(busy["front"]) * 1e6
+    print(f"machine CPU per message (client, front and Postfix; one command at a time): smtpd alone {b_d:.0f} us, "
+          f"through the front {b_f:.0f} us: {b_d / b_f:.2f}x; CPU left idle meanwhile: "
+          f"{statistics.median(idle['direct']) * 100:.0f} % / {statistics.median(idle['front']) * 100:.0f} %")
+    # An MX's clients are elsewhere: without this process's own CPU (the 20 clients), the same ratio on the
+    # server's side alone.
+    c_d, c_f = statistics.median(client["direct"]) * 1e6, statistics.median(client["front"]) * 1e6
+    print(f"  of which the clients (this process): {c_d:.0f} us / {c_f:.0f} us; the server's side alone: "
+          f"{b_d - c_d:.0f} us / {b_f - c_f:.0f} us: {(b_d - c_d) / (b_f - c_f):.2f}x")
     if args.compare is not None:
         print(f"\nthis front vs the front of {args.compare}, same runs: ratio to smtpd alone, run by run\n")
         print("| measure | this front | the other | CPU per message: this / the other |")
