@@ -100,6 +100,7 @@ def test_discard_transport_is_handed_back_and_nothing_leaves(plugin: Plugin) -> 
     _run(plugin, "insecure.test requiretls=yes\n", transport_maps="inline:{insecure.test=discard:}")
     q = plugin.pf.submit(SENDER, ["bob@insecure.test"], _message(["bob@insecure.test"]))
     plugin.pf.wait_log(r"to=<bob@insecure\.test>.*relay=none.*status=sent", timeout=60)
+    plugin.pf.wait_queue_empty()
     time.sleep(1)
     assert plugin.bed.mx("insecure").deliveries() == []
     assert plugin.pf.find_log(r"status=bounced") is None, q

@@ -545,6 +545,14 @@ class Postfix:
     def log(self) -> str:
         return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
 
+    def log_since(self, since: int) -> str:
+        """The log from the byte offset ``since`` (a :meth:`log_mark`) on."""
+        if not self.maillog.exists():
+            return ""
+        with open(self.maillog, "rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
     def log_mark(self) -> int:
         """Current end of the log; pass as ``since`` to look only at what comes after."""
         return self.maillog.stat().st_size if self.maillog.exists() else 0
@@ -552,9 +560,7 @@ class Postfix:
     def find_log(self, pattern: str, since: int = 0) -> LogMatch | None:
         if not self.maillog.exists():
             return None
-        with open(self.maillog, "rb") as f:
-            f.seek(since)
-            data = f.read().decode(errors="replace")
+        data = self.log_since(since)
         rx = re.compile(pattern)
         pos = 0
         for line in data.splitlines(keepends=True):
