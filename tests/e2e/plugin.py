@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -18,20 +17,9 @@ from pathlib import Path
 from tests.testbed.bed import DEFAULT_STATE, Bed
 from tests.testbed.hosts import UNBOUND_IP
 from tests.testbed.postfix import Postfix
+from tests.testbed.procs import accepts_unix
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _accepts(path: Path) -> bool:
-    """Whether a unix socket at ``path`` takes a connection."""
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 @dataclass
@@ -127,8 +115,7 @@ listen = ["unix:{self.policyd_sock}"]
             )
         end = time.monotonic() + 15
         for name in names:
-            # Listening, not only bound: libmilter creates its socket file before listen().
-            while not _accepts(socks[name]):
+            while not accepts_unix(socks[name]):
                 if self.procs[name].poll() is not None or time.monotonic() > end:
                     raise RuntimeError(f"{name} did not start:\n{self.log(name)[-3000:]}")
                 time.sleep(0.02)

@@ -23,6 +23,7 @@ from tests.e2e.plugin import ROOT, Plugin
 from tests.testbed.bed import Bed
 from tests.testbed.pki import POSTFIX_HOSTNAME
 from tests.testbed.postfix import Postfix
+from tests.testbed.procs import accepts_unix
 
 pytestmark = [pytest.mark.e2e, pytest.mark.testbed]
 
@@ -45,8 +46,7 @@ def _wait_unix(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError("requiretls front exited")
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as u:
-            u.connect(str(path))
+        if accepts_unix(path):
             return
         time.sleep(0.1)
     raise RuntimeError(f"nothing listens on {path}")

@@ -21,6 +21,7 @@ from requiretls.policy.table import PolicyTable
 from requiretls.policyd.metrics import Metrics
 from requiretls.policyd.netstring import Decoder, encode
 from requiretls.policyd.server import PolicyServer, PolicyService, ServiceSettings
+from tests.testbed.procs import accepts_unix
 
 from .fakes import FakeResolver, dane, deferred, plain, sts
 
@@ -261,7 +262,7 @@ def _start_daemon(tmp_path: Path, extra: str = "") -> tuple[subprocess.Popen[byt
     proc = subprocess.Popen([sys.executable, "-m", "requiretls", "policyd", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     end = time.monotonic() + 15
-    while not _accepts(sock):
+    while not accepts_unix(sock):
         if proc.poll() is not None or time.monotonic() > end:
             proc.kill()
             out = proc.communicate()[0].decode(errors="replace")
@@ -269,16 +270,6 @@ def _start_daemon(tmp_path: Path, extra: str = "") -> tuple[subprocess.Popen[byt
         time.sleep(0.05)
     return proc, sock
 
-
-def _accepts(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def test_daemon_sigterm_exits_cleanly_and_removes_its_socket(tmp_path: Path) -> None:

@@ -127,6 +127,17 @@ def wait_tcp(
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
+def accepts_unix(path: str | Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` now (bound is not enough: libmilter
+    creates its socket file before it listens)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def wait_closed(host: str, port: int, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
