@@ -271,7 +271,6 @@ def _start_daemon(tmp_path: Path, extra: str = "") -> tuple[subprocess.Popen[byt
     return proc, sock
 
 
-
 def test_daemon_sigterm_exits_cleanly_and_removes_its_socket(tmp_path: Path) -> None:
     proc, sock = _start_daemon(tmp_path)
     try:
